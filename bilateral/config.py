@@ -1,0 +1,197 @@
+"""One flat dataclass holds every parameter of a run; YAML files and `--set` fill it.
+
+Everything is validated here, before any data is read or any model is built, so a typo in a
+params file stops the run in the first second rather than after an hour of training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+STAGES = ("hemisphere", "bilateral", "bilateral_unspecialised", "unilateral",
+          "resnet18", "resnet34", "ensemble")
+CONDITIONS = ("A", "B", "C", "D")
+RECIPES = ("original", "fast")
+SIDES = ("left", "right")
+REPORTS = ("last", "best")
+DATASETS = ("cifar100", "fashion_mnist", "synthetic")
+BACKBONE_CHOICES = ("resnet9", "vgg11")  # the study's backbones; the pyramid comes with condition B
+BASELINES = ("bilateral_unspecialised", "unilateral", "resnet18", "resnet34", "ensemble")
+
+
+@dataclass
+class Config:
+    experiment: str = "default"        # outputs/<experiment>/...
+    out_dir: str = "outputs"
+    # data
+    dataset: str = "synthetic"
+    data_dir: str = "data"
+    val_size: int | None = None        # None: the dataset's default (5,000 for CIFAR-100)
+    split_seed: int = 0                # fixes the train/val split, independent of the seed
+    synthetic_size: int = 2000
+    subset_per_class: int | None = None
+    augment: bool = True               # crop + flip for every stage that trains a backbone
+    head_augment: bool = False         # the bilateral heads: False allows cached features
+    # model
+    backbone: str = "resnet9"
+    width: float = 1.0
+    condition: str = "A"
+    side: str = "left"                 # hemisphere stage: left = fine, right = coarse
+    k: float = 0.9                     # k-WTA (conditions C and D)
+    k_batch: float = 0.9
+    kwta_eval_batch: bool = False      # True: the original's batch-dependent test predictions
+    bn_momentum: float | None = None   # None: PyTorch's default; 0.9 is the original's
+    dropout: float = 0.6
+    # training; None takes the recipe's value
+    recipe: str = "fast"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    label_smoothing: float | None = None
+    report: str = "last"               # which epoch's test metrics tables report
+    # unilateral pool and ensembles
+    member: int = 0                    # index of a unilateral run in the ensemble pool
+    pool_size: int = 10
+    ensemble_k: int = 2
+    ensemble_ks: list[int] = field(default_factory=lambda: [2, 5])
+    # what the pipeline runs
+    conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    # engine
+    device: str = "auto"
+    amp: bool = True                   # CUDA only: bf16 (or fp16 with a scaler)
+    channels_last: bool = True         # CUDA only
+    compile: bool = False
+    progress: bool = True
+    threads: int | None = None         # torch CPU threads; None leaves torch's choice
+
+
+CHOICES = {
+    "dataset": DATASETS, "backbone": BACKBONE_CHOICES, "condition": CONDITIONS,
+    "recipe": RECIPES, "side": SIDES, "report": REPORTS,
+}
+LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES}
+
+# Keys that do not change what a run computes, so a finished run with other values is the
+# same run (a different device is allowed to pick up where another left off).
+NOT_IDENTITY = {"out_dir", "data_dir", "progress", "conditions", "baselines", "device",
+                "threads", "ensemble_ks", "pool_size"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _hint(key):
+    allowed = CHOICES.get(key) or LIST_CHOICES.get(key)
+    return f"; allowed: {', '.join(map(str, allowed))}" if allowed else ""
+
+
+def _check_type(key, value, tp):
+    """Return value converted to the field's type, or raise naming key, value and type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}{_hint(key)}")
+        return [_check_type(key, v, args[0]) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
+            or not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}"
+                          f" ({type(value).__name__}){_hint(key)}")
+    return value
+
+
+FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def validate(cfg: Config) -> Config:
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: unknown value {getattr(cfg, key)!r}; allowed: {', '.join(allowed)}")
+    for key, allowed in LIST_CHOICES.items():
+        for v in getattr(cfg, key):
+            if v not in allowed:
+                raise ConfigError(f"{key}: unknown value {v!r}; allowed: {', '.join(allowed)}")
+    positive = ["width", "synthetic_size", "pool_size", "ensemble_k"] + [
+        k for k in ("epochs", "batch_size", "lr", "subset_per_class") if getattr(cfg, k) is not None]
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
+    for key in ("k", "k_batch", "dropout"):
+        v = getattr(cfg, key)
+        if not (0 < v <= 1 or key == "dropout" and v == 0):
+            raise ConfigError(f"{key}: must be in (0, 1], got {v}")
+    if cfg.backbone != "resnet9" and any(c != "A" for c in [cfg.condition, *cfg.conditions]):
+        raise ConfigError(f"backbone {cfg.backbone!r} supports condition A only (the pyramid and "
+                          f"k-WTA are ResNet-9 variants); set conditions: [A]")
+    for k in [cfg.ensemble_k, *cfg.ensemble_ks]:
+        if k > cfg.pool_size:
+            raise ConfigError(f"ensemble_k: {k} members cannot be chosen from a pool of {cfg.pool_size}")
+    if not 0 <= cfg.member < cfg.pool_size:
+        raise ConfigError(f"member: must be in 0..{cfg.pool_size - 1}, got {cfg.member}")
+    if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"device: unknown value {cfg.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    return cfg
+
+
+def from_dict(values: dict) -> Config:
+    unknown = sorted(set(values) - set(FIELD_TYPES))
+    if unknown:
+        raise ConfigError(f"unknown parameter(s): {', '.join(unknown)}; "
+                          f"allowed: {', '.join(FIELD_TYPES)}")
+    typed = {k: _check_type(k, v, _HINTS[k]) for k, v in values.items()}
+    return validate(Config(**typed))
+
+
+def parse_overrides(items) -> dict:
+    """`--set key=value` pairs (or a dict, as papermill passes); values are read as YAML."""
+    if isinstance(items, dict):
+        return dict(items)
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def load(path=None, overrides=None) -> Config:
+    values = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"params file not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of parameters, got {type(values).__name__}")
+    values.update(parse_overrides(overrides))
+    try:
+        return from_dict(values)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'parameters'}: {e}") from None
+
+
+def identity(cfg: Config) -> dict:
+    """The part of a config that decides what a run computes (compared on reruns)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
+
+
+def diff(a: dict, b: dict) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]

@@ -1,0 +1,369 @@
+"""Hierarchical image data (fine + coarse labels) as plain uint8 tensors, and a device-side loader.
+
+Every dataset comes out as 3x32x32 uint8 so one model definition serves all of them.
+Splits: "train" and "val" partition the official training set (val stratified by fine class,
+fixed by split_seed); "test" is the official test set, used only for reported figures.
+"""
+import functools, gzip, hashlib, math, os, pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASETS = ("cifar100", "fashion_mnist", "synthetic")
+SPLITS = ("train", "val", "test")
+
+# (mean, std) per channel on the 0..1 scale, measured on each official train set as the model sees it.
+STATS = {
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "fashion_mnist": ((0.2190,) * 3, (0.3318,) * 3),  # after the 28->32 zero padding
+    "synthetic": ((0.4793, 0.4776, 0.4782), (0.2146, 0.2149, 0.2152)),  # seed 0, 2000 images
+}
+
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+# Official fine -> coarse map (fine ids in meta order). Pickles are checked against it, so a
+# small file holding only some classes still gets the full 100/20 hierarchy.
+CIFAR100_FINE_TO_COARSE = (
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11,
+    6, 11, 5, 10, 7, 6, 13, 15, 3, 15, 0, 11, 1, 10, 12, 14, 16, 9, 11, 5,
+    5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13,
+    16, 19, 2, 4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13)
+
+FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_FINE = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FMNIST_COARSE = ("Tops", "Bottoms", "Dresses", "Outers", "Shoes", "Accessories")  # Seo & Shin 2019
+FMNIST_FINE_TO_COARSE = (0, 1, 0, 2, 3, 4, 0, 4, 5, 4)
+
+# Synthetic: coarse = the big shape (global), fine = shape x stripe orientation (local texture).
+SYN_SHAPES = ("disc", "square", "cross", "ring")
+SYN_TEXTURES = ("horizontal", "vertical", "diagonal")
+SYN_N_COARSE, SYN_N_FINE = len(SYN_SHAPES), len(SYN_SHAPES) * len(SYN_TEXTURES)
+SYN_DEFAULT_SIZE = 2000  # train pool (train + val); the test split has size // 4 images
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    fine_names: tuple
+    coarse_names: tuple
+    fine_to_coarse: tuple
+
+    def __post_init__(self):
+        for f in ("fine_names", "coarse_names", "fine_to_coarse"):  # tuples keep it hashable
+            object.__setattr__(self, f, tuple(getattr(self, f)))
+        if len(self.fine_to_coarse) != len(self.fine_names):
+            raise ValueError(f"fine_to_coarse has {len(self.fine_to_coarse)} entries "
+                             f"but there are {len(self.fine_names)} fine classes")
+        bad = [(i, c) for i, c in enumerate(self.fine_to_coarse) if not 0 <= c < self.n_coarse]
+        if bad:
+            raise ValueError(f"fine classes mapped outside range({self.n_coarse}) (fine, coarse): {bad}")
+        empty = sorted(set(range(self.n_coarse)) - set(self.fine_to_coarse))
+        if empty:
+            raise ValueError(f"coarse classes with no fine class: {[self.coarse_names[c] for c in empty]}")
+
+    @property
+    def n_fine(self): return len(self.fine_names)
+
+    @property
+    def n_coarse(self): return len(self.coarse_names)
+
+    def coarse_of(self, fine):
+        return torch.tensor(self.fine_to_coarse, device=fine.device)[fine]
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, 3, 32, 32)
+    fine: torch.Tensor    # int64 (N,)
+    coarse: torch.Tensor  # int64 (N,)
+    hierarchy: Hierarchy
+    name: str
+
+    def __len__(self): return len(self.fine)
+
+
+def load_dataset(name, split, data_dir=None, download=False, *, val_size=None, split_seed=0,
+                 size=None, seed=0):
+    """One split of a dataset. `size` and `seed` only apply to synthetic (its pool size and generator)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    if size is not None and name != "synthetic":
+        raise ValueError(f"size= only applies to synthetic; for {name} use DeviceLoader(subset_per_class=...)")
+    official = "test" if split == "test" else "train"
+    if name == "cifar100":
+        images, fine, hier = _cifar100(official, data_dir, download)
+        default_val = 5000
+    elif name == "fashion_mnist":
+        images, fine, hier = _fashion_mnist(official, data_dir, download)
+        default_val = 5000
+    else:
+        size = SYN_DEFAULT_SIZE if size is None else size
+        images, fine, hier = _synthetic(size if split != "test" else size // 4, seed, official)
+        default_val = SYN_N_FINE * (size // (10 * SYN_N_FINE))  # about 10%, equal per class
+    if split != "test":
+        val = _val_mask(fine, hier.n_fine, default_val if val_size is None else val_size, split_seed)
+        keep = val if split == "val" else ~val
+        images, fine = images[keep], fine[keep]
+    else:
+        images, fine = images.clone(), fine.clone()  # never hand out the cached arrays
+    return Split(images, fine, hier.coarse_of(fine), hier, name)
+
+
+def _rank_in_class(labels):
+    """Position of each example among the examples of its class, in the given order."""
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels)
+    starts = (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
+    rank = torch.empty_like(labels)
+    rank[order] = torch.arange(len(labels)) - starts
+    return rank
+
+
+def _val_mask(fine, n_fine, val_size, split_seed):
+    """val_size // n_fine random examples of every fine class; a class needs one more to keep any for train."""
+    per = val_size // n_fine
+    if per == 0:
+        return torch.zeros(len(fine), dtype=torch.bool)
+    counts = torch.bincount(fine, minlength=n_fine)
+    short = (counts <= per).nonzero().flatten().tolist()
+    if short:
+        raise ValueError(f"val_size={val_size} takes {per} per fine class, but fine classes {short[:10]}"
+                         f"{'...' if len(short) > 10 else ''} have <= {per} training images; lower val_size")
+    perm = torch.randperm(len(fine), generator=torch.Generator().manual_seed(split_seed))
+    mask = torch.zeros(len(fine), dtype=torch.bool)
+    mask[perm[_rank_in_class(fine[perm]) < per]] = True
+    return mask
+
+
+def _file_key(path):
+    """(path, mtime, size): lets the in-process cache notice a file that was rewritten."""
+    st = os.stat(path)
+    return str(path), st.st_mtime_ns, st.st_size
+
+
+# ---------------------------------------------------------------- CIFAR-100
+def _cifar100(official, data_dir, download):
+    root = Path("data" if data_dir is None else data_dir)
+    folder = root / "cifar-100-python"
+    if not all((folder / f).is_file() for f in ("train", "test", "meta")):
+        msg = (f"CIFAR-100 not found: {folder} must hold train, test and meta. Get it with\n"
+               f"    python -m bilateral download cifar100 --data-dir {root}\n"
+               f"or run offline with dataset=fashion_mnist or dataset=synthetic.")
+        if not download:
+            raise FileNotFoundError(msg)
+        from torchvision.datasets.utils import download_and_extract_archive
+        try:
+            download_and_extract_archive(CIFAR100_URL, str(root), md5=CIFAR100_MD5)
+        except Exception as e:
+            raise FileNotFoundError(f"download of {CIFAR100_URL} failed ({e}).\n{msg}") from e
+    meta = _unpickle(folder / "meta")
+    try:
+        fine_names = tuple(_text(s) for s in meta["fine_label_names"])
+        coarse_names = tuple(_text(s) for s in meta["coarse_label_names"])
+        assert len(fine_names) == 100 and len(coarse_names) == 20
+    except Exception as e:
+        raise ValueError(f"{folder / 'meta'}: expected 100 fine and 20 coarse label names ({e!r})") from e
+    hier = Hierarchy(fine_names, coarse_names, CIFAR100_FINE_TO_COARSE)
+    data, fine = _cifar_arrays(*_file_key(folder / official))
+    return torch.from_numpy(data).view(-1, 3, 32, 32), torch.from_numpy(fine), hier
+
+
+def _text(s): return s.decode() if isinstance(s, bytes) else str(s)
+
+
+def _unpickle(path):
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+    except Exception as e:  # UnpicklingError, EOFError, ValueError... all mean a bad file
+        raise ValueError(f"{path}: not a readable CIFAR-100 pickle, corrupt or truncated ({e!r}); "
+                         f"delete the folder and download again") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a dict, got {type(d).__name__}")
+    return {_text(k): v for k, v in d.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _cifar_arrays(path, mtime, nbytes):
+    d = _unpickle(path)
+    try:
+        data = np.asarray(d["data"], dtype=np.uint8)
+        fine = np.asarray(d["fine_labels"], dtype=np.int64)
+        coarse = np.asarray(d["coarse_labels"], dtype=np.int64)
+    except KeyError as e:
+        raise ValueError(f"{path}: missing key {e}") from e
+    if data.ndim != 2 or data.shape[1] != 3072 or not len(data) == len(fine) == len(coarse):
+        raise ValueError(f"{path}: data {data.shape}, {len(fine)} fine and {len(coarse)} coarse labels; "
+                         f"expected (N, 3072) and N of each")
+    if len(fine) and (fine.min() < 0 or fine.max() >= 100):
+        raise ValueError(f"{path}: fine labels outside 0..99")
+    wrong = np.nonzero(np.asarray(CIFAR100_FINE_TO_COARSE)[fine] != coarse)[0]
+    if len(wrong):  # labels are taken from the pairs in the file, so a mismatch is a bad file
+        i = wrong[0]
+        raise ValueError(f"{path}: {len(wrong)} images pair fine and coarse labels unlike the official map, "
+                         f"first at row {i}: fine {fine[i]} with coarse {coarse[i]}")
+    return data, fine
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+FMNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def _fashion_mnist(official, data_dir, download):
+    files = FMNIST_FILES[official]
+    dirs = [] if data_dir is None else [Path(data_dir), Path(data_dir) / "fashion-mnist"]
+    dirs.append(FMNIST_SYSTEM_DIR)
+    found = [d for d in dirs if all((d / f).is_file() for f in files)]
+    if not found and download and data_dir is not None:
+        found = [_download_fmnist(Path(data_dir) / "fashion-mnist")]
+    if not found:
+        raise FileNotFoundError(f"Fashion-MNIST files {files} not found in {', '.join(map(str, dirs))}. "
+                                f"Install them with: apt-get install dataset-fashion-mnist")
+    images = _idx_array(*_file_key(found[0] / files[0]))
+    labels = _idx_array(*_file_key(found[0] / files[1]))
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels) or labels.max() > 9:
+        raise ValueError(f"{found[0]}: images {images.shape} and labels {labels.shape} (max {labels.max()}) "
+                         f"do not form a Fashion-MNIST split")
+    x = torch.zeros(len(images), 3, 32, 32, dtype=torch.uint8)  # 2 px of zeros each side: 28 -> 32
+    x[:, :, 2:30, 2:30] = torch.from_numpy(images)[:, None]      # grey repeated to 3 channels
+    return x, torch.from_numpy(labels.astype(np.int64)), Hierarchy(FMNIST_FINE, FMNIST_COARSE, FMNIST_FINE_TO_COARSE)
+
+
+def _download_fmnist(folder):
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import download_url
+    try:
+        for fname, md5 in FashionMNIST.resources:
+            download_url(FashionMNIST.mirrors[0] + fname, str(folder), md5=md5)
+    except Exception as e:
+        raise FileNotFoundError(f"Fashion-MNIST download to {folder} failed ({e}); "
+                                f"install it with: apt-get install dataset-fashion-mnist") from e
+    return folder
+
+
+@functools.lru_cache(maxsize=4)
+def _idx_array(path, mtime, nbytes):
+    """A gzipped IDX file (magic 2051 = uint8 images N x rows x cols, 2049 = uint8 labels N)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: corrupt or truncated gzip ({e})") from e
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if magic not in (2049, 2051):
+        raise ValueError(f"{path}: IDX magic number {magic}, expected 2049 (labels) or 2051 (images)")
+    ndim = 1 if magic == 2049 else 3
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    body = raw[4 + 4 * ndim:]
+    if len(body) != math.prod(shape):
+        raise ValueError(f"{path}: header says {shape} = {math.prod(shape)} bytes, file holds {len(body)}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+# ---------------------------------------------------------------- synthetic
+@functools.lru_cache(maxsize=4)
+def _synthetic(n, seed, stream):
+    """n images whose coarse class is a big shape and fine class the stripe orientation inside it.
+    Colours, position, size, stripe period/phase/angle, background gradient and noise are random
+    and independent of the labels, so neither level can be read off a single pixel statistic."""
+    g = torch.Generator().manual_seed(_mix(seed, stream))
+    u = lambda *shape: torch.rand(*shape, generator=g)
+    fine = (torch.arange(n) % SYN_N_FINE)[torch.randperm(n, generator=g)]  # balanced classes
+    shape_id, tex_id = fine // len(SYN_TEXTURES), fine % len(SYN_TEXTURES)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    col = lambda: u(n, 1, 1)
+    cx, cy, r = 15.5 + 8 * (col() - 0.5), 15.5 + 8 * (col() - 0.5), 7 + 6 * col()
+    # shapes are rotated (+-25 deg) and stretched (aspect 0.75-1.33) so only their overall form tells them apart
+    rot, aspect = (col() - 0.5) * 50 * math.pi / 180, torch.exp((col() - 0.5) * 0.58)
+    ex, ey = xx - cx, yy - cy
+    dx = ((ex * torch.cos(rot) + ey * torch.sin(rot)) * aspect).abs()
+    dy = ((ey * torch.cos(rot) - ex * torch.sin(rot)) / aspect).abs()
+    dist = (dx ** 2 + dy ** 2).sqrt()
+    arm = 0.4 * r
+    masks = torch.stack([dist < r,                                                 # disc
+                         torch.maximum(dx, dy) < 0.85 * r,                         # square
+                         ((dx < arm) & (dy < r)) | ((dy < arm) & (dx < r)),        # cross
+                         (dist < r) & (dist > 0.5 * r)], 1)                        # ring
+    mask = masks[torch.arange(n), shape_id]
+    # stripes at 0, 90 or 45 degrees (+-20), period 3.5-4.5 px: readable from any 5x5 patch
+    angle = (torch.tensor([0.0, 90.0, 45.0])[tex_id].view(n, 1, 1) + 40 * (col() - 0.5)) * math.pi / 180
+    period, phase = 3.5 + col(), 2 * math.pi * col()
+    stripes = torch.sin(2 * math.pi * (xx * torch.sin(angle) + yy * torch.cos(angle)) / period + phase)
+    fg = 0.25 + 0.5 * u(n, 3, 1, 1) + (0.06 + 0.12 * col()).unsqueeze(1) * stripes.unsqueeze(1)
+    tilt = 2 * math.pi * col()
+    ramp = ((xx - 15.5) * torch.cos(tilt) + (yy - 15.5) * torch.sin(tilt)) / 16
+    bg = 0.1 + 0.8 * u(n, 3, 1, 1) + (0.3 * col() * ramp).unsqueeze(1)
+    img = torch.where(mask.unsqueeze(1), fg, bg) + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
+    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    names = tuple(f"{s}_{t}" for s in SYN_SHAPES for t in SYN_TEXTURES)
+    f2c = tuple(i // len(SYN_TEXTURES) for i in range(SYN_N_FINE))
+    return images, fine, Hierarchy(names, SYN_SHAPES, f2c)
+
+
+def _mix(*ints):
+    """A 63-bit seed from a tuple of ints, stable across runs and platforms (unlike hash() of str)."""
+    return int.from_bytes(hashlib.sha256(repr(ints).encode()).digest()[:8], "little") >> 1
+
+
+# ---------------------------------------------------------------- loader
+class DeviceLoader:
+    """Whole split as one uint8 tensor on `device`; batches are cropped, flipped and normalised there.
+    The order and augmentation of epoch e are a pure function of (seed, e), identical on CPU and CUDA."""
+
+    def __init__(self, split, batch_size=256, *, device="cpu", shuffle=True, augment=True, drop_last=False,
+                 seed=0, subset_per_class=None, mean=None, std=None, channels_last=False):
+        keep = slice(None) if subset_per_class is None else _rank_in_class(split.fine) < subset_per_class
+        self.images = split.images[keep].to(device)
+        self.fine, self.coarse = split.fine[keep].to(device), split.coarse[keep].to(device)
+        self.hierarchy, self.name, self.device = split.hierarchy, split.name, torch.device(device)
+        self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
+        self.seed, self.channels_last, self.epoch = seed, channels_last, 0
+        mean = STATS[split.name][0] if mean is None else mean
+        std = STATS[split.name][1] if std is None else std
+        # normalise straight from 0..255 values: x = (pixel - 255 mean) / (255 std)
+        self.mean = 255 * torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = 255 * torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        # row/column source for padded position p in -4..35: reflect padding without materialising it
+        self._reflect = torch.tensor([abs(p) if p < 32 else 62 - p for p in range(-4, 36)], device=device)
+
+    @property
+    def n(self): return len(self.fine)
+
+    def __len__(self):
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def set_epoch(self, epoch): self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        self.epoch += 1
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        shifts = torch.randint(0, 9, (self.n, 2), generator=g)  # crop offsets in the 40x40 padded image
+        flips = torch.rand(self.n, generator=g) < 0.5
+        order, shifts, flips = order.to(self.device), shifts.to(self.device), flips.to(self.device)
+        for i in range(len(self)):
+            b = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            idx = order[b]
+            x = self._crop_flip(idx, shifts[b], flips[b]) if self.augment else self.images[idx]
+            x = (x.float() - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield {"x": x, "fine": self.fine[idx], "coarse": self.coarse[idx]}
+
+    def _crop_flip(self, idx, shifts, flips):
+        """One gather: out[b, c, i, j] = padded[b, c, dy_b + i, dx_b + (31 - j if flipped else j)]."""
+        ar = torch.arange(32, device=self.device)
+        rows = self._reflect[shifts[:, :1] + ar]                       # (B, 32)
+        cols = self._reflect[shifts[:, 1:] + ar]
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
+        b = torch.arange(len(idx), device=self.device)[:, None, None, None]
+        c = torch.arange(3, device=self.device)[None, :, None, None]
+        return self.images[idx][b, c, rows[:, None, :, None], cols[:, None, None, :]]

@@ -1,0 +1,355 @@
+"""Backbones, heads and the unilateral / bilateral / ensemble models of the study.
+
+Every backbone maps (B, 3, 32, 32) images to (B, out_features) features. The backbones are
+nn.Sequential subclasses with named stages, so Grad-CAM target layers are plain attributes
+(ResNet-9: `res1`, `res2`; ResNet-18/34: `layer4`; VGG-11: `features[-2]`, the last conv ReLU).
+"""
+import math
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HEAD_NAMES = ("fine", "coarse")
+
+
+def _w(c: int, width: float) -> int:
+    return max(1, int(round(c * width)))
+
+
+def _ceil(x: float) -> int:
+    # ceil(0.7 * 10) would be 8 in floating point; the tolerance keeps exact products exact
+    return math.ceil(x - 1e-9)
+
+
+class FreezeAware(nn.Module):
+    """Makes .train() leave modules marked by `freeze` in eval mode (BN stats stay fixed)."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.modules():
+            if getattr(m, "_frozen", False):
+                nn.Module.train(m, False)  # not m.eval(): that would re-enter this method
+        return self
+
+
+# ---------------------------------------------------------------------------------- k-WTA
+class KWTA(nn.Module):
+    """Two-stage k-winners-take-all on conv maps (B, C, H, W); gradients reach winners only.
+
+    Stage 1: per sample and channel keep the top ceil(k*H*W) positions.
+    Stage 2: per channel, across the batch, keep the top ceil(k_batch*ceil(k*H*W)*B) stage-1
+    winners. Stage 2 couples the samples of a batch, so it runs in eval only if eval_batch.
+    Unlike the original code, stage-1 losers (zeros) cannot outrank negative winners in stage 2,
+    so exactly that many winners survive (about k*k_batch of all activations).
+    """
+
+    def __init__(self, k: float, k_batch: float | None = None, eval_batch: bool = False):
+        super().__init__()
+        k_batch = k if k_batch is None else k_batch
+        for name, v in (("k", k), ("k_batch", k_batch)):
+            if not 0 < v <= 1:
+                raise ValueError(f"k-WTA {name} must be in (0, 1], got {v}")
+        self.k, self.k_batch, self.eval_batch = k, k_batch, eval_batch
+
+    def extra_repr(self):
+        return f"k={self.k}, k_batch={self.k_batch}, eval_batch={self.eval_batch}"
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        with torch.no_grad():
+            flat = x.detach().flatten(2)  # (B, C, HW)
+            n1 = _ceil(self.k * H * W)
+            mask = torch.zeros_like(flat).scatter_(2, flat.topk(n1, dim=2).indices, 1.0)
+            if self.training or self.eval_batch:
+                n2 = _ceil(self.k_batch * n1 * B)
+                score = flat.masked_fill(mask == 0, float("-inf")).transpose(0, 1).reshape(C, -1)
+                m2 = torch.zeros_like(score).scatter_(1, score.topk(n2, dim=1).indices, 1.0)
+                mask = m2.view(C, B, H * W).transpose(0, 1)
+        return x * mask.reshape(B, C, H, W)
+
+
+# ------------------------------------------------------------------------------- ResNet-9
+def _bn(c, momentum):
+    return nn.BatchNorm2d(c) if momentum is None else nn.BatchNorm2d(c, momentum=momentum)
+
+
+def conv_block(cin, cout, *, kwta=None, bn_momentum=None, pool=False):
+    # Identity in the k-WTA slot keeps state-dict keys the same with and without sparsity
+    layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), kwta() if kwta else nn.Identity(),
+              _bn(cout, bn_momentum), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+
+class Residual(nn.Sequential):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class ResNet9(FreezeAware, nn.Sequential):
+    def __init__(self, widths=(64, 128, 256, 512), *, kwta=None, bn_momentum=None):
+        a, b, c, d = widths
+        blk = lambda i, o, pool=False: conv_block(i, o, kwta=kwta, bn_momentum=bn_momentum, pool=pool)
+        super().__init__(OrderedDict(
+            conv1=blk(3, a), conv2=blk(a, b, pool=True), res1=Residual(blk(b, b), blk(b, b)),
+            conv3=blk(b, c, pool=True), conv4=blk(c, d, pool=True), res2=Residual(blk(d, d), blk(d, d)),
+            pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())))  # pool after res2 for Grad-CAM
+        self.out_features = d
+
+
+# -------------------------------------------------------------------------- ResNet-18/34
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride, bn_momentum=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = _bn(cout, bn_momentum)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = _bn(cout, bn_momentum)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), _bn(cout, bn_momentum))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(FreezeAware, nn.Sequential):
+    """ResNet for 32x32 input: 3x3 stride-1 stem, no max-pool."""
+
+    def __init__(self, blocks, width=1.0, *, bn_momentum=None):
+        c = [_w(v, width) for v in (64, 128, 256, 512)]
+        stages, cin = OrderedDict(), c[0]
+        for i, (cout, n, stride) in enumerate(zip(c, blocks, (1, 2, 2, 2))):
+            stages[f"layer{i + 1}"] = nn.Sequential(*[
+                BasicBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1, bn_momentum)
+                for j in range(n)])
+            cin = cout
+        stem = nn.Sequential(nn.Conv2d(3, c[0], 3, 1, 1, bias=False), _bn(c[0], bn_momentum),
+                             nn.ReLU(inplace=True))
+        super().__init__(OrderedDict(stem=stem, **stages,
+                                     pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())))
+        self.out_features = c[-1]
+
+
+# -------------------------------------------------------------------------------- VGG-11
+class VGG11(FreezeAware, nn.Sequential):
+    """torchvision's vgg11 (config A, no BN) without its last Linear; same keys and init."""
+
+    CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+    def __init__(self, width=1.0):
+        layers, cin = [], 3
+        for v in self.CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(cin, _w(v, width), 3, padding=1), nn.ReLU(inplace=True)]
+                cin = _w(v, width)
+        h = _w(4096, width)
+        super().__init__(OrderedDict(
+            features=nn.Sequential(*layers),
+            avgpool=nn.AdaptiveAvgPool2d((7, 7)),  # 1x1 -> 7x7 at 32 px: copies, as torchvision
+            flatten=nn.Flatten(),
+            classifier=nn.Sequential(nn.Linear(cin * 49, h), nn.ReLU(True), nn.Dropout(),
+                                     nn.Linear(h, h), nn.ReLU(True), nn.Dropout())))
+        self.out_features = h
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+
+# ------------------------------------------------------------------------------ registry
+BACKBONES: dict[str, Callable] = {}
+KWTA_BACKBONES = ("resnet9", "resnet9_pyramid")
+
+
+def register(fn):
+    BACKBONES[fn.__name__] = fn
+    return fn
+
+
+@register
+def resnet9(width=1.0, *, kwta=None, bn_momentum=None):
+    return ResNet9([_w(c, width) for c in (64, 128, 256, 512)], kwta=kwta, bn_momentum=bn_momentum)
+
+
+@register
+def resnet9_pyramid(width=1.0, *, kwta=None, bn_momentum=None):
+    return ResNet9([_w(c, width) for c in (512, 256, 128, 64)], kwta=kwta, bn_momentum=bn_momentum)
+
+
+@register
+def vgg11(width=1.0, *, kwta=None, bn_momentum=None):
+    return VGG11(width)  # no BatchNorm, so bn_momentum has nothing to act on
+
+
+@register
+def resnet18(width=1.0, *, kwta=None, bn_momentum=None):
+    return CifarResNet([2, 2, 2, 2], width, bn_momentum=bn_momentum)
+
+
+@register
+def resnet34(width=1.0, *, kwta=None, bn_momentum=None):
+    return CifarResNet([3, 4, 6, 3], width, bn_momentum=bn_momentum)
+
+
+def build_backbone(name, width=1.0, *, k=None, k_batch=None, kwta_eval_batch=False,
+                   bn_momentum=None) -> nn.Module:
+    """k-WTA is on when k is given (k_batch defaults to k); kwta_eval_batch alone is a no-op."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    if (k is not None or k_batch is not None) and name not in KWTA_BACKBONES:
+        raise ValueError(f"k-WTA is only implemented for {', '.join(KWTA_BACKBONES)}, not {name!r}")
+    if k is None and k_batch is not None:
+        raise ValueError("k_batch given without k")
+    kwta = None if k is None else lambda: KWTA(k, k_batch, kwta_eval_batch)
+    return BACKBONES[name](width, kwta=kwta, bn_momentum=bn_momentum)
+
+
+# -------------------------------------------------------------------------------- models
+class Head(nn.Sequential):
+    def __init__(self, in_features: int, n_classes: int, dropout: float = 0.6):
+        super().__init__(nn.Dropout(dropout), nn.Linear(in_features, n_classes))
+
+
+def _out_features(m):
+    if not isinstance(getattr(m, "out_features", None), int):
+        raise ValueError(f"{type(m).__name__} has no int `out_features`: pass a backbone")
+    return m.out_features
+
+
+class Unilateral(FreezeAware):
+    def __init__(self, backbone, n_fine, n_coarse, heads=HEAD_NAMES, dropout=0.6):
+        super().__init__()
+        if not heads or set(heads) - set(HEAD_NAMES):
+            raise ValueError(f"heads must be a non-empty subset of {HEAD_NAMES}, got {heads}")
+        n = {"fine": n_fine, "coarse": n_coarse}
+        self.backbone = backbone
+        d = _out_features(backbone)
+        self.heads = nn.ModuleDict({h: Head(d, n[h], dropout) for h in HEAD_NAMES if h in heads})
+
+    def classify(self, feats):
+        return {h: head(feats) for h, head in self.heads.items()}
+
+    def forward(self, x, return_features=False):
+        f = self.backbone(x)
+        out = self.classify(f)
+        if return_features:
+            out["features"] = f
+        return out
+
+
+class Bilateral(FreezeAware):
+    """Two hemispheres whose features are concatenated [left | right] and fed to both heads."""
+
+    def __init__(self, left, right, n_fine, n_coarse, dropout=0.6):
+        super().__init__()
+        self.left, self.right = left, right
+        d = _out_features(left) + _out_features(right)
+        self.heads = nn.ModuleDict(dict(fine=Head(d, n_fine, dropout), coarse=Head(d, n_coarse, dropout)))
+
+    def features(self, x):
+        return torch.cat([self.left(x), self.right(x)], 1)
+
+    def classify(self, feats):
+        return {h: head(feats) for h, head in self.heads.items()}
+
+    def forward(self, x, return_features=False):
+        left, right = self.left(x), self.right(x)
+        feats = torch.cat([left, right], 1)
+        out = self.classify(feats)
+        if return_features:
+            out.update(features=feats, left=left, right=right)
+        return out
+
+
+class Ensemble(FreezeAware):
+    """Mean of the members' logits, per head that every member has."""
+
+    def __init__(self, members):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        outs = [m(x) for m in self.members]
+        keys = [k for k in outs[0] if all(k in o for o in outs[1:])]
+        return {k: torch.stack([o[k] for o in outs]).mean(0) for k in keys}
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """No trainable params, eval mode kept under any FreezeAware parent's .train().
+
+    Autograd still runs through it (no no_grad), so input gradients / Grad-CAM work.
+    """
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module._frozen = True
+    nn.Module.train(module, False)
+    return module
+
+
+def load_state_strict(module, state_dict, what="model", show=4) -> None:
+    """load_state_dict(strict=True), but first one ValueError that lists every kind of mismatch."""
+    own = module.state_dict()
+    shape = lambda v: tuple(getattr(v, "shape", ()))
+    kinds = {
+        "missing keys": [k for k in own if k not in state_dict],
+        "unexpected keys": [k for k in state_dict if k not in own],
+        "shape mismatches": [f"{k}: saved {shape(v)} vs model {shape(own[k])}"
+                             for k, v in state_dict.items() if k in own and shape(v) != shape(own[k])],
+    }
+    problems = [f"{len(v)} {kind} ({', '.join(v[:show])}{', ...' if len(v) > show else ''})"
+                for kind, v in kinds.items() if v]
+    if problems:
+        raise ValueError(f"{what}: " + ", ".join(problems))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def count_trainable(module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def params_table(n_fine=100, n_coarse=20) -> str:
+    """Markdown table of trainable parameters of every model of the study (width 1).
+
+    k-WTA adds no parameters, so conditions C and D count as A and B.
+    """
+    uni = lambda name, heads=HEAD_NAMES: Unilateral(build_backbone(name), n_fine, n_coarse, heads)
+    frz = lambda m, on: freeze(m) if on else m
+    bi = lambda l, r, frozen: Bilateral(frz(build_backbone(l), frozen), frz(build_backbone(r), frozen),
+                                        n_fine, n_coarse)
+    rows = [
+        ("ResNet-9 backbone", lambda: build_backbone("resnet9")),
+        ("ResNet-9 pyramid backbone", lambda: build_backbone("resnet9_pyramid")),
+        ("VGG-11 backbone", lambda: build_backbone("vgg11")),
+    ]
+    for label, name in (("ResNet-9", "resnet9"), ("ResNet-9 pyramid", "resnet9_pyramid"),
+                        ("VGG-11", "vgg11")):
+        rows += [(f"{label} hemisphere, {h} head only", lambda n=name, h=h: uni(n, (h,)))
+                 for h in HEAD_NAMES]
+    rows += [
+        ("Unilateral dual-head ResNet-9", lambda: uni("resnet9")),
+        ("Unilateral dual-head VGG-11", lambda: uni("vgg11")),
+        ("ResNet-18 dual-head", lambda: uni("resnet18")),
+        ("ResNet-34 dual-head", lambda: uni("resnet34")),
+    ]
+    for label, l, r in (("ResNet-9 (A, C)", "resnet9", "resnet9"),
+                        ("pyramid left + ResNet-9 right (B, D)", "resnet9_pyramid", "resnet9"),
+                        ("VGG-11", "vgg11", "vgg11")):
+        rows += [(f"Bilateral {label}, end to end", lambda l=l, r=r: bi(l, r, False)),
+                 (f"Bilateral {label}, specialised (frozen hemispheres)",
+                  lambda l=l, r=r: bi(l, r, True))]
+    for label, name in (("ResNet-9", "resnet9"), ("VGG-11", "vgg11")):
+        rows += [(f"Ensemble of {k} unilateral dual-head {label}",
+                  lambda n=name, k=k: Ensemble([uni(n) for _ in range(k)])) for k in (2, 5)]
+    with torch.device("meta"):  # no memory, no init cost: counting only
+        lines = [f"| {label} | {count_trainable(make()):,} |" for label, make in rows]
+    return "\n".join(["| model | trainable parameters |", "|---|---:|", *lines])

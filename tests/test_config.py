@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from bilateral import config as C
+from bilateral import runs
+
+PARAMS = sorted((Path(__file__).parents[1] / "params").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PARAMS, ids=lambda p: p.name)
+def test_every_preset_loads(path):
+    cfg = C.load(path)
+    assert cfg.experiment == path.stem
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"epochz": 3}, ["epochz", "allowed", "epochs"]),
+    ({"dataset": "imagenet"}, ["dataset", "imagenet", "cifar100", "fashion_mnist", "synthetic"]),
+    ({"backbone": "resnet50"}, ["backbone", "resnet50", "resnet9", "vgg11"]),
+    ({"condition": "E"}, ["condition", "'E'", "A, B, C, D"]),
+    ({"recipe": "slow"}, ["recipe", "original", "fast"]),
+    ({"conditions": ["A", "X"]}, ["conditions", "'X'"]),
+    ({"epochs": "ten"}, ["epochs", "expected int", "'ten'"]),
+    ({"epochs": 2.5}, ["epochs", "expected int"]),
+    ({"augment": "yes"}, ["augment", "expected bool"]),
+    ({"width": True}, ["width", "expected float"]),
+    ({"epochs": 0}, ["epochs", "positive"]),
+    ({"k": 1.5}, ["k", "(0, 1]"]),
+    ({"backbone": "vgg11", "conditions": ["A", "C"]}, ["vgg11", "condition A only"]),
+    ({"ensemble_ks": [2, 12]}, ["12", "pool of 10"]),
+    ({"device": "tpu"}, ["device", "cuda"]),
+])
+def test_bad_parameters_stop_with_a_message_naming_them(values, words):
+    with pytest.raises(C.ConfigError) as e:
+        C.from_dict(values)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_types_are_converted_where_safe_and_overrides_read_as_yaml(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("experiment: x\nwidth: 1\nbn_momentum: null\n")
+    cfg = C.load(p, ["epochs=3", "lr=0.05", "conditions=[A, C]", "amp=false"])
+    assert cfg.width == 1.0 and isinstance(cfg.width, float)
+    assert (cfg.epochs, cfg.lr, cfg.conditions, cfg.amp) == (3, 0.05, ["A", "C"], False)
+    with pytest.raises(C.ConfigError, match="key=value"):
+        C.load(p, ["epochs"])
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.load(tmp_path / "missing.yaml")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("experiment: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(Exception) as e:
+        C.load(p)
+    assert "python/object" in str(e.value)
+
+
+def test_identity_ignores_where_and_how_verbosely(tmp_path):
+    a, b = C.Config(), C.Config(out_dir="elsewhere", progress=False, device="cpu")
+    assert C.identity(a) == C.identity(b)
+    assert C.diff(C.identity(a), C.identity(C.Config(epochs=3))) == ["epochs: None -> 3"]
+
+
+def test_prepare_refuses_a_different_config_and_force_clears_it(tmp_path):
+    d = tmp_path / "run"
+    assert runs.prepare(d, {"a": 1}) == "new"
+    runs.write_json(d / "config.json", {"config": {"a": 1}})
+    runs.write_json(d / "metrics.json", {"test": {}})
+    assert runs.prepare(d, {"a": 1}) == "done"
+    with pytest.raises(runs.RunConflict, match="a: 1 -> 2"):
+        runs.prepare(d, {"a": 2})
+    assert (d / "metrics.json").exists()
+    assert runs.prepare(d, {"a": 2}, force=True) == "new"
+    assert not (d / "metrics.json").exists()
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "m.json"
+    runs.write_json(target, {"old": 1})
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(runs.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        runs.write_json(target, {"new": 2})
+    assert runs.read_json(target) == {"old": 1}
+    assert [f.name for f in tmp_path.iterdir()] == ["m.json"]

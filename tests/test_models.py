@@ -1,0 +1,232 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bilateral.models import (BACKBONES, HEAD_NAMES, KWTA, Bilateral, Ensemble, Head, Unilateral,
+                              build_backbone, count_trainable, freeze, load_state_strict,
+                              params_table)
+
+META = torch.device("meta")
+NF, NC = 100, 20
+
+
+def uni(name, width=1.0, heads=HEAD_NAMES):
+    return Unilateral(build_backbone(name, width), NF, NC, heads)
+
+
+# ------------------------------------------------------------------- exact SPEC counts
+@pytest.mark.parametrize("make, expected", [
+    (lambda: build_backbone("resnet9"), 6_568_000),
+    (lambda: build_backbone("resnet9_pyramid"), 2_818_688),
+    (lambda: build_backbone("vgg11"), 128_766_336),
+    (lambda: uni("resnet9"), 6_629_560),
+    (lambda: Bilateral(build_backbone("resnet9"), build_backbone("resnet9"), NF, NC), 13_259_000),
+    (lambda: uni("resnet18"), 11_230_392),
+    (lambda: uni("resnet34"), 21_338_552),
+    (lambda: Ensemble([uni("resnet9") for _ in range(2)]), 13_259_120),
+    (lambda: Ensemble([uni("resnet9") for _ in range(5)]), 33_147_800),
+], ids=["resnet9", "pyramid", "vgg11", "unilateral", "bilateral", "resnet18", "resnet34",
+        "ensemble2", "ensemble5"])
+def test_spec_param_counts(make, expected):
+    with META:
+        assert count_trainable(make()) == expected
+
+
+def test_meta_count_equals_real_count():
+    with META:
+        meta = count_trainable(uni("resnet9"))
+    assert meta == count_trainable(uni("resnet9"))
+
+
+def test_params_table_has_spec_numbers():
+    table = params_table()
+    for n in (6_568_000, 2_818_688, 128_766_336, 6_629_560, 13_259_000, 11_230_392, 21_338_552,
+              13_259_120, 33_147_800):
+        assert f"| {n:,} |" in table
+    assert "| 123,000 |" in table  # frozen bilateral ResNet-9: heads only on 1024 features
+
+
+# ------------------------------------------------------------------- every backbone
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_forward_backward(name):
+    torch.manual_seed(0)
+    m = build_backbone(name, 0.125)
+    x = torch.randn(3, 3, 32, 32)
+    y = m(x)
+    assert y.shape == (3, m.out_features)
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize("name, full", [("resnet9", 512), ("resnet9_pyramid", 64), ("vgg11", 4096),
+                                        ("resnet18", 512), ("resnet34", 512)])
+def test_width_scales_out_features(name, full):
+    with META:
+        assert build_backbone(name).out_features == full
+        assert build_backbone(name, 0.25).out_features == full // 4
+        assert build_backbone(name, 1e-6).out_features == 1  # never zero channels
+
+
+def test_resnet9_cam_targets():
+    m = build_backbone("resnet9", 0.125)
+    maps = {}
+    for n in ("res1", "res2"):
+        getattr(m, n).register_forward_hook(lambda mod, i, o, n=n: maps.__setitem__(n, o.shape))
+    m(torch.randn(2, 3, 32, 32))
+    assert maps == {"res1": (2, 16, 16, 16), "res2": (2, 64, 4, 4)}
+
+
+def test_unknown_backbone_lists_names():
+    with pytest.raises(ValueError) as e:
+        build_backbone("resnet50")
+    assert all(n in str(e.value) for n in BACKBONES)
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet18", "resnet34"])
+def test_kwta_only_on_resnet9(name):
+    with pytest.raises(ValueError, match="k-WTA"):
+        build_backbone(name, 0.125, k=0.9)
+
+
+@pytest.mark.parametrize("name", ["resnet9", "resnet9_pyramid", "resnet18", "resnet34"])
+def test_bn_momentum(name):
+    bns = lambda m: [b for b in m.modules() if isinstance(b, nn.BatchNorm2d)]
+    assert bns(build_backbone(name, 0.125))
+    assert all(b.momentum == 0.1 for b in bns(build_backbone(name, 0.125)))
+    assert all(b.momentum == 0.9 for b in bns(build_backbone(name, 0.125, bn_momentum=0.9)))
+
+
+# ------------------------------------------------------------------- k-WTA
+@pytest.mark.parametrize("k, k_batch", [(0.9, 0.9), (0.7, 0.7), (0.5, 1.0), (1.0, 0.3)])
+def test_kwta_counts(k, k_batch):
+    torch.manual_seed(0)
+    B, C, H, W = 4, 3, 5, 6
+    x = torch.randn(B, C, H, W)
+    n1 = math.ceil(round(k * H * W, 6))
+    m = KWTA(k, k_batch).eval()
+    assert ((m(x) != 0).sum((2, 3)) == n1).all()
+    y = m.train()(x)
+    stage1 = KWTA(k, k_batch).eval()(x)
+    assert ((y != 0).sum((0, 2, 3)) == math.ceil(round(k_batch * n1 * B, 6))).all()
+    assert ((y == 0) | (y == stage1)).all()  # stage-2 survivors are stage-1 winners, unchanged
+
+
+def test_kwta_keeps_largest_and_ties_exact():
+    x = torch.arange(10.0).view(1, 1, 2, 5)
+    y = KWTA(0.3, eval_batch=False).eval()(x)
+    assert y.flatten().tolist() == [0] * 7 + [7, 8, 9]
+    ties = KWTA(0.5).eval()(torch.ones(2, 3, 4, 4))
+    assert ((ties != 0).sum((2, 3)) == 8).all()
+
+
+def test_kwta_gradient_only_through_winners():
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    y = KWTA(0.7).train()(x)
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, y.detach() != 0)
+
+
+def test_kwta_eval_batch_dependence():
+    torch.manual_seed(0)
+    x, other = torch.randn(1, 2, 6, 6), torch.randn(3, 2, 6, 6)
+    for eval_batch, depends in ((False, False), (True, True)):
+        m = KWTA(0.5, 0.5, eval_batch).eval()
+        alone = m(x)[0]
+        in_batch = m(torch.cat([x, other]))[0]
+        assert torch.equal(alone, in_batch) != depends
+
+
+def test_kwta_backbone_default_k_batch_and_train():
+    m = build_backbone("resnet9", 0.125, k=0.9)
+    kw = [mod for mod in m.modules() if isinstance(mod, KWTA)]
+    assert len(kw) == 8 and all(k.k_batch == 0.9 and not k.eval_batch for k in kw)
+    m(torch.randn(4, 3, 32, 32)).sum().backward()
+    # same keys with and without sparsity, so state dicts are interchangeable
+    assert m.state_dict().keys() == build_backbone("resnet9", 0.125).state_dict().keys()
+
+
+@pytest.mark.parametrize("k, k_batch", [(0.0, None), (1.5, None), (0.9, 0.0)])
+def test_kwta_rejects_bad_k(k, k_batch):
+    with pytest.raises(ValueError):
+        KWTA(k, k_batch)
+
+
+# ------------------------------------------------------------------- models
+def test_unilateral_heads_and_features():
+    m = uni("resnet9", 0.125)
+    out = m(torch.randn(2, 3, 32, 32), return_features=True)
+    assert out["fine"].shape == (2, NF) and out["coarse"].shape == (2, NC)
+    assert out["features"].shape == (2, 64)
+    fine_only = uni("resnet9", 0.125, heads=("fine",))
+    assert set(fine_only(torch.randn(2, 3, 32, 32))) == {"fine"}
+    with pytest.raises(ValueError):
+        uni("resnet9", 0.125, heads=("middle",))
+    assert isinstance(m.heads["fine"], Head) and isinstance(m.heads["fine"][0], nn.Dropout)
+
+
+def test_bilateral_shapes_and_keys():
+    left, right = build_backbone("resnet9_pyramid", 0.125), build_backbone("resnet9", 0.125)
+    m = Bilateral(left, right, NF, NC).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = m(x, return_features=True)
+    assert out["left"].shape == (2, 8) and out["right"].shape == (2, 64)
+    assert torch.equal(out["features"], torch.cat([out["left"], out["right"]], 1))
+    assert torch.allclose(m.classify(m.features(x))["fine"], out["fine"])
+    assert m.heads["coarse"][1].in_features == 72
+    assert {k.split(".")[0] for k in m.state_dict()} == {"left", "right", "heads"}
+
+
+def test_frozen_hemispheres_stay_fixed():
+    torch.manual_seed(0)
+    m = Bilateral(freeze(build_backbone("resnet9", 0.125)), freeze(build_backbone("resnet9", 0.125)),
+                  NF, NC)
+    assert count_trainable(m.left) == count_trainable(m.right) == 0
+    before = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("heads")}
+    m.train()
+    assert not m.left.training and not m.right.training and m.heads.training
+    assert not any(mod.training for mod in m.left.modules())
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    out = m(x)
+    (out["fine"].logsumexp(1) + out["coarse"].logsumexp(1)).sum().backward()
+    opt.step()
+    after = m.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # BN stats and weights
+    assert x.grad is not None and x.grad.abs().sum() > 0  # Grad-CAM still possible
+
+
+def test_ensemble_averages_logits():
+    torch.manual_seed(0)
+    a, b = uni("resnet9", 0.125).eval(), uni("resnet9", 0.125, heads=("fine",)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = Ensemble([a, b]).eval()(x)
+    assert set(out) == {"fine"}
+    assert torch.allclose(out["fine"], (a(x)["fine"] + b(x)["fine"]) / 2)
+
+
+# ------------------------------------------------------------------- load_state_strict
+def test_load_state_strict_matching_loads_exactly():
+    src, dst = uni("resnet9", 0.125), uni("resnet9", 0.125)
+    load_state_strict(dst, src.state_dict())
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("width", ["shape mismatch", "saved (16, 3, 3, 3) vs model (8, 3, 3, 3)"]),
+    ("arch", ["missing keys", "unexpected keys"]),
+    ("missing", ["1 missing keys", "heads.fine.1.bias"]),
+    ("unexpected", ["1 unexpected keys", "extra.weight"]),
+])
+def test_load_state_strict_errors(case, expect):
+    dst = uni("resnet9", 0.125)
+    state = {"width": lambda: uni("resnet9", 0.25).state_dict(),
+             "arch": lambda: uni("resnet18", 0.125).state_dict(),
+             "missing": lambda: {k: v for k, v in dst.state_dict().items() if k != "heads.fine.1.bias"},
+             "unexpected": lambda: {**dst.state_dict(), "extra.weight": torch.zeros(1)}}[case]()
+    with pytest.raises(ValueError) as e:
+        load_state_strict(dst, state, what="hemisphere left")
+    msg = str(e.value)
+    assert msg.startswith("hemisphere left: ")
+    assert all(s in msg for s in expect), msg

@@ -1,0 +1,218 @@
+"""Every stage end to end at tiny size on synthetic data, and the run-record guarantees."""
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bilateral import config as C
+from bilateral import models, runs, stages, train
+
+ROOT = Path(__file__).parents[1]
+
+
+def tiny(tmp, **kw):
+    base = dict(experiment="t", out_dir=str(tmp), dataset="synthetic", synthetic_size=300,
+                width=0.0625, epochs=1, batch_size=64, pool_size=3, ensemble_k=2, ensemble_ks=[2, 3],
+                progress=False, device="cpu")
+    return C.from_dict({**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Run every stage once; the tests below read the records."""
+    tmp = tmp_path_factory.mktemp("study")
+    cfg = tiny(tmp)
+    out = {}
+    for cond in "ABCD":
+        c = dataclasses.replace(cfg, condition=cond)
+        for side in ("left", "right"):
+            out[("hemisphere", cond, side)] = stages.run_stage("hemisphere", dataclasses.replace(c, side=side), 0)
+        out[("bilateral", cond)] = stages.run_stage("bilateral", c, 0)
+    out["bilateral_unspecialised"] = stages.run_stage("bilateral_unspecialised", cfg, 0)
+    for m in range(cfg.pool_size):
+        out[("unilateral", m)] = stages.run_stage("unilateral", dataclasses.replace(cfg, member=m), 0)
+    for s in ("resnet18", "resnet34", "ensemble"):
+        out[s] = stages.run_stage(s, cfg, 0)
+    return cfg, out
+
+
+def test_every_stage_records_a_finished_run(study):
+    cfg, out = study
+    exp = Path(cfg.out_dir) / "t"
+    dirs = sorted(str(p.parent.relative_to(exp)) for p in exp.rglob("metrics.json"))
+    assert len(dirs) == 8 + 4 + 1 + 3 + 3
+    for d in dirs:
+        files = {f.name for f in (exp / d).iterdir()}
+        assert {"config.json", "metrics.json"} <= files and "checkpoint.pt" not in files
+        if not d.startswith("ensemble"):
+            assert {"history.csv", "model.pt"} <= files
+    for key, m in out.items():
+        heads = m["heads"]
+        for h in heads:
+            assert 0.0 <= m["test"][f"{h}_acc"] <= 1.0
+    assert set(out[("hemisphere", "A", "left")]["test"]) == {"fine_acc", "fine_as_coarse_acc"}
+    assert set(out[("hemisphere", "A", "right")]["test"]) == {"coarse_acc"}
+
+
+def test_config_records_provenance_and_the_resolved_parameters(study):
+    cfg, _ = study
+    rec = runs.read_json(runs.run_dir(cfg, "bilateral", "resnet9-A", 0) / "config.json")
+    assert rec["config"]["condition"] == "A" and rec["resolved"]["out_dir"] == cfg.out_dir
+    assert rec["versions"]["torch"] and rec["device"] == "cpu"
+    assert rec["cached_features"] is True
+
+
+def test_bilateral_trains_only_its_heads_on_frozen_hemispheres(study):
+    cfg, _ = study
+    rec = runs.read_json(runs.run_dir(cfg, "bilateral", "resnet9-A", 0) / "config.json")
+    f = stages.hemisphere_backbone(cfg, "left").out_features * 2
+    assert rec["trainable_params"] == f * 12 + 12 + f * 4 + 4  # synthetic: 12 fine, 4 coarse
+    hier = stages.load_splits(cfg)[0].hierarchy
+    model = stages.load_run_model("bilateral", cfg, 0, hier)
+    left = stages.load_hemisphere(cfg, "left", 0, hier)
+    for k, v in left.state_dict().items():
+        assert torch.equal(model.left.state_dict()[k], v), k
+
+
+def test_condition_b_uses_the_pyramid_left(study):
+    cfg, _ = study
+    hier = stages.load_splits(cfg)[0].hierarchy
+    b = dataclasses.replace(cfg, condition="B")
+    left = stages.load_hemisphere(b, "left", 0, hier)
+    right = stages.load_hemisphere(b, "right", 0, hier)
+    assert left.out_features < right.out_features
+
+
+def test_finished_run_is_reused_and_a_different_config_refused(study, capsys):
+    cfg, out = study
+    c = dataclasses.replace(cfg, side="left")
+    t0 = time.perf_counter()
+    again = stages.run_stage("hemisphere", c, 0)
+    assert again == out[("hemisphere", "A", "left")]
+    assert "already finished" in capsys.readouterr().out
+    assert time.perf_counter() - t0 < 2
+    with pytest.raises(runs.RunConflict, match="dropout: 0.6 -> 0.5"):
+        stages.run_stage("hemisphere", dataclasses.replace(c, dropout=0.5), 0)
+
+
+def test_parameters_a_stage_does_not_use_do_not_split_its_runs(study):
+    cfg, out = study
+    # unilateral ignores condition and side; a hemisphere under A ignores k
+    m = stages.run_stage("unilateral", dataclasses.replace(cfg, condition="C", side="right"), 0)
+    assert m == out[("unilateral", 0)]
+    m = stages.run_stage("hemisphere", dataclasses.replace(cfg, k=0.5), 0)
+    assert m == out[("hemisphere", "A", "left")]
+
+
+def test_ensemble_chooses_members_by_validation_never_test(study):
+    cfg, out = study
+    ranked = sorted(range(3), key=lambda i: -train.score(out[("unilateral", i)]["val"], ("fine", "coarse")))
+    assert out["ensemble"]["members"] == sorted(ranked[:2])
+    # rank by a forged validation record: the choice must follow it
+    for i in range(3):
+        p = runs.run_dir(dataclasses.replace(cfg, member=i), "unilateral", f"resnet9-m{i}", 0) / "metrics.json"
+        m = runs.read_json(p)
+        m["val"] = {"fine_acc": i / 10, "coarse_acc": i / 10}
+        m["test"] = {"fine_acc": 1 - i / 10, "coarse_acc": 1 - i / 10}
+        runs.write_json(p, m)
+    e = stages.run_stage("ensemble", dataclasses.replace(cfg, experiment="t", ensemble_k=2), 0, force=True)
+    assert e["members"] == [1, 2]
+
+
+def test_missing_hemisphere_names_the_run_and_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        stages.run_stage("bilateral", tiny(tmp_path, condition="C"), 3)
+    msg = str(e.value)
+    assert "hemisphere/resnet9-C-left/seed=3" in msg
+    assert "python -m bilateral train hemisphere" in msg and "condition=C" in msg and "--seed 3" in msg
+
+
+def test_missing_pool_members_are_listed(tmp_path):
+    with pytest.raises(FileNotFoundError, match="3 more unilateral runs"):
+        stages.run_stage("ensemble", tiny(tmp_path), 0)
+
+
+def test_cached_features_give_the_same_head_gradients_as_recomputing(study):
+    cfg, _ = study
+    hier = stages.load_splits(cfg)[0].hierarchy
+    model = stages.load_bilateral(cfg, 0, hier)
+    _, val_dl, _, _ = stages.loaders(cfg, "cpu", 64, 0, augment=False)
+    hp = train.hyper(cfg, "bilateral")
+    live = stages.bilateral_forward(model, val_dl, val_dl, val_dl, False, hp, 0, "cpu", False)[0]
+    cached, _, cached_val, _ = stages.bilateral_forward(model, val_dl, val_dl, val_dl, True, hp, 0, "cpu", False)
+    grads = []
+    for fwd, batch in ((live, next(iter(val_dl))), (cached, next(iter(cached_val)))):
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout masks
+        train.loss_fn(fwd(batch["x"]), batch, ("fine", "coarse")).backward()
+        grads.append([p.grad.clone() for p in model.heads.parameters()])
+        assert all(p.grad is None for p in model.left.parameters())
+        assert not model.left.training
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert grads[0][0].abs().sum() > 0
+
+
+def _cli(args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "bilateral", *args], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_mid_epoch_resumes_to_identical_metrics(tmp_path):
+    args = ["train", "hemisphere", "--params", "params/smoke.yaml", "--seed", "0",
+            "--set", "epochs=4", "--set", "synthetic_size=1200", "--set", "threads=1",
+            "--set", "device=cpu", "--set", "batch_size=32"]
+    ref = _cli(args + ["--set", f"out_dir={tmp_path / 'ref'}"])
+    assert ref.wait(300) == 0, ref.stdout.read()
+    run = tmp_path / "cut" / "smoke" / "hemisphere" / "resnet9-A-left" / "seed=0"
+    p = _cli(args + ["--set", f"out_dir={tmp_path / 'cut'}"])
+    deadline = time.time() + 300
+    while not (run / "checkpoint.pt").exists():  # epoch 1 finished: now inside epoch 2
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait(60) == -signal.SIGKILL
+    assert not (run / "metrics.json").exists()
+    again = _cli(args + ["--set", f"out_dir={tmp_path / 'cut'}"])
+    log = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, log
+    assert "resuming from epoch" in log
+    a = runs.read_json(run / "metrics.json")
+    b = runs.read_json(tmp_path / "ref" / "smoke" / "hemisphere" / "resnet9-A-left" / "seed=0" / "metrics.json")
+    assert a["test"] == b["test"] and a["val_all"] == b["val_all"]
+    sa = runs.load_torch(run / "model.pt")
+    sb = runs.load_torch(tmp_path / "ref" / "smoke" / "hemisphere" / "resnet9-A-left" / "seed=0" / "model.pt")
+    assert all(torch.equal(sa[k], sb[k]) for k in sb)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "hemisphere", "--params", "params/smoke.yaml", "--set", "condition=Z"], ["condition", "'Z'", "A, B, C, D"]),
+    (["train", "hemispheres", "--params", "params/smoke.yaml"], ["unknown stage", "hemisphere, bilateral"]),
+    (["train", "unilateral", "--params", "params/smoke.yaml", "--set", "bakbone=vgg11"], ["bakbone", "allowed"]),
+    (["train", "unilateral", "--params", "params/smoke.yaml", "--set", "dataset=cifar100", "--set", "data_dir=/nonexistent"],
+     ["/nonexistent", "python -m bilateral download cifar100"]),
+])
+def test_cli_stops_before_any_work_with_a_message(tmp_path, args, words):
+    p = _cli(args + ["--set", f"out_dir={tmp_path}"])
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 2, out
+    for w in words:
+        assert w in out
+    assert "Traceback" not in out
+    assert not any(tmp_path.rglob("metrics.json"))
+
+
+def test_help_lists_the_stages():
+    p = _cli(["--help"])
+    out = p.communicate(timeout=60)[0]
+    for s in C.STAGES:
+        assert s in out
