@@ -18,7 +18,7 @@ SPLITS = ("train", "val", "test")
 STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "fashion_mnist": ((0.2190,) * 3, (0.3318,) * 3),  # after the 28->32 zero padding
-    "synthetic": ((0.4793, 0.4776, 0.4782), (0.2146, 0.2149, 0.2152)),  # seed 0, 2000 images
+    "synthetic": ((0.5092, 0.4990, 0.4950), (0.2471, 0.2484, 0.2467)),  # seed 0, 2000-image pool
 }
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -47,13 +47,15 @@ SYN_DEFAULT_SIZE = 2000  # train pool (train + val); the test split has size // 
 
 @dataclass(frozen=True)
 class Hierarchy:
-    fine_names: tuple
-    coarse_names: tuple
-    fine_to_coarse: tuple
+    fine_names: tuple[str, ...]
+    coarse_names: tuple[str, ...]
+    fine_to_coarse: tuple[int, ...]  # coarse id of each fine id
 
     def __post_init__(self):
-        for f in ("fine_names", "coarse_names", "fine_to_coarse"):  # tuples keep it hashable
-            object.__setattr__(self, f, tuple(getattr(self, f)))
+        # plain tuples (not lists or numpy ints) keep it hashable and comparable
+        object.__setattr__(self, "fine_names", tuple(map(str, self.fine_names)))
+        object.__setattr__(self, "coarse_names", tuple(map(str, self.coarse_names)))
+        object.__setattr__(self, "fine_to_coarse", tuple(map(int, self.fine_to_coarse)))
         if len(self.fine_to_coarse) != len(self.fine_names):
             raise ValueError(f"fine_to_coarse has {len(self.fine_to_coarse)} entries "
                              f"but there are {len(self.fine_names)} fine classes")
@@ -87,7 +89,12 @@ class Split:
 
 def load_dataset(name, split, data_dir=None, download=False, *, val_size=None, split_seed=0,
                  size=None, seed=0):
-    """One split of a dataset. `size` and `seed` only apply to synthetic (its pool size and generator)."""
+    """One split: "train"/"val" partition the official train set, "test" is the official test set.
+
+    val_size: examples held out for val, val_size // n_fine from every fine class, chosen by split_seed
+    (default 5000 for cifar100 and fashion_mnist, about 10% for synthetic; 0 gives an empty val).
+    size, seed: synthetic only; size images in the train pool (default 2000) and size // 4 test
+    images from a separate random stream, both generated from seed."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     if split not in SPLITS:
@@ -99,7 +106,7 @@ def load_dataset(name, split, data_dir=None, download=False, *, val_size=None, s
         images, fine, hier = _cifar100(official, data_dir, download)
         default_val = 5000
     elif name == "fashion_mnist":
-        images, fine, hier = _fashion_mnist(official, data_dir, download)
+        images, fine, hier = _fashion_mnist(official, data_dir)
         default_val = 5000
     else:
         size = SYN_DEFAULT_SIZE if size is None else size
@@ -120,12 +127,14 @@ def _rank_in_class(labels):
     counts = torch.bincount(labels)
     starts = (torch.cumsum(counts, 0) - counts).repeat_interleave(counts)
     rank = torch.empty_like(labels)
-    rank[order] = torch.arange(len(labels)) - starts
+    rank[order] = torch.arange(len(labels), device=labels.device) - starts
     return rank
 
 
 def _val_mask(fine, n_fine, val_size, split_seed):
     """val_size // n_fine random examples of every fine class; a class needs one more to keep any for train."""
+    if val_size < 0:
+        raise ValueError(f"val_size must be >= 0, got {val_size}")
     per = val_size // n_fine
     if per == 0:
         return torch.zeros(len(fine), dtype=torch.bool)
@@ -162,12 +171,11 @@ def _cifar100(official, data_dir, download):
         except Exception as e:
             raise FileNotFoundError(f"download of {CIFAR100_URL} failed ({e}).\n{msg}") from e
     meta = _unpickle(folder / "meta")
-    try:
-        fine_names = tuple(_text(s) for s in meta["fine_label_names"])
-        coarse_names = tuple(_text(s) for s in meta["coarse_label_names"])
-        assert len(fine_names) == 100 and len(coarse_names) == 20
-    except Exception as e:
-        raise ValueError(f"{folder / 'meta'}: expected 100 fine and 20 coarse label names ({e!r})") from e
+    fine_names = tuple(_text(s) for s in meta.get("fine_label_names", ()))
+    coarse_names = tuple(_text(s) for s in meta.get("coarse_label_names", ()))
+    if (len(fine_names), len(coarse_names)) != (100, 20):
+        raise ValueError(f"{folder / 'meta'}: {len(fine_names)} fine and {len(coarse_names)} coarse label names, "
+                         f"expected 100 and 20")
     hier = Hierarchy(fine_names, coarse_names, CIFAR100_FINE_TO_COARSE)
     data, fine = _cifar_arrays(*_file_key(folder / official))
     return torch.from_numpy(data).view(-1, 3, 32, 32), torch.from_numpy(fine), hier
@@ -215,40 +223,30 @@ FMNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte
                 "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-def _fashion_mnist(official, data_dir, download):
+def _fashion_mnist(official, data_dir):  # no download: offline use is its point, Debian packages it
     files = FMNIST_FILES[official]
-    dirs = [] if data_dir is None else [Path(data_dir), Path(data_dir) / "fashion-mnist"]
-    dirs.append(FMNIST_SYSTEM_DIR)
+    root = Path("data" if data_dir is None else data_dir)
+    dirs = [root, root / "fashion-mnist", FMNIST_SYSTEM_DIR]  # the data dir first, then Debian's package
     found = [d for d in dirs if all((d / f).is_file() for f in files)]
-    if not found and download and data_dir is not None:
-        found = [_download_fmnist(Path(data_dir) / "fashion-mnist")]
     if not found:
         raise FileNotFoundError(f"Fashion-MNIST files {files} not found in {', '.join(map(str, dirs))}. "
                                 f"Install them with: apt-get install dataset-fashion-mnist")
-    images = _idx_array(*_file_key(found[0] / files[0]))
-    labels = _idx_array(*_file_key(found[0] / files[1]))
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels) or labels.max() > 9:
-        raise ValueError(f"{found[0]}: images {images.shape} and labels {labels.shape} (max {labels.max()}) "
-                         f"do not form a Fashion-MNIST split")
-    x = torch.zeros(len(images), 3, 32, 32, dtype=torch.uint8)  # 2 px of zeros each side: 28 -> 32
-    x[:, :, 2:30, 2:30] = torch.from_numpy(images)[:, None]      # grey repeated to 3 channels
-    return x, torch.from_numpy(labels.astype(np.int64)), Hierarchy(FMNIST_FINE, FMNIST_COARSE, FMNIST_FINE_TO_COARSE)
+    x, labels = _fmnist_arrays(_file_key(found[0] / files[0]), _file_key(found[0] / files[1]))
+    return x, labels, Hierarchy(FMNIST_FINE, FMNIST_COARSE, FMNIST_FINE_TO_COARSE)
 
 
-def _download_fmnist(folder):
-    from torchvision.datasets import FashionMNIST
-    from torchvision.datasets.utils import download_url
-    try:
-        for fname, md5 in FashionMNIST.resources:
-            download_url(FashionMNIST.mirrors[0] + fname, str(folder), md5=md5)
-    except Exception as e:
-        raise FileNotFoundError(f"Fashion-MNIST download to {folder} failed ({e}); "
-                                f"install it with: apt-get install dataset-fashion-mnist") from e
-    return folder
+@functools.lru_cache(maxsize=2)  # padded once per process: train, val and test loads then only index
+def _fmnist_arrays(images_key, labels_key):
+    images, labels = _idx_array(images_key[0]), _idx_array(labels_key[0])
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels) or (len(labels) and labels.max() > 9):
+        raise ValueError(f"{images_key[0]}, {labels_key[0]}: images {images.shape} and labels {labels.shape} "
+                         f"(max {labels.max()}) do not form a Fashion-MNIST split")
+    x = np.zeros((len(images), 3, 32, 32), dtype=np.uint8)  # 2 px of zeros each side: 28 -> 32
+    x[:, :, 2:30, 2:30] = images[:, None]                     # grey repeated to 3 channels
+    return torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64))
 
 
-@functools.lru_cache(maxsize=4)
-def _idx_array(path, mtime, nbytes):
+def _idx_array(path):
     """A gzipped IDX file (magic 2051 = uint8 images N x rows x cols, 2049 = uint8 labels N)."""
     try:
         with gzip.open(path, "rb") as f:
@@ -309,14 +307,16 @@ def _synthetic(n, seed, stream):
 
 
 def _mix(*ints):
-    """A 63-bit seed from a tuple of ints, stable across runs and platforms (unlike hash() of str)."""
+    """A 63-bit seed from ints and strings, stable across runs and platforms (unlike hash())."""
     return int.from_bytes(hashlib.sha256(repr(ints).encode()).digest()[:8], "little") >> 1
 
 
 # ---------------------------------------------------------------- loader
 class DeviceLoader:
     """Whole split as one uint8 tensor on `device`; batches are cropped, flipped and normalised there.
-    The order and augmentation of epoch e are a pure function of (seed, e), identical on CPU and CUDA."""
+    The order and augmentation of epoch e are a pure function of (seed, e), identical on CPU and CUDA.
+    Each pass uses self.epoch and then increments it, so set_epoch(e) is optional.
+    subset_per_class=k keeps the first k examples of each fine class (all of a class with fewer)."""
 
     def __init__(self, split, batch_size=256, *, device="cpu", shuffle=True, augment=True, drop_last=False,
                  seed=0, subset_per_class=None, mean=None, std=None, channels_last=False):
@@ -353,7 +353,7 @@ class DeviceLoader:
             b = slice(i * self.batch_size, (i + 1) * self.batch_size)
             idx = order[b]
             x = self._crop_flip(idx, shifts[b], flips[b]) if self.augment else self.images[idx]
-            x = (x.float() - self.mean) / self.std
+            x = x.float().sub_(self.mean).div_(self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield {"x": x, "fine": self.fine[idx], "coarse": self.coarse[idx]}
@@ -364,6 +364,5 @@ class DeviceLoader:
         rows = self._reflect[shifts[:, :1] + ar]                       # (B, 32)
         cols = self._reflect[shifts[:, 1:] + ar]
         cols = torch.where(flips[:, None], cols.flip(1), cols)
-        b = torch.arange(len(idx), device=self.device)[:, None, None, None]
         c = torch.arange(3, device=self.device)[None, :, None, None]
-        return self.images[idx][b, c, rows[:, None, :, None], cols[:, None, None, :]]
+        return self.images[idx[:, None, None, None], c, rows[:, None, :, None], cols[:, None, None, :]]
