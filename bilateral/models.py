@@ -43,7 +43,7 @@ class KWTA(nn.Module):
     Stage 2: per channel, across the batch, keep the top ceil(k_batch*ceil(k*H*W)*B) stage-1
     winners. Stage 2 couples the samples of a batch, so it runs in eval only if eval_batch.
     Unlike the original code, stage-1 losers (zeros) cannot outrank negative winners in stage 2,
-    so exactly that many winners survive (about k*k_batch of all activations).
+    so that many winners survive (about k*k_batch of all activations; more only on exact ties).
     """
 
     def __init__(self, k: float, k_batch: float | None = None, eval_batch: bool = False):
@@ -62,13 +62,19 @@ class KWTA(nn.Module):
         with torch.no_grad():
             flat = x.detach().flatten(2)  # (B, C, HW)
             n1 = _ceil(self.k * H * W)
-            mask = torch.zeros_like(flat).scatter_(2, flat.topk(n1, dim=2).indices, 1.0)
+            mask = flat >= _kth_largest(flat, n1)
             if self.training or self.eval_batch:
                 n2 = _ceil(self.k_batch * n1 * B)
-                score = flat.masked_fill(mask == 0, float("-inf")).transpose(0, 1).reshape(C, -1)
-                m2 = torch.zeros_like(score).scatter_(1, score.topk(n2, dim=1).indices, 1.0)
-                mask = m2.view(C, B, H * W).transpose(0, 1)
+                score = flat.masked_fill(~mask, float("-inf")).transpose(0, 1).reshape(C, -1)
+                mask = (score >= _kth_largest(score, n2)).view(C, B, H * W).transpose(0, 1)
         return x * mask.reshape(B, C, H, W)
+
+
+def _kth_largest(v, k):
+    """Threshold for the top k along the last dim. kthvalue is a selection, not a sort: about
+    5x faster than topk on CPU when k is close to n (as here, k = 0.9 n). Values tied with the
+    threshold all survive, so a tie never depends on memory order."""
+    return v.kthvalue(v.shape[-1] - k + 1, dim=-1, keepdim=True).values
 
 
 # ------------------------------------------------------------------------------- ResNet-9
