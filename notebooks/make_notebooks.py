@@ -171,11 +171,8 @@ NOTEBOOKS = {
         md("## Deeper analyses\n"
            "Grad-CAM heatmaps, feature similarity, head attribution and probes "
            "(`bilateral.analysis`)."),
-        code("import importlib.util\n"
-             'if importlib.util.find_spec("bilateral.analysis"):\n'
-             "    from bilateral import analysis\n"
-             '    if hasattr(analysis, "run_analyses"):\n'
-             "        analysis.run_analyses(cfg, seed)"),
+        code("from bilateral import analysis\n"
+             "numbers = analysis.run_analyses(cfg, seed)"),
     ]),
     "06_results": ("Results over all seeds", [
         md("The table of the study: every model's fine and coarse test accuracy as mean ± sample "
