@@ -17,9 +17,9 @@ ROOT = Path(__file__).parents[1]
 
 
 def tiny(tmp, **kw):
-    base = dict(experiment="t", out_dir=str(tmp), dataset="synthetic", synthetic_size=300,
-                width=0.0625, epochs=1, batch_size=64, pool_size=3, ensemble_k=2, ensemble_ks=[2, 3],
-                progress=False, device="cpu")
+    base = dict(experiment="t", out_dir=str(tmp), dataset="synthetic", synthetic_size=240,
+                width=0.03125, epochs=1, batch_size=64, pool_size=3, ensemble_k=2, ensemble_ks=[2, 3],
+                progress=False, device="cpu", threads=1)
     return C.from_dict({**base, **kw})
 
 
