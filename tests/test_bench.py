@@ -75,6 +75,7 @@ def test_time_to_accuracy(result):
     for F, v in a["fast_budgets"].items():
         assert v["recipe"] == "fast" and v["hyper"]["optimizer"] == "sgd" and v["epochs_run"] == int(F)
         assert isinstance(v["reached"], bool) and v["reached"] == (v["final_val_acc"] >= a["target_val_acc"])
+        assert v["reaches_original_best"] == (v["final_val_acc"] >= o["best_val_acc"])
         for key in ("final_val_acc", "best_val_acc", "seconds", "seconds_ratio", "epochs_fraction"):
             assert _num(v[key]), key
     full = a["fast_full_budget"]
