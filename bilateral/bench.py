@@ -673,7 +673,10 @@ def table(r: dict) -> str:
     lines += [f"| fast, budget {full['epoch_budget']} epochs, stopped at target | {full['epochs_run']} | "
               f"{full['final_val_acc']:.2%} | {full['seconds']:.0f} | "
               + (f"epoch {first} ({full['seconds_to_reach']:.0f}s)" if first else "no") + " | | "
-              f"{_x(ratio(o['seconds'], full['seconds_to_reach']))} |", ""]
+              f"{_x(ratio(o['seconds'], full['seconds_to_reach']))} |",
+              "", "Seconds are wall time (training + validation) under the load the machine had at the "
+              "time; when the load changed (loadavg in the JSON) compare epochs, which cost the same in "
+              "both recipes.", ""]
     cu = r["cuda"]
     if "skipped" in cu:
         lines += [f"4. AMP / channels_last / torch.compile: {cu['skipped']}", ""]
