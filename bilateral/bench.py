@@ -626,7 +626,11 @@ def table(r: dict) -> str:
     lines = [f"bench ({r['mode']}) on {env['device']}"
              + (f" ({env.get('gpu')})" if env.get("gpu") else "")
              + f", {env['cpu_model']}, {env['cpu_count']} CPUs, torch {env['torch']}, "
-               f"{env['threads']} threads, {r['wall_s']:.0f}s", ""]
+               f"{env['threads']} threads, {r['wall_s']:.0f}s"]
+    la = [r[k]["config"].get(w) for k, w in (("throughput", "loadavg_start"), ("memory", "loadavg_end"))]
+    if all(la):  # 1-minute load average: how busy the machine was besides this run
+        lines[0] += f", load average {la[0][0]:.1f} at the start, {la[1][0]:.1f} at the end"
+    lines.append("")
     t = r["throughput"]
     c = t["config"]
     lines += [f"1. Hemisphere training, ResNet-9 width {c['width']}, batch {c['batch']}, "
