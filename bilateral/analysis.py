@@ -222,16 +222,8 @@ def _loader(split, device, batch_size):
     return data.DeviceLoader(split, batch_size, device=device, shuffle=False, augment=False)
 
 
-@torch.no_grad()
 def _collect(fn, loader, device, amp):
-    ctx, _ = train.autocast(device, amp)
-    outs = {}
-    for batch in loader:
-        with ctx:
-            o = fn(batch["x"])
-        for k, v in o.items():
-            outs.setdefault(k, []).append(v.float().cpu())
-    return {k: torch.cat(v) for k, v in outs.items()}
+    return train.predict(fn, loader, device, amp)[0]
 
 
 def _bilateral_outputs(bil, left_head=None, right_head=None):

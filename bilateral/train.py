@@ -89,8 +89,12 @@ class FeatureLoader:
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    @property
+    def n(self):
+        return len(self.x)
+
     def __len__(self):
-        return math.ceil(len(self.x) / self.batch_size)
+        return math.ceil(self.n / self.batch_size)
 
     def __iter__(self):
         n = len(self.x)
@@ -111,21 +115,22 @@ def loss_fn(out: dict, batch: dict, heads, label_smoothing=0.0):
 
 @torch.no_grad()
 def predict(forward, loader, device, amp=True):
-    """Logits of every head over a loader (no augmentation expected), on the CPU."""
+    """Every output of `forward` over a loader (no augmentation expected) and the labels, on
+    the CPU: the heads' logits, and features too where `forward` returns them."""
     ctx, _ = autocast(device, amp)
     outs, labels = {}, {"fine": [], "coarse": []}
     for batch in loader:
         with ctx:
             out = forward(batch["x"])
-        for h, v in out.items():
-            if h in ("fine", "coarse"):
-                outs.setdefault(h, []).append(v.float().cpu())
+        for k, v in out.items():
+            outs.setdefault(k, []).append(v.float().cpu())
         for h in labels:
             labels[h].append(batch[h].cpu())
-    return {h: torch.cat(v) for h, v in outs.items()}, {h: torch.cat(v) for h, v in labels.items()}
+    return {k: torch.cat(v) for k, v in outs.items()}, {h: torch.cat(v) for h, v in labels.items()}
 
 
 def accuracy_metrics(logits: dict, labels: dict, fine_to_coarse) -> dict:
+    logits = {h: v for h, v in logits.items() if h in ("fine", "coarse")}
     m = {f"{h}_acc": (v.argmax(1) == labels[h]).float().mean().item() for h, v in logits.items()}
     if "fine" in logits:  # a fine prediction implies its superclass
         f2c = torch.as_tensor(fine_to_coarse)
