@@ -42,8 +42,8 @@ class Config:
     width: float = 1.0
     condition: str = "A"
     side: str = "left"                 # hemisphere stage: left = fine, right = coarse
-    k: float = 0.9                     # k-WTA (conditions C and D)
-    k_batch: float = 0.9
+    kwta_k: float = 0.9                # k-WTA (conditions C and D): fraction kept per map
+    kwta_k_batch: float = 0.9          # ... and per channel across the batch
     kwta_eval_batch: bool = False      # True: the original's batch-dependent test predictions
     bn_momentum: float | None = None   # None: PyTorch's default; 0.9 is the original's
     dropout: float = 0.6
@@ -54,12 +54,12 @@ class Config:
     lr: float | None = None
     weight_decay: float | None = None
     label_smoothing: float | None = None
-    report: str = "last"               # which epoch's test metrics tables report
+    report_epoch: str = "last"         # which epoch's test metrics tables report
     # unilateral pool and ensembles
     member: int = 0                    # index of a unilateral run in the ensemble pool
     pool_size: int = 10
-    ensemble_k: int = 2
-    ensemble_ks: list[int] = field(default_factory=lambda: [2, 5])
+    ensemble_size: int = 2             # members of one ensemble run
+    ensemble_sizes: list[int] = field(default_factory=lambda: [2, 5])  # the study's ensembles
     # what the pipeline runs
     conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
@@ -74,14 +74,14 @@ class Config:
 
 CHOICES = {
     "dataset": DATASETS, "backbone": BACKBONE_CHOICES, "condition": CONDITIONS,
-    "recipe": RECIPES, "side": SIDES, "report": REPORTS,
+    "recipe": RECIPES, "side": SIDES, "report_epoch": REPORTS,
 }
 LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES}
 
 # Keys that do not change what a run computes, so a finished run with other values is the
 # same run (a different device is allowed to pick up where another left off).
 NOT_IDENTITY = {"out_dir", "data_dir", "progress", "conditions", "baselines", "device",
-                "threads", "ensemble_ks", "pool_size"}
+                "threads", "ensemble_sizes", "pool_size"}
 
 
 class ConfigError(ValueError):
@@ -127,21 +127,21 @@ def validate(cfg: Config) -> Config:
         for v in getattr(cfg, key):
             if v not in allowed:
                 raise ConfigError(f"{key}: unknown value {v!r}; allowed: {', '.join(allowed)}")
-    positive = ["width", "synthetic_size", "pool_size", "ensemble_k"] + [
+    positive = ["width", "synthetic_size", "pool_size", "ensemble_size"] + [
         k for k in ("epochs", "batch_size", "lr", "subset_per_class") if getattr(cfg, k) is not None]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
-    for key in ("k", "k_batch", "dropout"):
+    for key in ("kwta_k", "kwta_k_batch", "dropout"):
         v = getattr(cfg, key)
         if not (0 < v <= 1 or key == "dropout" and v == 0):
             raise ConfigError(f"{key}: must be in (0, 1], got {v}")
     if cfg.backbone != "resnet9" and any(c != "A" for c in [cfg.condition, *cfg.conditions]):
         raise ConfigError(f"backbone {cfg.backbone!r} supports condition A only (the pyramid and "
                           f"k-WTA are ResNet-9 variants); set conditions: [A]")
-    for k in [cfg.ensemble_k, *cfg.ensemble_ks]:
+    for k in [cfg.ensemble_size, *cfg.ensemble_sizes]:
         if k > cfg.pool_size:
-            raise ConfigError(f"ensemble_k: {k} members cannot be chosen from a pool of {cfg.pool_size}")
+            raise ConfigError(f"ensemble_size: {k} members cannot be chosen from a pool of {cfg.pool_size}")
     if not 0 <= cfg.member < cfg.pool_size:
         raise ConfigError(f"member: must be in 0..{cfg.pool_size - 1}, got {cfg.member}")
     if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):

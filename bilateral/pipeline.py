@@ -103,7 +103,7 @@ def runs_of(cfg: C.Config, notebook: str) -> list[tuple[str, str, C.Config]]:
                     for m in range(cfg.pool_size)]
         out += [(BASELINE_LABELS[s], s, cfg) for s in ("resnet18", "resnet34") if s in b]
         if "ensemble" in b:
-            out += [(f"ensemble k={k}", "ensemble", rep(cfg, ensemble_k=k)) for k in cfg.ensemble_ks]
+            out += [(f"ensemble k={k}", "ensemble", rep(cfg, ensemble_size=k)) for k in cfg.ensemble_sizes]
     return out
 
 

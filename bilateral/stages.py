@@ -25,7 +25,7 @@ def stage_config(cfg: C.Config, stage: str) -> C.Config:
     if stage not in C.STAGES:
         raise C.ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(C.STAGES)}")
     d = C.Config()
-    unused = {"side", "member", "ensemble_k", "head_augment"}
+    unused = {"side", "member", "ensemble_size", "head_augment"}
     if stage == "hemisphere":
         unused -= {"side"}
     if stage == "bilateral":
@@ -33,7 +33,7 @@ def stage_config(cfg: C.Config, stage: str) -> C.Config:
     if stage == "unilateral":
         unused -= {"member"}
     if stage == "ensemble":
-        unused -= {"ensemble_k"}
+        unused -= {"ensemble_size"}
     if stage in ("unilateral", "resnet18", "resnet34", "ensemble"):
         unused |= {"condition"}
     if stage in ("resnet18", "resnet34"):
@@ -42,7 +42,7 @@ def stage_config(cfg: C.Config, stage: str) -> C.Config:
         unused |= {"augment"}
     cond = d.condition if "condition" in unused else cfg.condition
     if cond not in ("C", "D"):
-        unused |= {"k", "k_batch", "kwta_eval_batch"}
+        unused |= {"kwta_k", "kwta_k_batch", "kwta_eval_batch"}
     return dataclasses.replace(cfg, **{k: getattr(d, k) for k in unused})
 
 
@@ -54,7 +54,7 @@ def run_name(stage: str, cfg: C.Config) -> str:
     if stage == "unilateral":
         return f"{cfg.backbone}-m{cfg.member}"
     if stage == "ensemble":
-        return f"{cfg.backbone}-k{cfg.ensemble_k}"
+        return f"{cfg.backbone}-k{cfg.ensemble_size}"
     return stage  # resnet18, resnet34
 
 
@@ -103,7 +103,7 @@ def hemisphere_backbone(cfg: C.Config, side: str) -> torch.nn.Module:
     name = "resnet9_pyramid" if side == "left" and cfg.condition in ("B", "D") else cfg.backbone
     kwta = {}
     if cfg.condition in ("C", "D"):
-        kwta = dict(k=cfg.k, k_batch=cfg.k_batch, kwta_eval_batch=cfg.kwta_eval_batch)
+        kwta = dict(k=cfg.kwta_k, k_batch=cfg.kwta_k_batch, kwta_eval_batch=cfg.kwta_eval_batch)
     return models.build_backbone(name, cfg.width, bn_momentum=cfg.bn_momentum, **kwta)
 
 
@@ -227,12 +227,12 @@ def _train(stage, cfg, seed, device, path, status, log):
     out = {"val": {"last": ev(val_dl)}, "test_last": ev(test_dl)}
     model.load_state_dict(best["state"])
     out["val"]["best"], out["test_best"] = ev(val_dl), ev(test_dl)
-    if cfg.report == "last":
+    if cfg.report_epoch == "last":
         model.load_state_dict(last_state)
     runs.save_torch(path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
-    return {"test": out[f"test_{cfg.report}"], "test_last": out["test_last"],
-            "test_best": out["test_best"], "val": out["val"][cfg.report], "val_all": out["val"],
-            "best_epoch": best["epoch"], "epochs": hp.epochs, "report": cfg.report,
+    return {"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
+            "test_best": out["test_best"], "val": out["val"][cfg.report_epoch], "val_all": out["val"],
+            "best_epoch": best["epoch"], "epochs": hp.epochs, "report": cfg.report_epoch,
             "heads": list(heads)}
 
 
@@ -286,7 +286,7 @@ def _ensemble(cfg, seed, device, path, log):
     """Top-k unilateral runs by validation accuracy (never test), logits averaged per head."""
     pool = pool_metrics(cfg, seed)
     ranked = sorted(pool, key=lambda m: -train.score(pool[m]["val"], ("fine", "coarse")))
-    chosen = sorted(ranked[:cfg.ensemble_k])
+    chosen = sorted(ranked[:cfg.ensemble_size])
     _, val_dl, test_dl, hier = loaders(cfg, device, 512, 0, False)
     members = [load_run_model("unilateral", dataclasses.replace(cfg, member=m), seed, hier, device)
                for m in chosen]

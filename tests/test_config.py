@@ -26,9 +26,9 @@ def test_every_preset_loads(path):
     ({"augment": "yes"}, ["augment", "expected bool"]),
     ({"width": True}, ["width", "expected float"]),
     ({"epochs": 0}, ["epochs", "positive"]),
-    ({"k": 1.5}, ["k", "(0, 1]"]),
+    ({"kwta_k": 1.5}, ["kwta_k", "(0, 1]"]),
     ({"backbone": "vgg11", "conditions": ["A", "C"]}, ["vgg11", "condition A only"]),
-    ({"ensemble_ks": [2, 12]}, ["12", "pool of 10"]),
+    ({"ensemble_sizes": [2, 12]}, ["12", "pool of 10"]),
     ({"device": "tpu"}, ["device", "cuda"]),
 ])
 def test_bad_parameters_stop_with_a_message_naming_them(values, words):

@@ -18,7 +18,7 @@ ROOT = Path(__file__).parents[1]
 
 def tiny(tmp, **kw):
     base = dict(experiment="t", out_dir=str(tmp), dataset="synthetic", synthetic_size=240,
-                width=0.03125, epochs=1, batch_size=64, pool_size=3, ensemble_k=2, ensemble_ks=[2, 3],
+                width=0.03125, epochs=1, batch_size=64, pool_size=3, ensemble_size=2, ensemble_sizes=[2, 3],
                 progress=False, device="cpu", threads=1)
     return C.from_dict({**base, **kw})
 
@@ -106,7 +106,7 @@ def test_parameters_a_stage_does_not_use_do_not_split_its_runs(study):
     # unilateral ignores condition and side; a hemisphere under A ignores k
     m = stages.run_stage("unilateral", dataclasses.replace(cfg, condition="C", side="right"), 0)
     assert m == out[("unilateral", 0)]
-    m = stages.run_stage("hemisphere", dataclasses.replace(cfg, k=0.5), 0)
+    m = stages.run_stage("hemisphere", dataclasses.replace(cfg, kwta_k=0.5), 0)
     assert m == out[("hemisphere", "A", "left")]
 
 
@@ -121,7 +121,7 @@ def test_ensemble_chooses_members_by_validation_never_test(study):
         m["val"] = {"fine_acc": i / 10, "coarse_acc": i / 10}
         m["test"] = {"fine_acc": 1 - i / 10, "coarse_acc": 1 - i / 10}
         runs.write_json(p, m)
-    e = stages.run_stage("ensemble", dataclasses.replace(cfg, experiment="t", ensemble_k=2), 0, force=True)
+    e = stages.run_stage("ensemble", dataclasses.replace(cfg, experiment="t", ensemble_size=2), 0, force=True)
     assert e["members"] == [1, 2]
 
 
