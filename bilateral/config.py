@@ -70,18 +70,19 @@ class Config:
     compile: bool = False
     progress: bool = True
     threads: int | None = None         # torch CPU threads; None leaves torch's choice
+    pack: str = "auto"                 # auto: train runs differing only in seed/member as one packed model
 
 
 CHOICES = {
     "dataset": DATASETS, "backbone": BACKBONE_CHOICES, "condition": CONDITIONS,
-    "recipe": RECIPES, "side": SIDES, "report_epoch": REPORTS,
+    "recipe": RECIPES, "side": SIDES, "report_epoch": REPORTS, "pack": ("auto", "off"),
 }
 LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES}
 
 # Keys that do not change what a run computes, so a finished run with other values is the
 # same run (a different device is allowed to pick up where another left off).
 NOT_IDENTITY = {"out_dir", "data_dir", "progress", "conditions", "baselines", "device",
-                "threads", "ensemble_sizes", "pool_size"}
+                "threads", "ensemble_sizes", "pool_size", "pack"}
 
 
 class ConfigError(ValueError):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import runs
+from . import packed, runs
 
 # weight_decay is (hemispheres, everything else): the original regularised hemispheres harder.
 RECIPES = {
@@ -113,6 +113,34 @@ def loss_fn(out: dict, batch: dict, heads, label_smoothing=0.0):
                for h in heads)
 
 
+def member_losses(out: dict, batch: dict, heads, label_smoothing=0.0):
+    """One loss per member: (1,) for a model, (N,) for a packed one (labels (B, N)); each
+    member's loss is exactly its own run's."""
+    if batch[heads[0]].dim() == 1:
+        return loss_fn(out, batch, heads, label_smoothing).reshape(1)
+    return torch.stack([loss_fn({h: out[h][:, i] for h in heads}, {h: batch[h][:, i] for h in heads},
+                                heads, label_smoothing) for i in range(batch[heads[0]].shape[1])])
+
+
+def train_step(forward, batch, opt, scaler, ctx, *, heads, label_smoothing, lr):
+    """The one training step of every run, packed or not, and of the benchmark. Returns the
+    members' losses, detached (no device sync here)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with ctx:
+        losses = member_losses(forward(batch["x"]), batch, heads, label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(losses.sum()).backward()  # summed: each member's gradient is its own
+    scaler.step(opt)
+    scaler.update()
+    return losses.detach()
+
+
+def grad_scaler(device, amp):
+    _, dtype = autocast(device, amp)
+    return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
 @torch.no_grad()
 def predict(forward, loader, device, amp=True):
     """Every output of `forward` over a loader (no augmentation expected) and the labels, on
@@ -143,6 +171,16 @@ def evaluate(forward, loader, device, fine_to_coarse, amp=True):
     return accuracy_metrics(logits, labels, fine_to_coarse)
 
 
+def evaluate_members(forward, loader, device, fine_to_coarse, amp=True) -> list[dict]:
+    """Metrics per member: one for a model, N for a packed one (logits (B, N, classes))."""
+    logits, labels = predict(forward, loader, device, amp)
+    if labels["fine"].dim() == 1:
+        return [accuracy_metrics(logits, labels, fine_to_coarse)]
+    return [accuracy_metrics({h: v[:, i] for h, v in logits.items()},
+                             {h: v[:, i] for h, v in labels.items()}, fine_to_coarse)
+            for i in range(labels["fine"].shape[1])]
+
+
 def score(metrics: dict, heads) -> float:
     """What 'best on validation' means: the mean accuracy of the heads a model was trained on."""
     return sum(metrics[f"{h}_acc"] for h in heads) / len(heads)
@@ -155,58 +193,100 @@ def fit(model, forward, train_loader, val_loader, *, heads, hp: Hyper, device, f
     Checkpoints after every epoch (model, optimiser, RNG, history, best state), so a run
     killed at any moment resumes from its last finished epoch and, on CPU, ends bit-identical
     to an uninterrupted one: the loaders derive their order from (seed, epoch).
+
+    A packed model (packed.PackedModel) trains its N members at once: ckpt_path is then a list
+    of N paths, each holding member i's checkpoint in the ordinary form (so either way of
+    training resumes the other's), and the history and best state come back as lists.
     """
+    members = getattr(model, "n_members", None)
+    paths = list(ckpt_path) if members else [ckpt_path]
     opt = make_optimizer(model.parameters(), hp)
-    ctx, dtype = autocast(device, amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    start, history, best = 0, [], None
-    if ckpt_path.exists():
-        ck = runs.load_torch(ckpt_path, map_location=device)
-        model.load_state_dict(ck["model"], strict=True)
-        opt.load_state_dict(ck["opt"])
-        scaler.load_state_dict(ck["scaler"])
-        torch.set_rng_state(ck["rng"].cpu())
-        if "cuda_rng" in ck and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in ck["cuda_rng"]])
-        start, history, best = ck["epoch"], ck["history"], ck["best"]
-        log(f"resuming from epoch {start} ({ckpt_path})")
+    ctx, _ = autocast(device, amp)
+    scaler = grad_scaler(device, amp)
+    start, histories, bests = _resume(model, opt, scaler, paths, device, log)
     total = hp.epochs * len(train_loader)
     for epoch in range(start, hp.epochs):
         t0 = time.perf_counter()
         model.train()
         train_loader.set_epoch(epoch)
-        step, loss_sum, n = epoch * len(train_loader), 0.0, 0
+        step, n = epoch * len(train_loader), 0
+        loss_sum = torch.zeros(len(paths), dtype=torch.float64, device=device)
         bar = _bar(train_loader, progress, f"epoch {epoch + 1}/{hp.epochs}")
         for batch in bar:
-            for g in opt.param_groups:
-                g["lr"] = hp.lr * lr_factor(hp.schedule, step, total)
-            with ctx:
-                loss = loss_fn(forward(batch["x"]), batch, heads, hp.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            losses = train_step(forward, batch, opt, scaler, ctx, heads=heads,
+                                label_smoothing=hp.label_smoothing,
+                                lr=hp.lr * lr_factor(hp.schedule, step, total))
             step += 1
-            loss_sum += loss.item() * len(batch["x"])
-            n += len(batch["x"])
+            loss_sum += losses.double() * len(batch["fine"])
+            n += len(batch["fine"])
         model.eval()
-        val = evaluate(forward, val_loader, device, fine_to_coarse, amp)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(n, 1),
-               **{f"val_{k}": v for k, v in val.items()}, "seconds": time.perf_counter() - t0}
-        history.append(row)
-        if best is None or score(val, heads) > best["score"]:
-            best = {"epoch": epoch + 1, "score": score(val, heads),
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        log(f"epoch {epoch + 1}/{hp.epochs} loss {row['train_loss']:.4f} "
-            + " ".join(f"val {k} {v:.2%}" for k, v in val.items()) + f" ({row['seconds']:.1f}s)")
-        ck = {"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict(),
-              "rng": torch.get_rng_state(), "epoch": epoch + 1, "history": history, "best": best}
-        if torch.cuda.is_available():
-            ck["cuda_rng"] = torch.cuda.get_rng_state_all()
-        runs.save_torch(ckpt_path, ck)
+        vals = evaluate_members(forward, val_loader, device, fine_to_coarse, amp)
+        seconds = (time.perf_counter() - t0) / len(vals)  # a packed member's share of the epoch
+        for i, val in enumerate(vals):
+            row = {"epoch": epoch + 1, "train_loss": loss_sum[i].item() / max(n, 1),
+                   **{f"val_{k}": v for k, v in val.items()}, "seconds": seconds}
+            histories[i].append(row)
+            if bests[i] is None or score(val, heads) > bests[i]["score"]:
+                bests[i] = {"epoch": epoch + 1, "score": score(val, heads),
+                            "state": _member_state(model, i)}
+            log(f"{f'member {i} ' if members else ''}epoch {epoch + 1}/{hp.epochs} loss "
+                f"{row['train_loss']:.4f} " + " ".join(f"val {k} {v:.2%}" for k, v in val.items())
+                + f" ({seconds:.1f}s)")
+        _save(model, opt, scaler, paths, epoch + 1, histories, bests)
         if on_epoch:
-            on_epoch(history)
-    return history, best
+            on_epoch(histories if members else histories[0])
+    return (histories, bests) if members else (histories[0], bests[0])
+
+
+def _member_state(model, i):
+    if getattr(model, "n_members", None):
+        return packed.unpack(model, i)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _save(model, opt, scaler, paths, epoch, histories, bests):
+    cuda = torch.cuda.is_available()
+    for i, path in enumerate(paths):
+        ck = {"scaler": scaler.state_dict(), "epoch": epoch, "history": histories[i], "best": bests[i]}
+        if getattr(model, "n_members", None):
+            g = model.generators[i]  # the member's own stream stands where the global RNG would
+            ck.update(model=packed.unpack(model, i), opt=packed.split_optimizer(model, opt.state_dict(), i),
+                      rng=g.get_state() if g.device.type == "cpu" else torch.get_rng_state())
+            if g.device.type == "cuda":
+                ck["cuda_rng"] = [g.get_state()]
+        else:
+            ck.update(model=model.state_dict(), opt=opt.state_dict(), rng=torch.get_rng_state())
+            if cuda:
+                ck["cuda_rng"] = torch.cuda.get_rng_state_all()
+        runs.save_torch(path, ck)
+
+
+def _resume(model, opt, scaler, paths, device, log):
+    """(start epoch, histories, bests) from the members' checkpoints, or a fresh start."""
+    found = [p.exists() for p in paths]
+    if not any(found):
+        return 0, [[] for _ in paths], [None for _ in paths]
+    cks = [runs.load_torch(p, map_location=device) if f else None for p, f in zip(paths, found)]
+    epochs = {ck["epoch"] if ck else 0 for ck in cks}
+    if len(epochs) > 1:
+        raise ValueError(f"packed members' checkpoints are at different epochs {sorted(epochs)}: "
+                         f"train them separately, or in groups of equal epochs")
+    packed_model = getattr(model, "n_members", None)
+    if packed_model:
+        model.net.load_state_dict(packed.join_states(model, [ck["model"] for ck in cks]), strict=True)
+        opt.load_state_dict(packed.join_optimizer(model, [ck["opt"] for ck in cks]))
+        for g, ck in zip(model.generators, cks):
+            g.set_state((ck["rng"] if g.device.type == "cpu" else ck["cuda_rng"][0]).cpu())
+    else:
+        (ck,) = cks
+        model.load_state_dict(ck["model"], strict=True)
+        opt.load_state_dict(ck["opt"])
+        torch.set_rng_state(ck["rng"].cpu())
+        if "cuda_rng" in ck and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ck["cuda_rng"]])
+    scaler.load_state_dict(cks[0]["scaler"])
+    log(f"resuming from epoch {cks[0]['epoch']} ({', '.join(map(str, paths))})")
+    return cks[0]["epoch"], [ck["history"] for ck in cks], [ck["best"] for ck in cks]
 
 
 def _bar(it, enabled, desc):

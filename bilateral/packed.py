@@ -1,0 +1,421 @@
+"""Many runs of one architecture trained as one model, each member in its own channels.
+
+At the study's small widths a step is mostly overhead: tens of tiny convolutions, each too small
+to fill the machine. Packing N runs turns N small steps into one larger one (packed ensembles,
+Laurent et al. 2023): convolutions get groups=N over N times the channels, BatchNorm and k-WTA
+act per channel (so per member), the heads become N independent linear maps. Member i's
+channels of the input hold its own batch, from its own loader, so every member keeps its own
+initialisation, data order and augmentation; the losses are summed, so each member's gradient
+is its own, and SGD/Adam/weight decay act per element, so nothing couples the members. Dropout
+draws from one generator per member that continues the member's own RNG stream, so on CPU a
+packed member computes what its separate run computes, up to float rounding.
+
+Tensors are batch-first: a packed batch is (B, N, 3, H, W), packed logits are (B, N, classes).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from . import models
+
+# Layers that act per element or per channel, so they are correct on packed channels as is.
+# k-WTA: stage 1 is per (sample, channel) map, stage 2 per channel across the batch.
+PASSTHROUGH = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, models.KWTA)
+PACKABLE_BACKBONES = ("resnet9", "resnet9_pyramid", "resnet18", "resnet34", "vgg11")
+
+
+class PackedLinear(nn.Module):
+    """N independent linear maps on (B, N, in). Parameter names match nn.Linear's."""
+
+    def __init__(self, linears):
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in linears]))  # (N, out, in)
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in linears]))      # (N, out)
+
+    def forward(self, x):
+        x = x.view(x.shape[0], len(self.weight), -1)
+        return torch.baddbmm(self.bias.unsqueeze(1), x.transpose(0, 1),
+                             self.weight.transpose(1, 2)).transpose(0, 1)
+
+
+class PackedDropout(nn.Module):
+    """Dropout with member i's mask drawn from member i's generator, exactly as F.dropout draws
+    it on CPU (bernoulli_ on a tensor shaped like the member's input, then scaled)."""
+
+    def __init__(self, p, generators):
+        super().__init__()
+        self.p, self.generators = p, generators  # a list shared by every dropout of the model
+
+    def forward(self, x):
+        n = len(self.generators)
+        x = x.view(x.shape[0], n, -1)
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return x * 0
+        noise = torch.stack([torch.empty_like(x[:, i]).bernoulli_(1 - self.p, generator=g)
+                             for i, g in enumerate(self.generators)], 1)
+        return x * noise.div_(1 - self.p)
+
+
+class PackedModel(nn.Module):
+    """N members of one model. forward((B, N, 3, H, W)) -> {head: (B, N, classes)}."""
+
+    def __init__(self, net, n, generators):
+        super().__init__()
+        self.net, self.n_members, self.generators = net, n, generators
+        self.channels_last = False
+
+    def forward(self, x, return_features=False):
+        x = x.flatten(1, 2)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.net(x, return_features)
+        if return_features:
+            out["features"] = out["features"].view(x.shape[0], self.n_members, -1)
+        return out
+
+    def get_extra_state(self):  # the members' RNG streams travel with the state dict
+        return {"rng": [g.get_state() for g in self.generators]}
+
+    def set_extra_state(self, state):
+        for g, s in zip(self.generators, state["rng"]):
+            g.set_state(s.cpu())
+
+
+# ------------------------------------------------------------------------------ pack/unpack
+
+def pack(members, generators=None) -> PackedModel:
+    """One packed model from N models of one architecture (weights copied, members untouched).
+    generators: each member's dropout RNG; by default fresh CPU generators seeded 0..N-1."""
+    n = len(members)
+    ref = members[0].state_dict()
+    for i, m in enumerate(members[1:], 1):
+        other = m.state_dict()
+        if list(other) != list(ref) or any(other[k].shape != ref[k].shape for k in ref):
+            raise ValueError(f"member {i} differs in architecture from member 0: cannot pack")
+    if generators is None:
+        generators = [torch.Generator().manual_seed(i) for i in range(n)]
+    net = copy.deepcopy(members[0])
+    named = [dict(m.named_modules()) for m in members]
+    for name, module in list(net.named_modules()):
+        group = [d[name] for d in named]
+        new = _packed_layer(module, group, generators)
+        if new is not None:
+            _set_module(net, name, new)
+        elif not isinstance(module, PASSTHROUGH) and _own_tensors(module):
+            raise ValueError(f"{name}: {type(module).__name__} has no packed form")
+        elif not _own_tensors(module) and not list(module.children()) \
+                and not isinstance(module, PASSTHROUGH):
+            raise ValueError(f"{name}: {type(module).__name__} is not known to act per channel")
+    return PackedModel(net, n, generators)
+
+
+def _own_tensors(module):
+    return list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+
+
+def _packed_layer(module, group, generators):
+    n = len(group)
+    if isinstance(module, nn.Conv2d):
+        m = module
+        new = nn.Conv2d(n * m.in_channels, n * m.out_channels, m.kernel_size, m.stride, m.padding,
+                        m.dilation, n * m.groups, m.bias is not None, m.padding_mode,
+                        device=m.weight.device, dtype=m.weight.dtype)
+        return _fill(new, group, dim0=True)
+    if isinstance(module, nn.BatchNorm2d):
+        m = module
+        like = next(iter(_own_tensors(m)))
+        new = nn.BatchNorm2d(n * m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                             device=like.device, dtype=like.dtype)
+        _fill(new, group, dim0=True)
+        if m.track_running_stats:
+            counts = {int(g.num_batches_tracked) for g in group}
+            if len(counts) > 1:
+                raise ValueError(f"members' BatchNorm counts differ ({sorted(counts)}): cannot pack")
+            new.num_batches_tracked.copy_(m.num_batches_tracked)
+        return new
+    if isinstance(module, nn.Linear):
+        return PackedLinear(group)
+    if isinstance(module, nn.Dropout):
+        return PackedDropout(module.p, generators)
+    return None
+
+
+@torch.no_grad()
+def _fill(new, group, dim0):
+    for key, t in new.named_parameters(recurse=False):
+        t.copy_(torch.cat([getattr(g, key).detach() for g in group]))
+    for key in ("running_mean", "running_var"):
+        if getattr(new, key, None) is not None:
+            getattr(new, key).copy_(torch.cat([getattr(g, key) for g in group]))
+    return new
+
+
+def _set_module(root, name, new):
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _splitter(packed: PackedModel):
+    """For each key of the member state dict: how to take member i's part of a packed tensor."""
+    rules = {}
+    for name, module in packed.net.named_modules():
+        prefix = f"{name}." if name else ""
+        for key, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if isinstance(module, PackedLinear):
+                rules[prefix + key] = "index"
+            elif key == "num_batches_tracked":
+                rules[prefix + key] = "shared"
+            else:
+                rules[prefix + key] = "chunk"
+    return rules
+
+
+def _part(t, rule, i, n):
+    if rule == "index":
+        return t[i]
+    if rule == "shared":
+        return t
+    return t.chunk(n)[i]
+
+
+def unpack(packed: PackedModel, i: int) -> dict:
+    """Member i's state dict, loadable strictly into the model it was packed from."""
+    rules, n = _splitter(packed), packed.n_members
+    return {k: _part(v, rules[k], i, n).detach().clone() for k, v in packed.net.state_dict().items()}
+
+
+def param_rules(packed: PackedModel) -> list[str]:
+    rules = _splitter(packed)
+    return [rules[k] for k, _ in packed.net.named_parameters()]
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def split_optimizer(packed: PackedModel, opt_state: dict, i: int) -> dict:
+    """Member i's part of a packed optimiser state: it loads into the member's own optimiser
+    (same parameter order), so a packed run can be resumed unpacked, and the other way round."""
+    rules, n = param_rules(packed), packed.n_members
+    state = {}
+    for idx, s in opt_state["state"].items():
+        shape = lambda t: torch.is_tensor(t) and t.dim() > 0  # noqa: E731 (step counters are shared)
+        state[idx] = {k: _part(v, rules[idx], i, n).clone() if shape(v) else v for k, v in s.items()}
+    return {"state": state, "param_groups": copy.deepcopy(opt_state["param_groups"])}
+
+
+def join_optimizer(packed: PackedModel, states: list[dict]) -> dict:
+    rules = param_rules(packed)
+    joined = {}
+    for idx in states[0]["state"]:
+        s0 = states[0]["state"][idx]
+        joined[idx] = {k: (torch.stack if rules[idx] == "index" else torch.cat)(
+            [s["state"][idx][k] for s in states]) if torch.is_tensor(v) and v.dim() > 0 else v
+            for k, v in s0.items()}
+    return {"state": joined, "param_groups": copy.deepcopy(states[0]["param_groups"])}
+
+
+def join_states(packed: PackedModel, states: list[dict]) -> dict:
+    """A packed state dict from N member state dicts (the inverse of unpack)."""
+    rules = _splitter(packed)
+    out = {}
+    for k, r in rules.items():
+        parts = [s[k] for s in states]
+        out[k] = parts[0] if r == "shared" else (torch.stack if r == "index" else torch.cat)(parts)
+    return out
+
+
+class PackedLoader:
+    """Member i's batch from loaders[i], stacked batch-first: x (B, N, 3, H, W), labels (B, N).
+    One loader given N times (the shared validation split) is read once and broadcast."""
+
+    def __init__(self, loaders):
+        self.loaders = list(loaders)
+        if len({len(dl) for dl in self.loaders}) > 1 or len({dl.n for dl in self.loaders}) > 1:
+            raise ValueError("packed members need loaders of equal size")
+
+    @property
+    def n(self):
+        return self.loaders[0].n
+
+    def __len__(self):
+        return len(self.loaders[0])
+
+    def set_epoch(self, epoch):
+        for dl in self.loaders:
+            dl.set_epoch(epoch)
+
+    def __iter__(self):
+        n = len(self.loaders)
+        if all(dl is self.loaders[0] for dl in self.loaders):
+            for b in self.loaders[0]:
+                yield {k: v.unsqueeze(1).expand(v.shape[0], n, *v.shape[1:]) for k, v in b.items()}
+            return
+        for bs in zip(*self.loaders):
+            yield {k: torch.stack([b[k] for b in bs], 1) for k in bs[0]}
+
+
+# ----------------------------------------------------------------------------- run records
+
+PACKABLE_STAGES = ("hemisphere", "unilateral", "resnet18", "resnet34")
+MAX_MEMBERS = 10  # a group larger than this is split (memory grows with N; see the benchmark)
+
+
+def _architecture(stage, cfg):
+    if stage in ("resnet18", "resnet34"):
+        return stage
+    if stage == "hemisphere" and cfg.side == "left" and cfg.condition in ("B", "D"):
+        return "resnet9_pyramid"
+    return cfg.backbone
+
+
+def pack_key(run):
+    """Runs with equal keys can share one packed model: the same stage and config (so the same
+    architecture, data and recipe), differing only in seed or pool member. None: never packed."""
+    from . import config as C
+    from . import stages
+    cfg = stages.stage_config(C.validate(run.cfg), run.stage)
+    if cfg.pack == "off" or run.stage not in PACKABLE_STAGES \
+            or _architecture(run.stage, cfg) not in PACKABLE_BACKBONES:
+        return None
+    ident = C.identity(cfg)
+    ident.pop("member")
+    return run.stage, repr(sorted(ident.items()))
+
+
+def packable_groups(runs_, max_members=MAX_MEMBERS) -> list[list]:
+    """The runs split into groups to train together (in the runs' order): the same run across
+    seeds and the pool members of a seed share a group; everything else stays alone."""
+    groups, by_key = [], {}
+    for r in runs_:
+        key = pack_key(r)
+        if key is None:
+            groups.append([r])
+            continue
+        g = by_key.get(key)
+        if g is None or len(g) >= max_members:
+            g = by_key[key] = []
+            groups.append(g)
+        g.append(r)
+    return groups
+
+
+def train_runs(runs_, force=False, log=print) -> list[dict]:
+    """Train runs that pack_key groups together as one packed model; write each run's record
+    exactly as stages.run_stage would (config.json, history.csv, model.pt, metrics.json).
+    Returns each run's metrics, in order. A single run, or runs whose checkpoints stand at
+    different epochs, are trained (or resumed) separately."""
+    from . import config as C
+    from . import runs, stages
+    if len({pack_key(r) for r in runs_}) != 1 or pack_key(runs_[0]) is None:
+        raise ValueError("train_runs needs runs of one packable group (see packable_groups)")
+    todo, results = [], {}
+    for j, r in enumerate(runs_):
+        cfg = stages.stage_config(C.validate(r.cfg), r.stage)
+        name = stages.run_name(r.stage, cfg)
+        path = runs.run_dir(cfg, r.stage, name, r.seed)
+        status = runs.prepare(path, C.identity(cfg), force)
+        if status == "done":
+            log(f"[{r.stage} {name} seed={r.seed}] already finished with the same config: {path}")
+            results[j] = runs.read_json(path / "metrics.json")
+        else:
+            todo.append((j, r, cfg, name, path, _ckpt_epoch(path / "checkpoint.pt")))
+    if len({t[-1] for t in todo}) > 1 or len(todo) == 1:
+        for j, r, *_ in todo:
+            results[j] = stages.run_stage(r.stage, r.cfg, r.seed, force=False, log=log)
+    elif todo:
+        for j, m in zip([t[0] for t in todo], _train_packed(todo, log)):
+            results[j] = m
+    return [results[j] for j in range(len(runs_))]
+
+
+def _ckpt_epoch(path):
+    from . import runs
+    return runs.load_torch(path)["epoch"] if path.exists() else 0
+
+
+def _train_packed(todo, log):
+    """stages._train and the tail of stages.run_stage for N runs at once (kept in step with
+    them: the records must stay identical in form)."""
+    import dataclasses
+    import time
+
+    from . import models, runs, stages, train
+    t0 = time.perf_counter()
+    stage, cfg0 = todo[0][1].stage, todo[0][2]
+    if cfg0.threads:
+        torch.set_num_threads(cfg0.threads)
+    device = train.pick_device(cfg0.device)
+    hp = train.hyper(cfg0, stage)
+    heads = stages.heads_of(stage, cfg0)
+    members, gens, train_dls, tags = [], [], [], []
+    for _, r, cfg, name, path, _ in todo:
+        rseed = stages.run_seed(stage, name, r.seed)
+        torch.manual_seed(rseed)  # as stages._train: the member's init, then its dropout stream
+        train_dl, val_dl, test_dl, hier = stages.loaders(cfg, device, hp.batch_size, rseed, cfg.augment)
+        model = stages.build_model(stage, cfg, hier)
+        gens.append(_member_generator(device, rseed))
+        members.append(model)
+        train_dls.append(train_dl)
+        tags.append(f"[{stage} {name} seed={r.seed}]")
+        stages._record(path, cfg, stage, r.seed, device, {
+            "name": name, "run_seed": rseed, "hyper": dataclasses.asdict(hp),
+            "trainable_params": models.count_trainable(model), "cached_features": False,
+            "n_train": train_dl.n})
+    net = pack(members, gens).to(device)
+    if device.type == "cuda" and cfg0.channels_last:
+        net.net.to(memory_format=torch.channels_last)
+        net.channels_last = True
+    forward = torch.compile(net) if cfg0.compile else net
+    paths = [t[4] for t in todo]
+    log(f"packed {len(todo)} runs: " + ", ".join(tags))
+
+    def on_epoch(histories):
+        for path, h in zip(paths, histories):
+            runs.write_csv(path / "history.csv", h)
+    _, bests = train.fit(
+        net, forward, PackedLoader(train_dls), PackedLoader([val_dl] * len(todo)), heads=heads,
+        hp=hp, device=device, fine_to_coarse=hier.fine_to_coarse,
+        ckpt_path=[p / "checkpoint.pt" for p in paths], amp=cfg0.amp, progress=cfg0.progress,
+        log=lambda m: log(f"[packed {stage} x{len(todo)}] {m}"), on_epoch=on_epoch)
+    results = []
+    for i, (_, r, cfg, name, path, _) in enumerate(todo):
+        model = members[i].to(device)
+        model.load_state_dict(unpack(net, i), strict=True)
+        metrics = _finish(model, bests[i], cfg, hp, heads, hier, device, val_dl, test_dl, path)
+        metrics["wall_s"] = (time.perf_counter() - t0) / len(todo)  # the run's share
+        runs.write_json(path / "metrics.json", metrics)
+        (path / "checkpoint.pt").unlink(missing_ok=True)
+        log(f"{tags[i]} done (packed): " + ", ".join(f"test {k} {v:.2%}" for k, v in metrics["test"].items()))
+        results.append(metrics)
+    return results
+
+
+def _member_generator(device, rseed):
+    if torch.device(device).type == "cpu":
+        g = torch.Generator()
+        g.set_state(torch.get_rng_state())  # continues the stream its separate run would use
+        return g
+    return torch.Generator(device).manual_seed(rseed)  # as torch.manual_seed seeds CUDA
+
+
+def _finish(model, best, cfg, hp, heads, hier, device, val_dl, test_dl, path):
+    """The metrics of stages._train from the trained (unpacked) model, and its model.pt."""
+    from . import runs, train
+    f2c = hier.fine_to_coarse
+    last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ev = lambda dl: train.evaluate(model, dl, device, f2c, cfg.amp)  # noqa: E731
+    model.eval()
+    out = {"val": {"last": ev(val_dl)}, "test_last": ev(test_dl)}
+    model.load_state_dict(best["state"])
+    out["val"]["best"], out["test_best"] = ev(val_dl), ev(test_dl)
+    if cfg.report_epoch == "last":
+        model.load_state_dict(last_state)
+    runs.save_torch(path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+    return {"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
+            "test_best": out["test_best"], "val": out["val"][cfg.report_epoch], "val_all": out["val"],
+            "best_epoch": best["epoch"], "epochs": hp.epochs, "report": cfg.report_epoch,
+            "heads": list(heads)}
