@@ -80,7 +80,12 @@ def autocast(device, enabled: bool):
 
 
 class FeatureLoader:
-    """Batches of cached feature vectors, shuffled reproducibly per (seed, epoch)."""
+    """Batches of cached feature vectors, shuffled reproducibly per (seed, epoch).
+
+    fit trains on it with one CPU thread: its steps are tiny matmuls, which two threads spun
+    for at 50x the cost when other processes shared the cores (see the benchmark's section 2)."""
+
+    threads = 1
 
     def __init__(self, x, fine, coarse, batch_size, shuffle=True, seed=0):
         self.x, self.fine, self.coarse = x, fine, coarse
@@ -204,38 +209,56 @@ def fit(model, forward, train_loader, val_loader, *, heads, hp: Hyper, device, f
     ctx, _ = autocast(device, amp)
     scaler = grad_scaler(device, amp)
     start, histories, bests = _resume(model, opt, scaler, paths, device, log)
-    total = hp.epochs * len(train_loader)
-    for epoch in range(start, hp.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        train_loader.set_epoch(epoch)
-        step, n = epoch * len(train_loader), 0
-        loss_sum = torch.zeros(len(paths), dtype=torch.float64, device=device)
-        bar = _bar(train_loader, progress, f"epoch {epoch + 1}/{hp.epochs}")
-        for batch in bar:
-            losses = train_step(forward, batch, opt, scaler, ctx, heads=heads,
-                                label_smoothing=hp.label_smoothing,
-                                lr=hp.lr * lr_factor(hp.schedule, step, total))
-            step += 1
-            loss_sum += losses.double() * len(batch["fine"])
-            n += len(batch["fine"])
-        model.eval()
-        vals = evaluate_members(forward, val_loader, device, fine_to_coarse, amp)
-        seconds = (time.perf_counter() - t0) / len(vals)  # a packed member's share of the epoch
-        for i, val in enumerate(vals):
-            row = {"epoch": epoch + 1, "train_loss": loss_sum[i].item() / max(n, 1),
-                   **{f"val_{k}": v for k, v in val.items()}, "seconds": seconds}
-            histories[i].append(row)
-            if bests[i] is None or score(val, heads) > bests[i]["score"]:
-                bests[i] = {"epoch": epoch + 1, "score": score(val, heads),
-                            "state": _member_state(model, i)}
-            log(f"{f'member {i} ' if members else ''}epoch {epoch + 1}/{hp.epochs} loss "
-                f"{row['train_loss']:.4f} " + " ".join(f"val {k} {v:.2%}" for k, v in val.items())
-                + f" ({seconds:.1f}s)")
-        _save(model, opt, scaler, paths, epoch + 1, histories, bests)
-        if on_epoch:
-            on_epoch(histories if members else histories[0])
+    with cpu_threads(getattr(train_loader, "threads", None)):
+        for epoch in range(start, hp.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            loss_sum, n = _train_epoch(forward, train_loader, opt, scaler, ctx, epoch, len(paths),
+                                       heads=heads, hp=hp, device=device, progress=progress)
+            model.eval()
+            vals = evaluate_members(forward, val_loader, device, fine_to_coarse, amp)
+            seconds = (time.perf_counter() - t0) / len(vals)  # a packed member's share of the epoch
+            for i, val in enumerate(vals):
+                row = {"epoch": epoch + 1, "train_loss": loss_sum[i].item() / max(n, 1),
+                       **{f"val_{k}": v for k, v in val.items()}, "seconds": seconds}
+                histories[i].append(row)
+                if bests[i] is None or score(val, heads) > bests[i]["score"]:
+                    bests[i] = {"epoch": epoch + 1, "score": score(val, heads),
+                                "state": _member_state(model, i)}
+                log(f"{f'member {i} ' if members else ''}epoch {epoch + 1}/{hp.epochs} loss "
+                    f"{row['train_loss']:.4f} " + " ".join(f"val {k} {v:.2%}" for k, v in val.items())
+                    + f" ({seconds:.1f}s)")
+            _save(model, opt, scaler, paths, epoch + 1, histories, bests)
+            if on_epoch:
+                on_epoch(histories if members else histories[0])
     return (histories, bests) if members else (histories[0], bests[0])
+
+
+def _train_epoch(forward, loader, opt, scaler, ctx, epoch, n_members, *, heads, hp, device, progress):
+    """One epoch of train_step; returns the members' summed losses (times batch size) and the
+    number of images, without a device sync per step."""
+    loader.set_epoch(epoch)
+    step, total = epoch * len(loader), hp.epochs * len(loader)
+    loss_sum, n = torch.zeros(n_members, dtype=torch.float64, device=device), 0
+    for batch in _bar(loader, progress, f"epoch {epoch + 1}/{hp.epochs}"):
+        losses = train_step(forward, batch, opt, scaler, ctx, heads=heads,
+                            label_smoothing=hp.label_smoothing, lr=hp.lr * lr_factor(hp.schedule, step, total))
+        step += 1
+        loss_sum += losses.double() * len(batch["fine"])
+        n += len(batch["fine"])
+    return loss_sum, n
+
+
+@contextlib.contextmanager
+def cpu_threads(n):
+    """torch's CPU threads set to n inside the block (None: unchanged)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(min(n, old))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _member_state(model, i):
