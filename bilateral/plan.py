@@ -37,8 +37,9 @@ KWTA_FIELDS = ("kwta_k", "kwta_k_batch", "kwta_eval_batch")  # used under condit
 VARIANT_FIELDS = ("condition", "side", "member", "ensemble_size")  # what `--set` picks a run by
 
 # Relative training cost per epoch, measured on CPU at width 1 (ResNet-9 = 1), see README.
+# VGG-11: 0.83 per step at batch 64 (one measurement on a shared CPU; its FLOPs ratio is 0.72).
 BACKBONE_COST = {"resnet9": 1.0, "resnet9_pyramid": 4.2, "resnet18": 1.5, "resnet34": 2.9,
-                 "vgg11": 1.0}
+                 "vgg11": 0.8}
 KWTA_COST = {"resnet9": 1.6, "resnet9_pyramid": 6.2}
 CACHED_HEADS_COST = 0.02  # an epoch of the bilateral heads on cached features
 
@@ -470,7 +471,8 @@ def describe(runs_: list[Run]) -> str:
     counts = ", ".join(f"{sum(v == k for v in status.values())} {k.replace('_', ' ')}"
                        for k in ("finished", "in_progress", "stale", "missing"))
     epochs = {r.epochs() for r in runs_ if r.epochs()}
-    per = f" (= {total / min(epochs):,.1f} ResNet-9 trainings of {min(epochs)} epochs)" \
+    e = max(epochs | {1})
+    per = f" (= {total / e:,.1f} ResNet-9 trainings of {e} epoch{'s' * (e != 1)})" \
         if len(epochs) == 1 else ""
     lines += [f"{'total':<24} {len(runs_):>5} {total:>10,.1f}",
               "", f"{len(runs_)} runs: {counts}",
