@@ -63,6 +63,7 @@ class Stage:
     fixed_cost: Callable[[C.Config], float] = lambda cfg: 0.0  # once per run
     recipe: str = "default"                      # "hemisphere": the recipe's hemisphere weight decay
     heads_only: bool = False                     # trains heads on frozen `features` (cacheable)
+    owns: tuple[str, ...] = ()                   # config fields no other stage uses
 
 
 STAGES: dict[str, Stage] = {}
@@ -72,10 +73,10 @@ def register(spec: Stage) -> Stage:
     """Add (or replace) a stage; the study plans it from then on."""
     if spec.phase not in PHASES:
         raise ValueError(f"stage {spec.name}: unknown phase {spec.phase!r}; phases: {', '.join(PHASES)}")
-    unknown = set(spec.uses) - set(OPTIONAL)
+    unknown = set(spec.uses) - set(OPTIONAL) | set(spec.owns) - set(C.FIELD_TYPES)
     if unknown:
-        raise ValueError(f"stage {spec.name}: unknown optional fields {sorted(unknown)}; "
-                         f"allowed: {', '.join(OPTIONAL)}")
+        raise ValueError(f"stage {spec.name}: unknown fields {sorted(unknown)} in uses/owns; "
+                         f"uses: some of {', '.join(OPTIONAL)}; owns: config fields")
     STAGES[spec.name] = spec
     return spec
 
@@ -89,7 +90,8 @@ def spec(stage: str) -> Stage:
 def stage_config(cfg: C.Config, stage: str) -> C.Config:
     """cfg with the fields `stage` does not use reset to their defaults."""
     s, d = spec(stage), C.Config()
-    unused = {k for k in OPTIONAL if k not in s.uses}
+    optional = set(OPTIONAL).union(*(t.owns for t in STAGES.values()))
+    unused = optional - set(s.uses) - set(s.owns)
     cond = cfg.condition if "condition" in s.uses else d.condition
     if cond not in ("C", "D"):
         unused |= set(KWTA_FIELDS)

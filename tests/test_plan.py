@@ -3,6 +3,7 @@ the stage registry, the seeds parser and `python -m bilateral plan`."""
 import dataclasses
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,7 @@ def test_runs_keep_only_the_fields_their_stage_uses():
     r = plan.Run("hemisphere", dataclasses.replace(cfg, condition="B", side="left"), 3)
     assert (r.key, r.label, r.heads) == ("hemisphere/resnet9-B-left/seed=3", "B left", ("fine",))
     assert r.path == Path("outputs/paper_resnet9/hemisphere/resnet9-B-left/seed=3")
+    assert pickle.loads(pickle.dumps(r)) == r  # a run travels to worker processes
 
 
 def test_costs_follow_the_measured_relative_costs():
@@ -126,10 +128,14 @@ def test_a_registered_stage_joins_the_study():
         uses=("condition", "backbone", "augment"),
         run_name=lambda c: f"{c.backbone}-{c.condition}", label=lambda c: f"{c.condition} probe",
         variants=lambda c: [dict(condition=k) for k in c.conditions], epoch_cost=lambda c: 0.5,
-        build=lambda c, hier, seed: None, upstream=lambda c: [("hemisphere", dict(side="left"))])
+        build=lambda c, hier, seed: None, upstream=lambda c: [("hemisphere", dict(side="left"))],
+        owns=("label_smoothing",))  # a field only it uses (a real stage adds its own)
     plan.register(probe)
     try:
         assert "probe" in C.STAGES
+        cfg = C.load(ROOT / "params" / "smoke.yaml", ["label_smoothing=0.2"])
+        assert plan.Run("probe", cfg, 0).cfg.label_smoothing == 0.2
+        assert plan.Run("hemisphere", cfg, 0).cfg.label_smoothing is None  # reset for the others
         cfg = C.load(ROOT / "params" / "smoke.yaml")
         got = {r.key: r for r in plan.plan(cfg, [0])}
         assert len(got) == 22 + 4
@@ -140,6 +146,9 @@ def test_a_registered_stage_joins_the_study():
     assert "probe" not in C.STAGES
     with pytest.raises(C.ConfigError, match="unknown stage 'probe'"):
         plan.spec("probe")
+    with pytest.raises(ValueError, match="lr_typo"):
+        plan.register(dataclasses.replace(probe, owns=("lr_typo",)))
+    assert "probe" not in plan.STAGES
 
 
 # ------------------------------------------------------------------ provenance and stale runs
