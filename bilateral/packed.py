@@ -259,36 +259,35 @@ class PackedLoader:
 
 
 # ----------------------------------------------------------------------------- run records
+# A plan's runs (plan.Run: stage, cfg reduced to the stage's fields, seed, name, path).
 
 PACKABLE_STAGES = ("hemisphere", "unilateral", "resnet18", "resnet34")
-MAX_MEMBERS = 10  # a group larger than this is split (memory grows with N; see the benchmark)
+MAX_MEMBERS = 10  # a larger group is split (memory grows with N; see the benchmark)
 
 
-def _architecture(stage, cfg):
-    if stage in ("resnet18", "resnet34"):
-        return stage
-    if stage == "hemisphere" and cfg.side == "left" and cfg.condition in ("B", "D"):
-        return "resnet9_pyramid"
-    return cfg.backbone
+def _architecture(run) -> str:
+    from . import stages
+    if run.stage == "hemisphere":
+        return stages.hemisphere_arch(run.cfg, run.cfg.side)[0]
+    return run.cfg.backbone if run.stage == "unilateral" else run.stage
 
 
 def pack_key(run):
-    """Runs with equal keys can share one packed model: the same stage and config (so the same
+    """Runs with equal keys can share one packed model: one stage and config (so one
     architecture, data and recipe), differing only in seed or pool member. None: never packed."""
     from . import config as C
-    from . import stages
-    cfg = stages.stage_config(C.validate(run.cfg), run.stage)
-    if cfg.pack == "off" or run.stage not in PACKABLE_STAGES \
-            or _architecture(run.stage, cfg) not in PACKABLE_BACKBONES:
+    if run.cfg.pack == "off" or run.stage not in PACKABLE_STAGES \
+            or _architecture(run) not in PACKABLE_BACKBONES:
         return None
-    ident = C.identity(cfg)
+    ident = C.identity(run.cfg)
     ident.pop("member")
     return run.stage, repr(sorted(ident.items()))
 
 
 def packable_groups(runs_, max_members=MAX_MEMBERS) -> list[list]:
-    """The runs split into groups to train together (in the runs' order): the same run across
-    seeds and the pool members of a seed share a group; everything else stays alone."""
+    """The runs split into groups to train together, in the runs' order (a group stands where
+    its first run stood): the same run across seeds and the pool members of a seed share a
+    group; runs that cannot be packed stay alone. Give it the runs still to train."""
     groups, by_key = [], {}
     for r in runs_:
         key = pack_key(r)
@@ -304,31 +303,28 @@ def packable_groups(runs_, max_members=MAX_MEMBERS) -> list[list]:
 
 
 def train_runs(runs_, force=False, log=print) -> list[dict]:
-    """Train runs that pack_key groups together as one packed model; write each run's record
-    exactly as stages.run_stage would (config.json, history.csv, model.pt, metrics.json).
-    Returns each run's metrics, in order. A single run, or runs whose checkpoints stand at
-    different epochs, are trained (or resumed) separately."""
+    """Train runs of one packable group as one packed model and write each run's record as
+    stages.run_stage would (config.json, history.csv, model.pt, metrics.json); returns each
+    run's metrics, in order. Finished runs are read; a single run left, or runs whose
+    checkpoints stand at different epochs, are trained (or resumed) one by one."""
     from . import config as C
     from . import runs, stages
-    if len({pack_key(r) for r in runs_}) != 1 or pack_key(runs_[0]) is None:
-        raise ValueError("train_runs needs runs of one packable group (see packable_groups)")
+    keys = {pack_key(r) for r in runs_}
+    if len(keys) != 1 or None in keys:
+        raise ValueError("train_runs needs runs of one packable group (see packed.packable_groups)")
     todo, results = [], {}
     for j, r in enumerate(runs_):
-        cfg = stages.stage_config(C.validate(r.cfg), r.stage)
-        name = stages.run_name(r.stage, cfg)
-        path = runs.run_dir(cfg, r.stage, name, r.seed)
-        status = runs.prepare(path, C.identity(cfg), force)
-        if status == "done":
-            log(f"[{r.stage} {name} seed={r.seed}] already finished with the same config: {path}")
-            results[j] = runs.read_json(path / "metrics.json")
+        if runs.prepare(r.path, C.identity(r.cfg), force) == "done":
+            log(f"[{r.key}] already finished with the same config: {r.path}")
+            results[j] = runs.read_json(r.path / "metrics.json")
         else:
-            todo.append((j, r, cfg, name, path, _ckpt_epoch(path / "checkpoint.pt")))
-    if len({t[-1] for t in todo}) > 1 or len(todo) == 1:
-        for j, r, *_ in todo:
-            results[j] = stages.run_stage(r.stage, r.cfg, r.seed, force=False, log=log)
+            todo.append((j, r))
+    epochs = {_ckpt_epoch(r.path / "checkpoint.pt") for _, r in todo}
+    if len(todo) == 1 or len(epochs) > 1:
+        for j, r in todo:
+            results[j] = stages.run_stage(r.stage, r.cfg, r.seed, log=log)
     elif todo:
-        for j, m in zip([t[0] for t in todo], _train_packed(todo, log)):
-            results[j] = m
+        results.update(zip([j for j, _ in todo], _train_packed([r for _, r in todo], log)))
     return [results[j] for j in range(len(runs_))]
 
 
@@ -337,32 +333,30 @@ def _ckpt_epoch(path):
     return runs.load_torch(path)["epoch"] if path.exists() else 0
 
 
-def _train_packed(todo, log):
-    """stages._train and the tail of stages.run_stage for N runs at once (kept in step with
+def _train_packed(group, log):
+    """stages._train and the tail of stages.run_stage for N runs at once (keep in step with
     them: the records must stay identical in form)."""
     import dataclasses
     import time
 
     from . import models, runs, stages, train
     t0 = time.perf_counter()
-    stage, cfg0 = todo[0][1].stage, todo[0][2]
+    cfg0, stage = group[0].cfg, group[0].stage
     if cfg0.threads:
         torch.set_num_threads(cfg0.threads)
     device = train.pick_device(cfg0.device)
     hp = train.hyper(cfg0, stage)
-    heads = stages.heads_of(stage, cfg0)
-    members, gens, train_dls, tags = [], [], [], []
-    for _, r, cfg, name, path, _ in todo:
-        rseed = stages.run_seed(stage, name, r.seed)
+    members, gens, train_dls = [], [], []
+    for r in group:
+        rseed = stages.run_seed(stage, r.name, r.seed)
         torch.manual_seed(rseed)  # as stages._train: the member's init, then its dropout stream
-        train_dl, val_dl, test_dl, hier = stages.loaders(cfg, device, hp.batch_size, rseed, cfg.augment)
-        model = stages.build_model(stage, cfg, hier)
+        train_dl, val_dl, test_dl, hier = stages.loaders(r.cfg, device, hp.batch_size, rseed, r.cfg.augment)
+        model = r.spec.build(r.cfg, hier, r.seed)
         gens.append(_member_generator(device, rseed))
         members.append(model)
         train_dls.append(train_dl)
-        tags.append(f"[{stage} {name} seed={r.seed}]")
-        stages._record(path, cfg, stage, r.seed, device, {
-            "name": name, "run_seed": rseed, "hyper": dataclasses.asdict(hp),
+        stages._record(r, device, {
+            "name": r.name, "run_seed": rseed, "hyper": dataclasses.asdict(hp),
             "trainable_params": models.count_trainable(model), "cached_features": False,
             "n_train": train_dl.n})
     net = pack(members, gens).to(device)
@@ -370,26 +364,25 @@ def _train_packed(todo, log):
         net.net.to(memory_format=torch.channels_last)
         net.channels_last = True
     forward = torch.compile(net) if cfg0.compile else net
-    paths = [t[4] for t in todo]
-    log(f"packed {len(todo)} runs: " + ", ".join(tags))
+    log(f"[packed x{len(group)}] " + ", ".join(r.key for r in group))
 
     def on_epoch(histories):
-        for path, h in zip(paths, histories):
-            runs.write_csv(path / "history.csv", h)
+        for r, h in zip(group, histories):
+            runs.write_csv(r.path / "history.csv", h)
     _, bests = train.fit(
-        net, forward, PackedLoader(train_dls), PackedLoader([val_dl] * len(todo)), heads=heads,
-        hp=hp, device=device, fine_to_coarse=hier.fine_to_coarse,
-        ckpt_path=[p / "checkpoint.pt" for p in paths], amp=cfg0.amp, progress=cfg0.progress,
-        log=lambda m: log(f"[packed {stage} x{len(todo)}] {m}"), on_epoch=on_epoch)
+        net, forward, PackedLoader(train_dls), PackedLoader([val_dl] * len(group)),
+        heads=group[0].heads, hp=hp, device=device, fine_to_coarse=hier.fine_to_coarse,
+        ckpt_path=[r.path / "checkpoint.pt" for r in group], amp=cfg0.amp, progress=cfg0.progress,
+        log=lambda m: log(f"[packed {stage} x{len(group)}] {m}"), on_epoch=on_epoch)
     results = []
-    for i, (_, r, cfg, name, path, _) in enumerate(todo):
+    for i, r in enumerate(group):
         model = members[i].to(device)
         model.load_state_dict(unpack(net, i), strict=True)
-        metrics = _finish(model, bests[i], cfg, hp, heads, hier, device, val_dl, test_dl, path)
-        metrics["wall_s"] = (time.perf_counter() - t0) / len(todo)  # the run's share
-        runs.write_json(path / "metrics.json", metrics)
-        (path / "checkpoint.pt").unlink(missing_ok=True)
-        log(f"{tags[i]} done (packed): " + ", ".join(f"test {k} {v:.2%}" for k, v in metrics["test"].items()))
+        metrics = _finish(model, bests[i], r, hp, hier, device, val_dl, test_dl)
+        metrics["wall_s"] = (time.perf_counter() - t0) / len(group)  # the run's share
+        runs.write_json(r.path / "metrics.json", metrics)
+        (r.path / "checkpoint.pt").unlink(missing_ok=True)
+        log(f"[{r.key}] done (packed): " + ", ".join(f"test {k} {v:.2%}" for k, v in metrics["test"].items()))
         results.append(metrics)
     return results
 
@@ -402,10 +395,10 @@ def _member_generator(device, rseed):
     return torch.Generator(device).manual_seed(rseed)  # as torch.manual_seed seeds CUDA
 
 
-def _finish(model, best, cfg, hp, heads, hier, device, val_dl, test_dl, path):
+def _finish(model, best, run, hp, hier, device, val_dl, test_dl):
     """The metrics of stages._train from the trained (unpacked) model, and its model.pt."""
     from . import runs, train
-    f2c = hier.fine_to_coarse
+    cfg, f2c = run.cfg, hier.fine_to_coarse
     last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ev = lambda dl: train.evaluate(model, dl, device, f2c, cfg.amp)  # noqa: E731
     model.eval()
@@ -414,8 +407,19 @@ def _finish(model, best, cfg, hp, heads, hier, device, val_dl, test_dl, path):
     out["val"]["best"], out["test_best"] = ev(val_dl), ev(test_dl)
     if cfg.report_epoch == "last":
         model.load_state_dict(last_state)
-    runs.save_torch(path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+    runs.save_torch(run.path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
     return {"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
             "test_best": out["test_best"], "val": out["val"][cfg.report_epoch], "val_all": out["val"],
             "best_epoch": best["epoch"], "epochs": hp.epochs, "report": cfg.report_epoch,
-            "heads": list(heads)}
+            "heads": list(run.heads)}
+
+
+def train_groups(runs_, force=False, log=print) -> list[dict]:
+    """Every run, in packable groups (a lone run trains as usual); metrics in the runs' order.
+    Packable stages have no upstream runs, so moving a run up to its group never trains it
+    before a run it needs."""
+    done = {}
+    for group in packable_groups(runs_):
+        ms = train_runs(group, force, log) if len(group) > 1 else [group[0].train(force=force, log=log)]
+        done.update(zip(group, ms))
+    return [done[r] for r in runs_]

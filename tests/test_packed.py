@@ -2,13 +2,13 @@
 import dataclasses
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from bilateral import config as C
 from bilateral import models, packed, runs, stages, train
+from bilateral.plan import Run
 
 N = 3
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -122,7 +122,7 @@ def test_packed_run_records_match_separate_runs(tmp_path):
     for m in range(2):
         stages.run_stage("unilateral", dataclasses.replace(cfg, member=m), 0, log=lambda s: None)
     pk = _cfg(tmp_path, "packed")
-    plan = [SimpleNamespace(stage="unilateral", cfg=dataclasses.replace(pk, member=m), seed=s)
+    plan = [Run("unilateral", dataclasses.replace(pk, member=m), s)
             for s in (0, 1) for m in range(2)]
     (group,) = packed.packable_groups(plan)
     assert len(group) == 4
@@ -149,7 +149,7 @@ def test_packed_run_records_match_separate_runs(tmp_path):
 def test_packed_resume_from_member_checkpoints(tmp_path):
     """Killed after epoch 1 of 2: resuming packed ends where an uninterrupted packed run ends."""
     base = _cfg(tmp_path, "whole", epochs=2, synthetic_size=200)
-    plan = lambda cfg: [SimpleNamespace(stage="unilateral", cfg=dataclasses.replace(cfg, member=m), seed=0)
+    plan = lambda cfg: [Run("unilateral", dataclasses.replace(cfg, member=m), 0)
                         for m in range(2)]  # noqa: E731
     whole = packed.train_runs(plan(base), log=lambda s: None)
     cut = _cfg(tmp_path, "cut", epochs=2, synthetic_size=200)
@@ -169,8 +169,8 @@ def test_packed_resume_from_member_checkpoints(tmp_path):
 def test_pack_off_and_unpackable_runs_stay_alone(tmp_path):
     cfg = _cfg(tmp_path, "x")
     off = dataclasses.replace(cfg, pack="off")
-    plan = [SimpleNamespace(stage="unilateral", cfg=dataclasses.replace(off, member=m), seed=0) for m in range(2)]
-    plan += [SimpleNamespace(stage="ensemble", cfg=cfg, seed=0)]
+    plan = [Run("unilateral", dataclasses.replace(off, member=m), 0) for m in range(2)]
+    plan += [Run("ensemble", cfg, 0)]
     assert [len(g) for g in packed.packable_groups(plan)] == [1, 1, 1]
     with pytest.raises(C.ConfigError, match="pack"):
         C.from_dict({"pack": "sometimes"})
