@@ -29,6 +29,7 @@ from . import config as C
 from . import runs, stages, train
 
 PHASES = ("hemispheres", "bilateral", "baselines")
+STATUSES = ("finished", "in_progress", "stale", "missing")
 
 # Fields only some stages use. A stage's config resets the ones it does not use to their
 # defaults, so they neither appear in its record nor make two identical runs look different.
@@ -435,6 +436,18 @@ def pending(runs_: list[Run]) -> list[Run]:
     return [r for r in runs_ if r in todo]
 
 
+def totals(runs_: list[Run]) -> dict:
+    """Counts and costs of a plan: runs per status, cost in all and still to train (in
+    ResNet-9 epochs), and that cost in ResNet-9 trainings when every run has the same epochs."""
+    status = [r.status() for r in runs_]
+    todo = pending(runs_)
+    epochs = {r.epochs() for r in runs_ if r.epochs()}
+    return dict(runs=len(runs_), **{k: status.count(k) for k in STATUSES},
+                cost=sum(r.cost() for r in runs_), todo=len(todo),
+                todo_cost=sum(r.cost() for r in todo),
+                epochs=epochs.pop() if len(epochs) == 1 else None)
+
+
 # ------------------------------------------------------------------------------ 5. printing
 
 def _ranges(numbers) -> str:
@@ -454,7 +467,6 @@ def describe(runs_: list[Run]) -> str:
     still to train count as still to train."""
     index = {r: i + 1 for i, r in enumerate(runs_)}
     status = {r: r.status() for r in runs_}
-    todo = set(pending(runs_))
     w = max([len(r.key) for r in runs_] + [3])
     lines = [f"{'#':>4}  {'run':<{w}}  {'status':<11}  {'epochs':>6}  {'cost':>8}  after"]
     for r in runs_:
@@ -469,16 +481,13 @@ def describe(runs_: list[Run]) -> str:
     for s in dict.fromkeys(r.stage for r in runs_):
         rs = [r for r in runs_ if r.stage == s]
         lines.append(f"{s:<24} {len(rs):>5} {sum(r.cost() for r in rs):>10,.1f}")
-    total = sum(r.cost() for r in runs_)
-    counts = ", ".join(f"{sum(v == k for v in status.values())} {k.replace('_', ' ')}"
-                       for k in ("finished", "in_progress", "stale", "missing"))
-    epochs = {r.epochs() for r in runs_ if r.epochs()}
-    e = max(epochs | {1})
-    per = f" (= {total / e:,.1f} ResNet-9 trainings of {e} epoch{'s' * (e != 1)})" \
-        if len(epochs) == 1 else ""
-    lines += [f"{'total':<24} {len(runs_):>5} {total:>10,.1f}",
-              "", f"{len(runs_)} runs: {counts}",
+    t = totals(runs_)
+    counts = ", ".join(f"{t[k]} {k.replace('_', ' ')}" for k in STATUSES)
+    e = t["epochs"]
+    per = f" (= {t['cost'] / e:,.1f} ResNet-9 trainings of {e} epoch{'s' * (e != 1)})" if e else ""
+    lines += [f"{'total':<24} {t['runs']:>5} {t['cost']:>10,.1f}",
+              "", f"{t['runs']} runs: {counts}",
               f"cost in ResNet-9 epochs (epochs x cost per epoch relative to ResNet-9, measured "
-              f"on CPU at width 1): {total:,.1f} in all{per}, {sum(r.cost() for r in todo):,.1f} "
-              f"still to train ({len(todo)} runs)"]
+              f"on CPU at width 1): {t['cost']:,.1f} in all{per}, {t['todo_cost']:,.1f} "
+              f"still to train ({t['todo']} runs)"]
     return "\n".join(lines)

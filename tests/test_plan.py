@@ -212,6 +212,9 @@ def test_a_retrained_hemisphere_makes_its_bilateral_run_stale(pair, capsys):
     assert f"bilateral/resnet9-A/seed=0: upstream retrained or removed since it was built: {left.key}" in p.stdout
     assert "13 runs: 2 finished, 0 in progress, 1 stale, 10 missing" in p.stdout
     assert plan.pending(plan.plan(cfg, [0])) == [r for r in plan.plan(cfg, [0]) if r not in (left, right)]
+    t = plan.totals(plan.plan(cfg, [0]))
+    assert (t["runs"], t["finished"], t["stale"], t["missing"], t["todo"], t["epochs"]) == (13, 2, 1, 10, 11, 1)
+    assert t["todo_cost"] == pytest.approx(t["cost"] - left.cost() - right.cost())
 
     bil.train(force=True)
     assert bil.status() == "finished" and bil.record()["upstream"][left.key] == plan.file_hash(left.path / "model.pt")
