@@ -146,7 +146,17 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"member: must be in 0..{cfg.pool_size - 1}, got {cfg.member}")
     if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: unknown value {cfg.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    _check_name(cfg.experiment)
     return cfg
+
+
+def _check_name(name):
+    """The experiment is one folder under out_dir: no separators, no '..', nothing invisible."""
+    bad = (name in ("", ".", "..") or "/" in name or "\\" in name or name != name.strip()
+           or any(not ch.isprintable() for ch in name))
+    if bad:
+        raise ConfigError(f"experiment: {name!r} is not a folder name; use letters, digits, "
+                          f"'-', '_' or '.', without '/', '\\' or a bare '..'")
 
 
 def from_dict(values: dict) -> Config:
@@ -167,19 +177,47 @@ def parse_overrides(items) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_why(e)}); "
+                              f"quote it, e.g. --set {key.strip()}='\"...\"'") from None
     return out
+
+
+def _yaml_why(e) -> str:
+    """A YAML error in one line: what, and where (1-based line and column)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (getattr(e, "problem", None) or str(e).splitlines()[0])
+
+
+def read_params(path) -> dict:
+    """A params file as a dict; every way it can be wrong is a ConfigError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"params file {path} is a directory; give a YAML file such as "
+                          f"params/smoke.yaml")
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_why(e)}); fix the file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as text ({e})") from None
+    if values is None:  # an empty file is more likely a mistake than a wish for every default
+        raise ConfigError(f"{path} is empty; write the parameters in it (see params/smoke.yaml), "
+                          f"or write {{}} to run every default on purpose")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of parameters, got {type(values).__name__}")
+    return values
 
 
 def load(path=None, overrides=None) -> Config:
     values = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"params file not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of parameters, got {type(values).__name__}")
+        values = read_params(path)
     values.update(parse_overrides(overrides))
     try:
         return from_dict(values)

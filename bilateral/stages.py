@@ -164,12 +164,19 @@ def heads_of(stage, cfg):
 
 def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=print) -> dict:
     """Train (or, if already finished with the same config, just read) one run; return its
-    metrics."""
+    metrics. Bad data stops before the run folder is claimed; a second process asking for a
+    run in progress refuses (runs.RunLocked)."""
     cfg = stage_config(C.validate(cfg), stage)
+    path = runs.run_dir(cfg, stage, run_name(stage, cfg), seed)
+    load_splits(cfg)
+    with runs.claim(path):
+        return _run_claimed(stage, cfg, seed, path, force, log)
+
+
+def _run_claimed(stage, cfg, seed, path, force, log):
     name = run_name(stage, cfg)
-    path = runs.run_dir(cfg, stage, name, seed)
     tag = f"[{stage} {name} seed={seed}]"
-    status = runs.prepare(path, C.identity(cfg), force)
+    status = runs.prepare(path, C.identity(cfg), force, rebuild=train_command(stage, cfg, seed))
     if status == "done":
         log(f"{tag} already finished with the same config: {path}")
         return runs.read_json(path / "metrics.json")
@@ -182,8 +189,7 @@ def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=pri
     else:
         metrics = _train(stage, cfg, seed, device, path, status, log=lambda m: log(f"{tag} {m}"))
     metrics["wall_s"] = time.perf_counter() - t0
-    runs.write_json(path / "metrics.json", metrics)
-    (path / "checkpoint.pt").unlink(missing_ok=True)
+    runs.finish(path, metrics)
     log(f"{tag} done in {metrics['wall_s']:.0f}s: " + ", ".join(
         f"test {k} {v:.2%}" for k, v in metrics["test"].items()))
     return metrics
