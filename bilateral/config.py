@@ -6,6 +6,7 @@ params file stops the run in the first second rather than after an hour of train
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,6 +109,13 @@ def _check_type(key, value, tp):
         return [_check_type(key, v, args[0]) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
             or not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}"
@@ -181,7 +189,7 @@ def parse_overrides(items) -> dict:
             out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_why(e)}); "
-                              f"quote it, e.g. --set {key.strip()}='\"...\"'") from None
+                              f"write it as YAML, in quotes if it is text") from None
     return out
 
 

@@ -60,6 +60,9 @@ def atomic_write_bytes(path: Path, data: bytes):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide records from the group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -106,7 +109,8 @@ def load_torch(path, map_location="cpu", fix=FIX):
     except FileNotFoundError:
         raise
     except Exception as e:  # truncated zip, garbage, a pickle with code in it: all untrustworthy
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch's advice to
+        # retry without weights_only is left out: that is exactly what must not be done
         raise RecordError(f"{path} does not load ({type(e).__name__}: {why}){fix}") from e
 
 
@@ -195,7 +199,21 @@ def verify(path: Path, fix: str = FIX) -> dict:
             raise RecordError(f"{model} does not match the sha256 recorded in metrics.json "
                               f"(changed or truncated since the run){fix}")
         load_torch(model, fix=fix)
+    _check_history(path / "history.csv", metrics.get("epochs"), fix)
     return metrics
+
+
+def _check_history(path: Path, epochs, fix):
+    """history.csv, when there is one, has a row per epoch (the notebooks plot it)."""
+    if not path.exists():
+        return
+    try:
+        rows = list(csv.DictReader(io.StringIO(path.read_text())))
+        ok = all(int(r["epoch"]) == i + 1 for i, r in enumerate(rows))
+    except (ValueError, KeyError, TypeError, csv.Error):
+        ok = False
+    if not ok or isinstance(epochs, int) and len(rows) != epochs:
+        raise RecordError(f"{path} does not hold one row per epoch{fix}")
 
 
 def finish(path: Path, metrics: dict):
