@@ -80,7 +80,7 @@ def exit_code(e: BaseException) -> int | None:
     if isinstance(e, RunConflict):
         return 3
     if isinstance(e, (C.ConfigError, DataError, RecordError, FileNotFoundError,
-                      PermissionError, NotADirectoryError, IsADirectoryError)):
+                      PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)):
         return 2
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
         return 2

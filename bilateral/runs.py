@@ -172,7 +172,10 @@ def prepare(path: Path, identity: dict, force: bool = False, rebuild: str | None
     if (path / "metrics.json").exists():
         verify(path, fix)
         return "done"
-    return "resume" if (path / "checkpoint.pt").exists() else "new"
+    if (path / "checkpoint.pt").exists():
+        load_torch(path / "checkpoint.pt", fix=fix)  # a bad one stops before anything is written
+        return "resume"
+    return "new"
 
 
 def clear(path: Path):
