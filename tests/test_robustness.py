@@ -310,25 +310,31 @@ def test_claim_is_exclusive_and_leaves_nothing_behind(tmp_path):
     (["--set", "width=[1"], 2, ["--set width=[1", "not valid YAML"]),
 ])
 def test_more_bad_input_stops_with_one_line(tmp_path, capsys, args, code, words):
-    from bilateral.__main__ import main
-    rc = main([*TRAIN[:2], "--params", str(params(tmp_path)), *args])  # in-process: no torch start-up
-    out, err = capsys.readouterr()
-    refused(subprocess.CompletedProcess(args, rc, out, err), code, *words)
+    refused(main_(capsys, *TRAIN[:2], "--params", params(tmp_path), *args), code, *words)
     assert not (tmp_path / "out").exists()
 
 
-def test_params_file_that_is_a_directory(tmp_path):
-    refused(cli(*TRAIN, "--params", tmp_path), 2, str(tmp_path), "is a directory")
+def main_(capsys, *args):
+    """The command line in this process (same code path, without a second torch start-up)."""
+    from bilateral.__main__ import main
+    rc = main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
 
 
-def test_out_dir_that_is_a_file(tmp_path):
+def test_params_file_that_is_a_directory(tmp_path, capsys):
+    refused(main_(capsys, *TRAIN, "--params", tmp_path), 2, str(tmp_path), "is a directory")
+
+
+def test_out_dir_that_is_a_file(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("keep me")
-    refused(cli(*TRAIN, "--params", params(tmp_path, out_dir=str(f / "out"))), 2, str(f), "out_dir")
+    refused(main_(capsys, *TRAIN, "--params", params(tmp_path, out_dir=str(f / "out"))), 2,
+            str(f), "out_dir")
     assert f.read_text() == "keep me"
 
 
-def test_unicode_experiment_name_is_one_folder(tmp_path):
-    p = cli(*TRAIN, "--params", params(tmp_path, experiment="résumé-実験"))
+def test_unicode_experiment_name_is_one_folder(tmp_path, capsys):
+    p = main_(capsys, *TRAIN, "--params", params(tmp_path, experiment="résumé-実験"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert (tmp_path / "out" / "résumé-実験" / "hemisphere").is_dir()
