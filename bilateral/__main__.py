@@ -82,7 +82,7 @@ def exit_code(e: BaseException) -> int | None:
     if isinstance(e, (C.ConfigError, DataError, RecordError, FileNotFoundError,
                       PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)):
         return 2
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG):
         return 2
     return None
 

@@ -136,7 +136,7 @@ def validate(cfg: Config) -> Config:
             if v not in allowed:
                 raise ConfigError(f"{key}: unknown value {v!r}; allowed: {', '.join(allowed)}")
     positive = ["width", "synthetic_size", "pool_size", "ensemble_size"] + [
-        k for k in ("epochs", "batch_size", "lr", "subset_per_class") if getattr(cfg, k) is not None]
+        k for k in ("epochs", "batch_size", "lr", "subset_per_class", "threads") if getattr(cfg, k) is not None]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
@@ -161,10 +161,23 @@ def validate(cfg: Config) -> Config:
 def _check_name(name):
     """The experiment is one folder under out_dir: no separators, no '..', nothing invisible."""
     bad = (name in ("", ".", "..") or "/" in name or "\\" in name or name != name.strip()
-           or any(not ch.isprintable() for ch in name))
+           or any(not ch.isprintable() for ch in name) or len(name.encode()) > 200)
     if bad:
         raise ConfigError(f"experiment: {name!r} is not a folder name; use letters, digits, "
-                          f"'-', '_' or '.', without '/', '\\' or a bare '..'")
+                          f"'-', '_' or '.', without '/', '\\' or a bare '..', at most 200 bytes")
+
+
+def check_device(name: str):
+    """At run time (not in validate: a config may be checked on one machine and run on another),
+    a device this machine has, or a ConfigError saying which devices it has."""
+    import torch
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    index = int(name.split(":", 1)[1]) if name.startswith("cuda:") and name[5:].isdigit() else 0
+    if name.startswith("cuda") and index >= cuda or name == "mps" and not mps:
+        have = ["cpu"] + [f"cuda:{i}" for i in range(cuda)] + (["mps"] if mps else [])
+        raise ConfigError(f"device: {name!r} is not available on this machine (it has "
+                          f"{', '.join(have)}); set device=auto or device=cpu")
 
 
 def from_dict(values: dict) -> Config:

@@ -130,6 +130,19 @@ def load_dataset(name, split, data_dir=None, download=False, *, val_size=None, s
     return Split(images, fine, hier.coarse_of(fine), hier, name)
 
 
+def check_splits(splits):
+    """Every split a run uses must hold images: val chooses the best epoch and the ensemble
+    members, test gives the reported figures."""
+    for s, role in zip(splits, ("train", "val", "test")):
+        if len(s) == 0:
+            n = s.hierarchy.n_fine
+            hint = {"val": f"set val_size to at least {n} (one image per fine class)",
+                    "test": "raise synthetic_size (the test split has synthetic_size // 4 images)"
+                    }.get(role, "lower val_size")
+            raise DataError(f"the {role} split of {s.name} is empty; {hint}")
+    return splits
+
+
 def _rank_in_class(labels):
     """Position of each example among the examples of its class, in the given order."""
     order = torch.argsort(labels, stable=True)

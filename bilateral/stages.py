@@ -168,7 +168,8 @@ def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=pri
     run in progress refuses (runs.RunLocked)."""
     cfg = stage_config(C.validate(cfg), stage)
     path = runs.run_dir(cfg, stage, run_name(stage, cfg), seed)
-    load_splits(cfg)
+    data.check_splits(load_splits(cfg))  # bad data stops before the run folder is claimed
+    C.check_device(cfg.device)
     with runs.claim(path):
         return _run_claimed(stage, cfg, seed, path, force, log)
 

@@ -308,6 +308,11 @@ def test_claim_is_exclusive_and_leaves_nothing_behind(tmp_path):
     (["--set", "experiment=.."], 2, ["experiment", "not a folder name"]),
     (["--set", "width=.nan"], 2, ["width", "finite"]),
     (["--set", "width=[1"], 2, ["--set width=[1", "not valid YAML"]),
+    (["--set", "experiment=" + "x" * 300], 2, ["experiment", "at most 200 bytes"]),
+    (["--set", "threads=-1"], 2, ["threads", "positive"]),
+    (["--set", "val_size=0"], 2, ["val split", "val_size to at least 12"]),
+    (["--set", "synthetic_size=20"], 2, ["val split", "empty"]),
+    (["--set", "device=cuda:99"], 2, ["cuda:99", "not available", "device=cpu"]),
 ])
 def test_more_bad_input_stops_with_one_line(tmp_path, capsys, args, code, words):
     refused(main_(capsys, *TRAIN[:2], "--params", params(tmp_path), *args), code, *words)
