@@ -213,6 +213,21 @@ def _yaml_why(e) -> str:
     return where + (getattr(e, "problem", None) or str(e).splitlines()[0])
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error (PyYAML keeps the last one
+    silently, so `epochs: 1` further down a file would quietly win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_params(path) -> dict:
     """A params file as a dict; every way it can be wrong is a ConfigError naming it."""
     path = Path(path)
@@ -222,7 +237,7 @@ def read_params(path) -> dict:
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=_UniqueKeys)  # safe: a SafeLoader
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({_yaml_why(e)}); fix the file") from None
     except (OSError, UnicodeDecodeError) as e:

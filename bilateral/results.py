@@ -87,18 +87,30 @@ def run_rows(exp: Path, problems: list | None = None) -> list[dict]:
             if problems is not None and len(problems) > seen:
                 continue  # half a record would give rows without their condition or seed
             resolved = rec.get("resolved", {})
-            base = dict(stage=stage, model=run.parent.name,
-                        condition=resolved.get("condition", "") if stage in CONDITION_STAGES else "",
-                        backbone=stage if stage in ("resnet18", "resnet34")
-                        else resolved.get("backbone", ""),
-                        seed=_seed_of(run))
-            for split in ("test", "val"):
-                for metric, value in (metrics.get(split) or {}).items():
-                    rows.append(dict(base, split=split, metric=metric, value=float(value)))
-            extra = {k: metrics[k] for k in TRAIN_KEYS if isinstance(metrics.get(k), (int, float))}
-            if "trainable_params" in rec:
-                extra["trainable_params"] = rec["trainable_params"]
-            rows += [dict(base, split="train", metric=k, value=float(v)) for k, v in extra.items()]
+            try:
+                rows += _run_rows(stage, run, metrics, rec, resolved)
+            except (TypeError, ValueError, AttributeError) as e:
+                if problems is None:
+                    raise
+                problems.append((str(mfile), f"a value that is not a number ({e})"))
+    return rows
+
+
+def _run_rows(stage, run, metrics, rec, resolved) -> list[dict]:
+    """The rows of one run; a value that is not a number raises (ValueError, TypeError)."""
+    rows = []
+    base = dict(stage=stage, model=run.parent.name,
+                condition=resolved.get("condition", "") if stage in CONDITION_STAGES else "",
+                backbone=stage if stage in ("resnet18", "resnet34")
+                else resolved.get("backbone", ""),
+                seed=_seed_of(run))
+    for split in ("test", "val"):
+        for metric, value in (metrics.get(split) or {}).items():
+            rows.append(dict(base, split=split, metric=metric, value=float(value)))
+    extra = {k: metrics[k] for k in TRAIN_KEYS if isinstance(metrics.get(k), (int, float))}
+    if "trainable_params" in rec:
+        extra["trainable_params"] = rec["trainable_params"]
+    rows += [dict(base, split="train", metric=k, value=float(v)) for k, v in extra.items()]
     return rows
 
 

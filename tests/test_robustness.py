@@ -343,3 +343,21 @@ def test_unicode_experiment_name_is_one_folder(tmp_path, capsys):
     p = main_(capsys, *TRAIN, "--params", params(tmp_path, experiment="résumé-実験"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert (tmp_path / "out" / "résumé-実験" / "hemisphere").is_dir()
+
+
+def test_a_key_given_twice_in_a_params_file(tmp_path, capsys):
+    p = tmp_path / "dup.yaml"
+    p.write_text("epochs: 1\nwidth: 0.5\nepochs: 100\n")
+    refused(main_(capsys, *TRAIN, "--params", p), 2, str(p), "'epochs' is given twice", "line 3")
+
+
+def test_report_lists_a_record_with_a_value_that_is_not_a_number(copy, capsys):
+    _, out = copy
+    shutil.copytree(out / RUN, out / "r/hemisphere/resnet9-A-left/seed=1")
+    m = runs.read_json(out / RUN / "metrics.json")
+    m["test"]["fine_acc"] = "oops"
+    runs.write_json(out / RUN / "metrics.json", m)
+    p = main_(capsys, "report", out / "r")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"could not read {out / RUN / 'metrics.json'}: a value that is not a number" in p.stdout
+    assert str(out / RUN / "metrics.json") in (out / "r" / "results.md").read_text()
