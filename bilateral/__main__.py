@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -64,15 +65,33 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         return dispatch(a)
-    except (C.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted (train, run again, resumes from the last finished epoch)",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - anticipated failures get one line, others a traceback
+        code = exit_code(e)
+        if code is None:
+            raise
+        hint = ("; check that path, or set out_dir/data_dir to another place"
+                if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else "")
+        print("error: " + " ".join(str(e).split()) + hint, file=sys.stderr)
+        return code
+
+
+def exit_code(e: BaseException) -> int | None:
+    """2 for a problem the user can fix (params, data, records, files), 3 for a refusal (the
+    run is another config's or another process's), None for a bug: its traceback is shown."""
+    from .data import DataError
+    from .runs import RecordError, RunConflict
+    if isinstance(e, RunConflict):
+        return 3
+    if isinstance(e, (C.ConfigError, DataError, RecordError, FileNotFoundError,
+                      PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)):
         return 2
-    except Exception as e:  # noqa: BLE001 - a RunConflict and friends get the same plain line
-        from .runs import RunConflict
-        if isinstance(e, RunConflict):
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-        raise
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG):
+        return 2
+    return None
 
 
 def dispatch(a):

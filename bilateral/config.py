@@ -6,6 +6,7 @@ params file stops the run in the first second rather than after an hour of train
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,6 +115,13 @@ def _check_type(key, value, tp):
         return [_check_type(key, v, args[0]) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
             or not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}"
@@ -134,7 +142,7 @@ def validate(cfg: Config) -> Config:
             if v not in allowed:
                 raise ConfigError(f"{key}: unknown value {v!r}; allowed: {', '.join(allowed)}")
     positive = ["width", "synthetic_size", "pool_size", "ensemble_size"] + [
-        k for k in ("epochs", "batch_size", "lr", "subset_per_class") if getattr(cfg, k) is not None]
+        k for k in ("epochs", "batch_size", "lr", "subset_per_class", "threads") if getattr(cfg, k) is not None]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
@@ -152,7 +160,30 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"member: must be in 0..{cfg.pool_size - 1}, got {cfg.member}")
     if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: unknown value {cfg.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    _check_name(cfg.experiment)
     return cfg
+
+
+def _check_name(name):
+    """The experiment is one folder under out_dir: no separators, no '..', nothing invisible."""
+    bad = (name in ("", ".", "..") or "/" in name or "\\" in name or name != name.strip()
+           or any(not ch.isprintable() for ch in name) or len(name.encode()) > 200)
+    if bad:
+        raise ConfigError(f"experiment: {name!r} is not a folder name; use letters, digits, "
+                          f"'-', '_' or '.', without '/', '\\' or a bare '..', at most 200 bytes")
+
+
+def check_device(name: str):
+    """At run time (not in validate: a config may be checked on one machine and run on another),
+    a device this machine has, or a ConfigError saying which devices it has."""
+    import torch
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    index = int(name.split(":", 1)[1]) if name.startswith("cuda:") and name[5:].isdigit() else 0
+    if name.startswith("cuda") and index >= cuda or name == "mps" and not mps:
+        have = ["cpu"] + [f"cuda:{i}" for i in range(cuda)] + (["mps"] if mps else [])
+        raise ConfigError(f"device: {name!r} is not available on this machine (it has "
+                          f"{', '.join(have)}); set device=auto or device=cpu")
 
 
 def from_dict(values: dict) -> Config:
@@ -173,19 +204,62 @@ def parse_overrides(items) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_why(e)}); "
+                              f"write it as YAML, in quotes if it is text") from None
     return out
+
+
+def _yaml_why(e) -> str:
+    """A YAML error in one line: what, and where (1-based line and column)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (getattr(e, "problem", None) or str(e).splitlines()[0])
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error (PyYAML keeps the last one
+    silently, so `epochs: 1` further down a file would quietly win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_params(path) -> dict:
+    """A params file as a dict; every way it can be wrong is a ConfigError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"params file {path} is a directory; give a YAML file such as "
+                          f"params/smoke.yaml")
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        values = yaml.load(path.read_text(), Loader=_UniqueKeys)  # safe: a SafeLoader
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_why(e)}); fix the file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as text ({e})") from None
+    if values is None:  # an empty file is more likely a mistake than a wish for every default
+        raise ConfigError(f"{path} is empty; write the parameters in it (see params/smoke.yaml), "
+                          f"or write {{}} to run every default on purpose")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of parameters, got {type(values).__name__}")
+    return values
 
 
 def load(path=None, overrides=None) -> Config:
     values = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"params file not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of parameters, got {type(values).__name__}")
+        values = read_params(path)
     values.update(parse_overrides(overrides))
     try:
         return from_dict(values)

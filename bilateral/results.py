@@ -29,11 +29,22 @@ ANALYSIS_HIDDEN = {"median", "q25", "q75", "std", "n", "n_pairs", "n_used", "wal
 
 # ---------------------------------------------------------------------------------- reading
 
-def _read(path: Path) -> dict:
+def _read(path: Path, problems: list | None = None) -> dict:
+    """A JSON record, or {} when missing; a record that exists but cannot be read is noted in
+    `problems` as (path, why), so the report lists it instead of dropping it quietly."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as e:
+        if problems is not None:
+            problems.append((str(path), f"{type(e).__name__}: {e}"))
+        return {}
+    if not isinstance(d, dict):
+        if problems is not None:
+            problems.append((str(path), f"holds a {type(d).__name__}, not a mapping"))
+        return {}
+    return d
 
 
 def _seed_of(path: Path) -> int | None:
@@ -59,35 +70,52 @@ def _flat(d: dict, prefix="") -> dict:
     return out
 
 
-def run_rows(exp: Path) -> list[dict]:
+def run_rows(exp: Path, problems: list | None = None) -> list[dict]:
     rows = []
     for stage, spec in plan.STAGES.items():
         for mfile in sorted((exp / stage).glob("*/seed=*/metrics.json")):
             run = mfile.parent
-            metrics, rec = _read(mfile), _read(run / "config.json")
+            seen = len(problems) if problems is not None else 0
+            metrics, rec = _read(mfile, problems), _read(run / "config.json", problems)
+            if problems is not None and len(problems) == seen and not isinstance(metrics.get("test"), dict):
+                problems.append((str(mfile), "holds no test metrics"))
+            if problems is not None and len(problems) > seen:
+                continue  # half a record would give rows without their condition or seed
             resolved = rec.get("resolved", {})
-            # a stage that fixes its backbone (ResNet-18/34) is named after it
-            base = dict(stage=stage, model=run.parent.name,
-                        condition=resolved.get("condition", "") if "condition" in spec.uses else "",
-                        backbone=resolved.get("backbone", "") if "backbone" in spec.uses else stage,
-                        seed=_seed_of(run))
-            for split in ("test", "val"):
-                for metric, value in (metrics.get(split) or {}).items():
-                    rows.append(dict(base, split=split, metric=metric, value=float(value)))
-            extra = {k: metrics[k] for k in TRAIN_KEYS if isinstance(metrics.get(k), (int, float))}
-            if "trainable_params" in rec:
-                extra["trainable_params"] = rec["trainable_params"]
-            rows += [dict(base, split="train", metric=k, value=float(v)) for k, v in extra.items()]
+            try:
+                rows += _run_rows(stage, run, metrics, rec, resolved)
+            except (TypeError, ValueError, AttributeError) as e:
+                if problems is None:
+                    raise
+                problems.append((str(mfile), f"a value that is not a number ({e})"))
     return rows
 
 
-def analysis_rows(exp: Path) -> list[dict]:
+def _run_rows(stage, run, metrics, rec, resolved) -> list[dict]:
+    """The rows of one run; a value that is not a number raises (ValueError, TypeError)."""
+    rows, spec = [], plan.STAGES[stage]
+    # a stage that fixes its backbone (ResNet-18/34) is named after it
+    base = dict(stage=stage, model=run.parent.name,
+                condition=resolved.get("condition", "") if "condition" in spec.uses else "",
+                backbone=resolved.get("backbone", "") if "backbone" in spec.uses else stage,
+                seed=_seed_of(run))
+    for split in ("test", "val"):
+        for metric, value in (metrics.get(split) or {}).items():
+            rows.append(dict(base, split=split, metric=metric, value=float(value)))
+    extra = {k: metrics[k] for k in TRAIN_KEYS if isinstance(metrics.get(k), (int, float))}
+    if "trainable_params" in rec:
+        extra["trainable_params"] = rec["trainable_params"]
+    rows += [dict(base, split="train", metric=k, value=float(v)) for k, v in extra.items()]
+    return rows
+
+
+def analysis_rows(exp: Path, problems: list | None = None) -> list[dict]:
     """Flat {metric: value} records of the analysis module; condition and seed from a sibling
     meta.json, else from the path analysis/<condition>/seed=<k>/metrics.json."""
     rows = []
     root = exp / "analysis"
     for mfile in sorted(root.glob("**/metrics.json")):
-        meta = _read(mfile.parent / "meta.json")
+        meta = _read(mfile.parent / "meta.json", problems)
         rel = [p for p in mfile.parent.relative_to(root).parts if not p.startswith("seed=")]
         condition = meta.get("condition") or next((p for p in rel if p in C.CONDITIONS), "")
         seed = meta.get("seed", _seed_of(mfile.parent))
@@ -95,14 +123,15 @@ def analysis_rows(exp: Path) -> list[dict]:
                                                  or "analysis"),
                     condition=condition, backbone=meta.get("backbone", ""),
                     seed=None if seed is None else int(seed))
-        for metric, value in _flat(_read(mfile)).items():
+        for metric, value in _flat(_read(mfile, problems)).items():
             rows.append(dict(base, split=meta.get("split", "test"), metric=metric, value=value))
     return rows
 
 
-def collect(experiment_dir) -> pd.DataFrame:
+def collect(experiment_dir, problems: list | None = None) -> pd.DataFrame:
+    """Every row of every readable record; pass a list as `problems` to get the unreadable ones."""
     exp = Path(experiment_dir)
-    df = pd.DataFrame(run_rows(exp) + analysis_rows(exp), columns=COLUMNS)
+    df = pd.DataFrame(run_rows(exp, problems) + analysis_rows(exp, problems), columns=COLUMNS)
     df["seed"] = df["seed"].astype("Int64")
     return df
 
@@ -283,9 +312,18 @@ def _describe(exp: Path, df: pd.DataFrame) -> list[str]:
     return lines
 
 
-def markdown(exp: Path, df: pd.DataFrame) -> str:
+def unreadable_lines(problems) -> list[str]:
+    if not problems:
+        return []
+    return ["## Records that could not be read", "",
+            f"{len(problems)} record(s) could not be read and are left out of every table below; "
+            "rebuild each run with its train command and `--force`.", "",
+            *(f"- `{path}`: {why}" for path, why in problems), ""]
+
+
+def markdown(exp: Path, df: pd.DataFrame, problems=()) -> str:
     summ, comp = summary_table(df), comparison_table(df)
-    lines = _describe(exp, df)
+    lines = _describe(exp, df) + unreadable_lines(problems)
     lines += ["## Test accuracy per model", "",
               "Accuracy in % as mean ± sample standard deviation (n-1 denominator) over seeds, "
               "with the number of seeds in brackets. `fine→coarse` is the fine prediction mapped "
@@ -331,17 +369,25 @@ def report(experiment_dir) -> dict:
     exp = Path(experiment_dir)
     if not exp.is_dir():
         raise FileNotFoundError(f"no experiment folder {exp}")
-    df = collect(exp)
+    problems = []
+    df = collect(exp, problems)
     if df.empty:
+        from .runs import RecordError
+        if problems:
+            raise RecordError(f"none of the records under {exp} could be read: " + "; ".join(
+                f"{p} ({why})" for p, why in problems) + "; rebuild the runs with --force")
         raise FileNotFoundError(f"no finished runs under {exp} (looked for "
                                 f"<stage>/<name>/seed=<k>/metrics.json)")
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     atomic_write_bytes(exp / "results.csv", buf.getvalue().encode())
-    atomic_write_bytes(exp / "results.md", markdown(exp, df).encode())
-    print(f"wrote {exp / 'results.csv'} ({len(df)} rows) and {exp / 'results.md'}")
+    atomic_write_bytes(exp / "results.md", markdown(exp, df, problems).encode())
+    for path, why in problems:
+        print(f"could not read {path}: {why}; left out of the results")
+    print(f"wrote {exp / 'results.csv'} ({len(df)} rows) and {exp / 'results.md'}"
+          + (f"; {len(problems)} unreadable record(s) listed there" if problems else ""))
     return dict(rows=df, summary=summary_table(df), comparison=comparison_table(df),
-                csv=exp / "results.csv", md=exp / "results.md")
+                csv=exp / "results.csv", md=exp / "results.md", unreadable=problems)
 
 
 def trainable_params(experiment_dir, seed=None) -> pd.DataFrame:

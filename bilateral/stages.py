@@ -124,15 +124,23 @@ def load_bilateral(cfg, seed, hier):
 def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=print) -> dict:
     """Train (or, if already finished with the same config, just read) one run; return its
     metrics. A run whose upstream runs were retrained since it was built is refused (stale),
-    unless `force`, which retrains it."""
+    unless `force`, which retrains it. Bad data stops before the run folder is claimed; a second
+    process asking for a run in progress refuses (runs.RunLocked)."""
     run = plan.Run(stage, C.validate(cfg), seed)
+    data.check_splits(load_splits(run.cfg))  # bad data stops before the run folder is claimed
+    C.check_device(run.cfg.device)
+    with runs.claim(run.path):
+        return _run_claimed(run, force, log)
+
+
+def _run_claimed(run, force, log):
     cfg, name, path = run.cfg, run.name, run.path
-    tag = f"[{stage} {name} seed={seed}]"
+    tag = f"[{run.stage} {name} seed={run.seed}]"
     changed = run.changed_upstream()
     if changed and not force:
         raise runs.RunConflict(f"{run.key} is stale: it was built on {', '.join(changed)}, "
                                f"retrained or removed since; use --force to retrain it")
-    status = runs.prepare(path, C.identity(cfg), force)
+    status = runs.prepare(path, C.identity(cfg), force, rebuild=run.command())
     if status == "done":
         log(f"{tag} already finished with the same config: {path}")
         return runs.read_json(path / "metrics.json")
@@ -143,8 +151,7 @@ def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=pri
     say = lambda m: log(f"{tag} {m}")  # noqa: E731
     metrics = _train(run, device, say) if run.spec.build else _ensemble(run, device, say)
     metrics["wall_s"] = time.perf_counter() - t0
-    runs.write_json(path / "metrics.json", metrics)
-    (path / "checkpoint.pt").unlink(missing_ok=True)
+    runs.finish(path, metrics)
     log(f"{tag} done in {metrics['wall_s']:.0f}s: " + ", ".join(
         f"test {k} {v:.2%}" for k, v in metrics["test"].items()))
     return metrics
