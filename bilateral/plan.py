@@ -356,6 +356,13 @@ def upstream_hashes(run: Run) -> dict[str, str | None]:
     return {u.key: file_hash(u.path / "model.pt") for u in run.upstream()}
 
 
+def changed_in(experiment_dir, record: dict) -> list[str]:
+    """The recorded upstream runs whose model.pt in experiment_dir changed since: for readers
+    that have a folder of records rather than a config (the report). A key is a relative path."""
+    return sorted(k for k, h in record.get("upstream", {}).items()
+                  if file_hash(Path(experiment_dir) / k / "model.pt") != h)
+
+
 # ---------------------------------------------------------------------------------- 4. plans
 
 def study_runs(cfg: C.Config, seed: int) -> list[Run]:

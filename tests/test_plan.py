@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bilateral import config as C
-from bilateral import pipeline, plan, runs, stages
+from bilateral import pipeline, plan, results, runs, stages
 
 ROOT = Path(__file__).parents[1]
 
@@ -139,8 +139,9 @@ def test_a_registered_stage_joins_the_study():
         cfg = C.load(ROOT / "params" / "smoke.yaml")
         got = {r.key: r for r in plan.plan(cfg, [0])}
         assert len(got) == 22 + 4
-        assert [u.key for u in got["probe/resnet9-C/seed=0"].upstream()] == ["hemisphere/resnet9-C-left/seed=0"]
-        assert got["probe/resnet9-C/seed=0"].cost() == pytest.approx(0.5 * 2)
+        probe_c = got["probe/resnet9-C/seed=0"]
+        assert [u.key for u in probe_c.upstream()] == ["hemisphere/resnet9-C-left/seed=0"]
+        assert probe_c.cost() == pytest.approx(0.5 * 2)
     finally:
         del plan.STAGES["probe"]
     assert "probe" not in C.STAGES
@@ -185,7 +186,7 @@ def test_a_retrained_hemisphere_makes_its_bilateral_run_stale(pair, capsys):
     assert left.status() == "finished" and bil.status() == "finished"
     # retrained where it comes out different (a GPU's nondeterministic kernels, or another
     # code version): here the weights of a hemisphere trained for 2 epochs instead of 1
-    other = plan.Run("hemisphere", dataclasses.replace(left.cfg, epochs=2, out_dir=str(cfg.out_dir) + "-2"), 0)
+    other = plan.Run("hemisphere", dataclasses.replace(left.cfg, epochs=2, out_dir=f"{cfg.out_dir}-2"), 0)
     other.train()
     runs.save_torch(left.path / "model.pt", runs.load_torch(other.path / "model.pt"))
     assert left.status() == "finished"
@@ -195,6 +196,9 @@ def test_a_retrained_hemisphere_makes_its_bilateral_run_stale(pair, capsys):
     with pytest.raises(runs.RunConflict, match="stale"):
         bil.load_model(hier)
     assert "A bilateral" not in pipeline.read_runs(cfg, "03_bilateral", 0)
+    exp = Path(cfg.out_dir) / cfg.experiment
+    assert set(results.collect(exp).stage) == {"hemisphere"}  # the report leaves it out
+    assert "left out bilateral/resnet9-A/seed=0: stale" in capsys.readouterr().out
 
     # the CLI: exit code 3 and the stale run named, before any work
     p = cli("train", "bilateral", "--params", "params/smoke.yaml", *(x for s in sets for x in ("--set", s)))
@@ -209,16 +213,20 @@ def test_a_retrained_hemisphere_makes_its_bilateral_run_stale(pair, capsys):
         assert r.key in p.stdout
     line = next(x for x in p.stdout.splitlines() if "bilateral/resnet9-A/seed=0" in x and "stale" in x)
     assert line.split()[2] == "stale"
-    assert f"bilateral/resnet9-A/seed=0: upstream retrained or removed since it was built: {left.key}" in p.stdout
+    assert (f"bilateral/resnet9-A/seed=0: upstream retrained or removed since it was built: "
+            f"{left.key}") in p.stdout
     assert "13 runs: 2 finished, 0 in progress, 1 stale, 10 missing" in p.stdout
     assert plan.pending(plan.plan(cfg, [0])) == [r for r in plan.plan(cfg, [0]) if r not in (left, right)]
     t = plan.totals(plan.plan(cfg, [0]))
-    assert (t["runs"], t["finished"], t["stale"], t["missing"], t["todo"], t["epochs"]) == (13, 2, 1, 10, 11, 1)
+    got = tuple(t[k] for k in ("runs", "finished", "stale", "missing", "todo", "epochs"))
+    assert got == (13, 2, 1, 10, 11, 1)
     assert t["todo_cost"] == pytest.approx(t["cost"] - left.cost() - right.cost())
 
     bil.train(force=True)
-    assert bil.status() == "finished" and bil.record()["upstream"][left.key] == plan.file_hash(left.path / "model.pt")
+    assert bil.status() == "finished"
+    assert bil.record()["upstream"][left.key] == plan.file_hash(left.path / "model.pt")
     new = bil.load_model(hier)
+    assert set(results.collect(exp).stage) == {"hemisphere", "bilateral"}
     assert not all((a == b).all() for a, b in zip(model.left.state_dict().values(),
                                                    new.left.state_dict().values()))
 
