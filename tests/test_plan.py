@@ -269,3 +269,13 @@ def test_the_plan_cli_prints_every_run_and_the_totals(tmp_path):
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # trains (and writes) nothing
     bad = cli("plan", "params/smoke.yaml", "--seeds", "2-1")
     assert bad.returncode == 2 and "--seeds" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_run_takes_seeds_through_the_same_parser(tmp_path):
+    calls = []
+    code, _ = pipeline.run(ROOT / "params" / "smoke.yaml", seeds=["0-1,3"], only=["01"],
+                           overrides=[f"out_dir={tmp_path}"], log=lambda m: None,
+                           execute=lambda src, out, params, cwd: calls.append(params["seed"]))
+    assert code == 0 and calls == [0, 1, 3]
+    with pytest.raises(C.ConfigError, match="--seeds"):
+        pipeline.run(ROOT / "params" / "smoke.yaml", seeds=["1-0"], execute=lambda *a: None)
