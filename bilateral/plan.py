@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +205,11 @@ class Run:
     def __repr__(self):
         return f"Run({self.key})"
 
+    def __reduce__(self):
+        # a worker process that unpickles a run of a stage registered by another module
+        # (bilateral/callosum.py, say) imports that module first
+        return _unpickle_run, (self.stage, self.cfg, self.seed, self.spec.variants.__module__)
+
     @property
     def spec(self) -> Stage:
         return spec(self.stage)
@@ -328,6 +334,12 @@ class Run:
     def train(self, force: bool = False, log=print) -> dict:
         """Train this run (or read it when finished with the same config); its metrics."""
         return stages.run_stage(self.stage, self.cfg, self.seed, force=force, log=log)
+
+
+def _unpickle_run(stage, cfg, seed, module):
+    if stage not in STAGES:
+        importlib.import_module(module)
+    return Run(stage, cfg, seed)
 
 
 # ---------------------------------------------------------------------------- 3. provenance
