@@ -14,8 +14,8 @@ Read top to bottom:
 
 Statuses: missing (no record), in_progress (started, not finished), finished, stale (a record is
 there but it is not the run the plan asks for: the folder holds another config, or an upstream
-model.pt is not the one it was built on). Training a stale run refuses without --force, and
-loading its model or reading it into a notebook or the report leaves it out. `plan` prints a
+model.pt is not the one it was built on). Training a stale run or loading its model refuses
+(without --force), and the notebooks (read_runs) and the report leave it out. `plan` prints a
 stale run's status with the reason and counts it, and every run downstream of a run still to
 train, as still to train. A retraining that writes the same model.pt again (training is
 deterministic on a CPU) leaves its dependants current.
