@@ -500,10 +500,10 @@ def describe(runs_: list[Run]) -> str:
     if stale:
         lines += ["", "stale (training refuses them without --force):"]
         lines += [f"  {r.key}: {'; '.join(r.stale_reasons())}" for r in stale]
-    lines += ["", f"{'stage':<24} {'runs':>5} {'cost':>10}"]
+    lines += ["", f"{'stage':<24} {'runs':>5} {'cost':>10}  model"]
     for s in dict.fromkeys(r.stage for r in runs_):
         rs = [r for r in runs_ if r.stage == s]
-        lines.append(f"{s:<24} {len(rs):>5} {sum(r.cost() for r in rs):>10,.1f}")
+        lines.append(f"{s:<24} {len(rs):>5} {sum(r.cost() for r in rs):>10,.1f}  {spec(s).title}")
     t = totals(runs_)
     counts = ", ".join(f"{t[k]} {k.replace('_', ' ')}" for k in STATUSES)
     e = t["epochs"]
