@@ -81,6 +81,15 @@ def run_rows(exp: Path, problems: list | None = None) -> list[dict]:
                 problems.append((str(mfile), "holds no test metrics"))
             if problems is not None and len(problems) > seen:
                 continue  # half a record would give rows without their condition or seed
+            changed = plan.changed_in(exp, rec)
+            if changed:  # built on runs retrained since: its numbers are not the study's
+                why = (f"stale, built on {', '.join(changed)} before they were retrained "
+                       f"(retrain it with --force)")
+                if problems is None:
+                    print(f"left out {run.relative_to(exp)}: {why}")
+                else:
+                    problems.append((str(mfile), why))
+                continue
             resolved = rec.get("resolved", {})
             try:
                 rows += _run_rows(stage, run, metrics, rec, resolved)
