@@ -4,7 +4,7 @@ Every dataset comes out as 3x32x32 uint8 so one model definition serves all of t
 Splits: "train" and "val" partition the official training set (val stratified by fine class,
 fixed by split_seed); "test" is the official test set, used only for reported figures.
 """
-import functools, gzip, hashlib, io, math, os, pickle
+import functools, gzip, hashlib, math, os, pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,7 +199,7 @@ def _cifar100(official, data_dir, download):
     coarse_names = tuple(_text(s) for s in meta.get("coarse_label_names", ()))
     if (len(fine_names), len(coarse_names)) != (100, 20):
         raise DataError(f"{folder / 'meta'}: {len(fine_names)} fine and {len(coarse_names)} coarse label names, "
-                         f"expected 100 and 20")
+                        f"expected 100 and 20")
     hier = Hierarchy(fine_names, coarse_names, CIFAR100_FINE_TO_COARSE)
     data, fine = _cifar_arrays(*_file_key(folder / official))
     return torch.from_numpy(data).view(-1, 3, 32, 32), torch.from_numpy(fine), hier
@@ -226,11 +226,11 @@ def _unpickle(path):
     """A CIFAR-100 pickle, through the restricted unpickler; a file that claims to be the
     published one (its name, and the published image count) must also match the published md5."""
     path = Path(path)
-    raw = path.read_bytes()
     md5, count = CIFAR100_FILES.get(path.name, (None, None))
-    official = md5 is not None and hashlib.md5(raw).hexdigest() == md5
+    official = md5 is not None and _md5(path) == md5
     try:
-        d = _CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as e:  # UnpicklingError, EOFError, ValueError... all mean a bad file
         raise DataError(f"{path}: not a readable CIFAR-100 pickle, corrupt, truncated or crafted "
                         f"({e}); delete {path.parent} and download it again") from e
@@ -242,6 +242,14 @@ def _unpickle(path):
         raise DataError(f"{path}: {count} images like the published file, but not its md5 {md5} "
                         f"(corrupt); delete {path.parent} and download it again")
     return d
+
+
+def _md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=4)
@@ -256,14 +264,14 @@ def _cifar_arrays(path, mtime, nbytes):
                         f"download it again") from e
     if data.ndim != 2 or data.shape[1] != 3072 or not len(data) == len(fine) == len(coarse):
         raise DataError(f"{path}: data {data.shape}, {len(fine)} fine and {len(coarse)} coarse labels; "
-                         f"expected (N, 3072) and N of each")
+                        f"expected (N, 3072) and N of each")
     if len(fine) and (fine.min() < 0 or fine.max() >= 100):
         raise DataError(f"{path}: fine labels outside 0..99")
     wrong = np.nonzero(np.asarray(CIFAR100_FINE_TO_COARSE)[fine] != coarse)[0]
     if len(wrong):  # labels are taken from the pairs in the file, so a mismatch is a bad file
         i = wrong[0]
         raise DataError(f"{path}: {len(wrong)} images pair fine and coarse labels unlike the official map, "
-                         f"first at row {i}: fine {fine[i]} with coarse {coarse[i]}")
+                        f"first at row {i}: fine {fine[i]} with coarse {coarse[i]}")
     return data, fine
 
 
@@ -291,7 +299,7 @@ def _fmnist_arrays(images_key, labels_key):
     images, labels = _idx_array(images_key[0]), _idx_array(labels_key[0])
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels) or (len(labels) and labels.max() > 9):
         raise DataError(f"{images_key[0]}, {labels_key[0]}: images {images.shape} and labels {labels.shape} "
-                         f"(max {labels.max()}) do not form a Fashion-MNIST split")
+                        f"(max {labels.max()}) do not form a Fashion-MNIST split")
     x = np.zeros((len(images), 3, 32, 32), dtype=np.uint8)  # 2 px of zeros each side: 28 -> 32
     x[:, :, 2:30, 2:30] = images[:, None]                     # grey repeated to 3 channels
     return torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64))

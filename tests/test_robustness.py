@@ -300,6 +300,24 @@ def test_claim_is_exclusive_and_leaves_nothing_behind(tmp_path):
     assert [f.name for f in run.iterdir()] == ["config.json"]
 
 
+def test_claim_can_wait_for_the_holder(tmp_path):
+    import threading
+    run, events = tmp_path / "seed=0", []
+
+    def waiter():
+        with runs.claim(run, wait=True):
+            events.append("acquired")
+            runs.write_json(run / "config.json", {"by": "waiter"})
+
+    with runs.claim(run):
+        t = threading.Thread(target=waiter)
+        t.start()
+        events.append("released")  # still held here: the waiter cannot have the run yet
+    t.join(60)
+    assert events == ["released", "acquired"]
+    assert runs.read_json(run / "config.json") == {"by": "waiter"} and not (run / runs.LOCK).exists()
+
+
 # ------------------------------------------------------------------ more careless input
 
 @pytest.mark.parametrize("args, code, words", [
