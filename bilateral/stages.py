@@ -42,8 +42,11 @@ def stage_config(cfg: C.Config, stage: str) -> C.Config:
         unused |= {"augment"}
     cond = d.condition if "condition" in unused else cfg.condition
     if cond not in ("C", "D"):
-        unused |= {"kwta_k", "kwta_k_batch", "kwta_eval_batch"}
-    return dataclasses.replace(cfg, **{k: getattr(d, k) for k in unused})
+        unused |= {"kwta_k", "kwta_k_batch", "kwta_eval"}
+    if stage in ("hemisphere", "ensemble"):  # hemispheres have the larger decay either way
+        unused |= {"weight_decay_equal"}
+    own_epochs = {k: v for k, v in cfg.stage_epochs.items() if k == stage}  # others' budgets
+    return dataclasses.replace(cfg, stage_epochs=own_epochs, **{k: getattr(d, k) for k in unused})
 
 
 def run_name(stage: str, cfg: C.Config) -> str:
@@ -103,7 +106,7 @@ def hemisphere_backbone(cfg: C.Config, side: str) -> torch.nn.Module:
     name = "resnet9_pyramid" if side == "left" and cfg.condition in ("B", "D") else cfg.backbone
     kwta = {}
     if cfg.condition in ("C", "D"):
-        kwta = dict(k=cfg.kwta_k, k_batch=cfg.kwta_k_batch, kwta_eval_batch=cfg.kwta_eval_batch)
+        kwta = dict(k=cfg.kwta_k, k_batch=cfg.kwta_k_batch, kwta_eval=cfg.kwta_eval)
     return models.build_backbone(name, cfg.width, bn_momentum=cfg.bn_momentum, **kwta)
 
 

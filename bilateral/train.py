@@ -35,8 +35,10 @@ class Hyper:
 
 def hyper(cfg, stage: str) -> Hyper:
     r = dict(RECIPES[cfg.recipe])
-    r["weight_decay"] = r["weight_decay"][0 if stage == "hemisphere" else 1]
-    for key in ("lr", "batch_size", "epochs", "weight_decay", "label_smoothing"):
+    # weight_decay_equal: the ablation that gives every stage the hemispheres' value
+    r["weight_decay"] = r["weight_decay"][0 if stage == "hemisphere" or cfg.weight_decay_equal else 1]
+    r["epochs"] = cfg.stage_epochs.get(stage, cfg.epochs or r["epochs"])
+    for key in ("lr", "batch_size", "weight_decay", "label_smoothing"):
         if getattr(cfg, key) is not None:
             r[key] = getattr(cfg, key)
     return Hyper(**r)
