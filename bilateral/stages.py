@@ -218,7 +218,8 @@ def _train(stage, cfg, seed, device, path, status, log):
         forward = torch.compile(forward)
     _record(path, cfg, stage, seed, device, {
         "name": run_name(stage, cfg), "run_seed": rseed, "hyper": dataclasses.asdict(hp),
-        "trainable_params": models.count_trainable(model), "cached_features": cached,
+        "trainable_params": models.count_trainable(model), "total_params": models.count_total(model),
+        "cached_features": cached,
         "n_train": train_dl.n})
     history, best = train.fit(
         model, forward, train_dl, val_dl, heads=heads, hp=hp, device=device,
@@ -233,10 +234,27 @@ def _train(stage, cfg, seed, device, path, status, log):
     if cfg.report_epoch == "last":
         model.load_state_dict(last_state)
     runs.save_torch(path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
-    return {"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
+    # not the bilateral heads: they were trained on features made under one rule (and cached)
+    kwta = kwta_test_metrics(model, ev, test_dl) if stage != "bilateral" else {}
+    return {**kwta,"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
             "test_best": out["test_best"], "val": out["val"][cfg.report_epoch], "val_all": out["val"],
             "best_epoch": best["epoch"], "epochs": hp.epochs, "report": cfg.report_epoch,
             "heads": list(heads)}
+
+
+def kwta_test_metrics(model, ev, test_dl) -> dict:
+    """The reported model's test metrics under every k-WTA evaluation rule (conditions C, D):
+    the rule changes evaluation only, so one trained hemisphere shows them all side by side
+    ({"test_kwta_threshold": {...}, "test_kwta_map_only": ..., "test_kwta_batch": ...})."""
+    own = models.set_kwta_eval(model, "threshold")
+    if own is None:
+        return {}
+    out = {}
+    for rule in models.KWTA.EVAL_RULES:
+        models.set_kwta_eval(model, rule)
+        out[f"test_kwta_{rule}"] = ev(test_dl)
+    models.set_kwta_eval(model, own)
+    return out
 
 
 def bilateral_forward(model, train_dl, val_dl, test_dl, cached, hp, seed, device, amp):
@@ -296,7 +314,7 @@ def _ensemble(cfg, seed, device, path, log):
     model = models.Ensemble(members).to(device).eval()
     _record(path, cfg, stage="ensemble", seed=seed, device=device, extra={
         "name": run_name("ensemble", cfg), "members": chosen,
-        "trainable_params": models.count_trainable(model)})
+        "trainable_params": models.count_trainable(model), "total_params": models.count_total(model)})
     f2c = hier.fine_to_coarse
     val = train.evaluate(model, val_dl, device, f2c, cfg.amp)
     test = train.evaluate(model, test_dl, device, f2c, cfg.amp)

@@ -30,6 +30,13 @@ def test_every_preset_loads(path):
     ({"backbone": "vgg11", "conditions": ["A", "C"]}, ["vgg11", "condition A only"]),
     ({"ensemble_sizes": [2, 12]}, ["12", "pool of 10"]),
     ({"device": "tpu"}, ["device", "cuda"]),
+    ({"kwta_eval": "sometimes"}, ["kwta_eval", "'sometimes'", "threshold, map_only, batch"]),
+    ({"stage_epochs": {"resnet50": 3}}, ["stage_epochs", "'resnet50'", "resnet34"]),
+    ({"stage_epochs": {"ensemble": 3}}, ["stage_epochs", "'ensemble'", "hemisphere"]),
+    ({"stage_epochs": {"resnet34": 0}}, ["stage_epochs", "resnet34", "positive"]),
+    ({"stage_epochs": {"resnet34": 2.5}}, ["stage_epochs", "expected int"]),
+    ({"stage_epochs": [12]}, ["stage_epochs", "expected a mapping"]),
+    ({"weight_decay_equal": "yes"}, ["weight_decay_equal", "expected bool"]),
 ])
 def test_bad_parameters_stop_with_a_message_naming_them(values, words):
     with pytest.raises(C.ConfigError) as e:
