@@ -220,7 +220,7 @@ def _train(stage, cfg, seed, device, path, status, log):
         "name": run_name(stage, cfg), "run_seed": rseed, "hyper": dataclasses.asdict(hp),
         "trainable_params": models.count_trainable(model), "total_params": models.count_total(model),
         "cached_features": cached,
-        "n_train": train_dl.n})
+        "n_train": train_dl.n, "n_val": val_dl.n})
     history, best = train.fit(
         model, forward, train_dl, val_dl, heads=heads, hp=hp, device=device,
         fine_to_coarse=hier.fine_to_coarse, ckpt_path=path / "checkpoint.pt", amp=cfg.amp,
