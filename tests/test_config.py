@@ -95,3 +95,10 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
         runs.write_json(target, {"new": 2})
     assert runs.read_json(target) == {"old": 1}
     assert [f.name for f in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_equal_weight_decay_preset_is_the_paper_preset_but_for_the_switch():
+    root = Path(__file__).parents[1] / "params"
+    a, b = C.load(root / "paper_resnet9.yaml"), C.load(root / "paper_resnet9_equal_wd.yaml")
+    assert C.diff(C.identity(a), C.identity(b)) == [
+        "experiment: 'paper_resnet9' -> 'paper_resnet9_equal_wd'", "weight_decay_equal: False -> True"]
