@@ -1,8 +1,6 @@
-"""`python -m bilateral run`: the notebook chain per seed, its failure handling and summary, the
-results table and its statistics, and the whole smoke chain through papermill for 2 seeds."""
+"""`python -m bilateral run`: the notebook chain per seed, its failure handling and summary, and
+the whole smoke chain through papermill for 2 seeds (the results table: tests/test_results.py)."""
 import dataclasses
-import json
-import math
 import os
 import subprocess
 import sys
