@@ -22,7 +22,7 @@ REPORTS = ("last", "best")
 KWTA_EVAL = ("threshold", "map_only", "batch")
 DATASETS = ("cifar100", "fashion_mnist", "synthetic")
 BACKBONE_CHOICES = ("resnet9", "vgg11")  # the study's backbones; the pyramid comes with condition B
-TRAINED_STAGES = tuple(s for s in STAGES if s != "ensemble")  # the ensemble trains nothing: its members are unilateral runs
+TRAINED_STAGES = tuple(s for s in STAGES if s != "ensemble")  # an ensemble trains nothing
 BASELINES = ("bilateral_unspecialised", "unilateral", "resnet18", "resnet34", "ensemble")
 
 
@@ -146,7 +146,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
     for stage, n in cfg.stage_epochs.items():
         if stage not in TRAINED_STAGES:
-            raise ConfigError(f"stage_epochs: unknown stage {stage!r}; allowed: {', '.join(TRAINED_STAGES)}")
+            raise ConfigError(f"stage_epochs: unknown stage {stage!r}; "
+                              f"allowed: {', '.join(TRAINED_STAGES)}")
         if n <= 0:
             raise ConfigError(f"stage_epochs: {stage} must be positive, got {n}")
     for key in ("kwta_k", "kwta_k_batch", "dropout"):

@@ -219,8 +219,7 @@ def _train(stage, cfg, seed, device, path, status, log):
     _record(path, cfg, stage, seed, device, {
         "name": run_name(stage, cfg), "run_seed": rseed, "hyper": dataclasses.asdict(hp),
         "trainable_params": models.count_trainable(model), "total_params": models.count_total(model),
-        "cached_features": cached,
-        "n_train": train_dl.n, "n_val": val_dl.n})
+        "cached_features": cached, "n_train": train_dl.n, "n_val": val_dl.n})
     history, best = train.fit(
         model, forward, train_dl, val_dl, heads=heads, hp=hp, device=device,
         fine_to_coarse=hier.fine_to_coarse, ckpt_path=path / "checkpoint.pt", amp=cfg.amp,
@@ -236,15 +235,15 @@ def _train(stage, cfg, seed, device, path, status, log):
     runs.save_torch(path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
     # not the bilateral heads: they were trained on features made under one rule (and cached)
     kwta = kwta_test_metrics(model, ev, test_dl) if stage != "bilateral" else {}
-    return {**kwta,"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
+    return {"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
             "test_best": out["test_best"], "val": out["val"][cfg.report_epoch], "val_all": out["val"],
             "best_epoch": best["epoch"], "epochs": hp.epochs, "report": cfg.report_epoch,
-            "heads": list(heads)}
+            "heads": list(heads), **kwta}
 
 
 def kwta_test_metrics(model, ev, test_dl) -> dict:
     """The reported model's test metrics under every k-WTA evaluation rule (conditions C, D):
-    the rule changes evaluation only, so one trained hemisphere shows them all side by side
+    the rule changes evaluation only, so one trained run shows them all side by side
     ({"test_kwta_threshold": {...}, "test_kwta_map_only": ..., "test_kwta_batch": ...})."""
     own = models.set_kwta_eval(model, "threshold")
     if own is None:
