@@ -405,4 +405,7 @@ def trainable_params(experiment_dir, seed=None) -> pd.DataFrame:
     for k in RECORD_KEYS:
         if k in out:
             out[k] = out[k].astype("Int64")
-    return out
+    rank = {s: i for i, s in enumerate(C.STAGES)}
+    out = out.sort_values(["stage", "model", "seed"], key=lambda c: c.map(rank) if c.name == "stage" else c)
+    return out[[c for c in out if c not in RECORD_KEYS] + [k for k in RECORD_KEYS if k in out]] \
+        .reset_index(drop=True)
