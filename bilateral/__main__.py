@@ -56,7 +56,7 @@ def main(argv=None):
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default=None, help="JSON file for the figures")
 
-    sub.add_parser("params-table", help="trainable parameters of every model of the study")
+    sub.add_parser("params-table", help="total and trainable parameters of every model of the study")
 
     d = sub.add_parser("download", help="fetch a dataset into --data-dir")
     d.add_argument("dataset", choices=["cifar100"])

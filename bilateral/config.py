@@ -18,6 +18,7 @@ CONDITIONS = ("A", "B", "C", "D")
 RECIPES = ("original", "fast")
 SIDES = ("left", "right")
 REPORTS = ("last", "best")
+KWTA_EVAL = ("threshold", "map_only", "batch")
 DATASETS = ("cifar100", "fashion_mnist", "synthetic")
 BACKBONE_CHOICES = ("resnet9", "vgg11")  # the study's backbones; the pyramid comes with condition B
 BASELINES = ("bilateral_unspecialised", "unilateral", "resnet18", "resnet34", "ensemble")
@@ -51,7 +52,6 @@ class Config:
     side: str = "left"                 # hemisphere stage: left = fine, right = coarse
     kwta_k: float = 0.9                # k-WTA (conditions C and D): fraction kept per map
     kwta_k_batch: float = 0.9          # ... and per channel across the batch
-    kwta_eval_batch: bool = False      # True: the original's batch-dependent test predictions
     bn_momentum: float | None = None   # None: PyTorch's default; 0.9 is the original's
     dropout: float = 0.6
     # training; None takes the recipe's value
@@ -62,6 +62,13 @@ class Config:
     weight_decay: float | None = None
     label_smoothing: float | None = None
     report_epoch: str = "last"         # which epoch's test metrics tables report
+    # epochs per stage, over `epochs` (e.g. {resnet34: 12}): deep baselines converge slower
+    stage_epochs: dict[str, int] = field(default_factory=dict)
+    weight_decay_equal: bool = False   # True: the hemispheres' weight decay for every stage
+    # k-WTA at evaluation: threshold = per-channel thresholds tracked in training (keeps the
+    # training sparsity, batch-independent); map_only = the per-map stage only; batch = both
+    # stages on the test batch (the original's batch-dependent predictions)
+    kwta_eval: str = "threshold"
     # unilateral pool and ensembles
     member: int = 0                    # index of a unilateral run in the ensemble pool
     pool_size: int = 10
@@ -81,7 +88,7 @@ class Config:
 
 CHOICES = {
     "dataset": DATASETS, "backbone": BACKBONE_CHOICES, "condition": CONDITIONS,
-    "recipe": RECIPES, "side": SIDES, "report_epoch": REPORTS,
+    "recipe": RECIPES, "side": SIDES, "report_epoch": REPORTS, "kwta_eval": KWTA_EVAL,
 }
 LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES}
 
@@ -113,6 +120,10 @@ def _check_type(key, value, tp):
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}{_hint(key)}")
         return [_check_type(key, v, args[0]) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_check_type(key, k, args[0]): _check_type(key, v, args[1]) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
@@ -146,6 +157,14 @@ def validate(cfg: Config) -> Config:
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
+    from . import plan  # the registry of stages; imported late, as plan builds on this module
+    trained = [s for s, spec in plan.STAGES.items() if spec.build]  # an ensemble trains nothing
+    for stage, n in cfg.stage_epochs.items():
+        if stage not in trained:
+            raise ConfigError(f"stage_epochs: unknown stage {stage!r}; "
+                              f"allowed: {', '.join(trained)}")
+        if n <= 0:
+            raise ConfigError(f"stage_epochs: {stage} must be positive, got {n}")
     for key in ("kwta_k", "kwta_k_batch", "dropout"):
         v = getattr(cfg, key)
         if not (0 < v <= 1 or key == "dropout" and v == 0):

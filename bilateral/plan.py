@@ -39,7 +39,7 @@ STATUSES = ("finished", "in_progress", "stale", "missing")
 # Fields only some stages use. A stage's config resets the ones it does not use to their
 # defaults, so they neither appear in its record nor make two identical runs look different.
 OPTIONAL = ("condition", "side", "backbone", "augment", "head_augment", "member", "ensemble_size")
-KWTA_FIELDS = ("kwta_k", "kwta_k_batch", "kwta_eval_batch")  # used under conditions C and D only
+KWTA_FIELDS = ("kwta_k", "kwta_k_batch", "kwta_eval")  # used under conditions C and D only
 VARIANT_FIELDS = ("condition", "side", "member", "ensemble_size")  # what `--set` picks a run by
 
 # Relative training cost per epoch, measured on CPU at width 1 (ResNet-9 = 1), see README.
@@ -101,7 +101,10 @@ def stage_config(cfg: C.Config, stage: str) -> C.Config:
     cond = cfg.condition if "condition" in s.uses else d.condition
     if cond not in ("C", "D"):
         unused |= set(KWTA_FIELDS)
-    return dataclasses.replace(cfg, **{k: getattr(d, k) for k in unused})
+    if s.recipe == "hemisphere" or not s.build:  # hemispheres have the larger decay either way
+        unused |= {"weight_decay_equal"}
+    own_epochs = {k: v for k, v in cfg.stage_epochs.items() if k == stage}  # not others' budgets
+    return dataclasses.replace(cfg, stage_epochs=own_epochs, **{k: getattr(d, k) for k in unused})
 
 
 def hemisphere_cost(cfg: C.Config, side: str) -> float:

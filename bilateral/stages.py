@@ -74,7 +74,7 @@ def hemisphere_arch(cfg: C.Config, side: str) -> tuple[str, bool]:
 
 def hemisphere_backbone(cfg: C.Config, side: str) -> torch.nn.Module:
     name, kwta = hemisphere_arch(cfg, side)
-    kw = dict(k=cfg.kwta_k, k_batch=cfg.kwta_k_batch, kwta_eval_batch=cfg.kwta_eval_batch) if kwta else {}
+    kw = dict(k=cfg.kwta_k, k_batch=cfg.kwta_k_batch, kwta_eval=cfg.kwta_eval) if kwta else {}
     return models.build_backbone(name, cfg.width, bn_momentum=cfg.bn_momentum, **kw)
 
 
@@ -186,8 +186,8 @@ def _train(run, device, log):
         forward = torch.compile(forward)
     _record(run, device, {
         "name": run.name, "run_seed": rseed, "hyper": dataclasses.asdict(hp),
-        "trainable_params": models.count_trainable(model), "cached_features": cached,
-        "n_train": train_dl.n})
+        "trainable_params": models.count_trainable(model), "total_params": models.count_total(model),
+        "cached_features": cached, "n_train": train_dl.n, "n_val": val_dl.n})
     history, best = train.fit(
         model, forward, train_dl, val_dl, heads=heads, hp=hp, device=device,
         fine_to_coarse=hier.fine_to_coarse, ckpt_path=path / "checkpoint.pt", amp=cfg.amp,
@@ -201,10 +201,27 @@ def _train(run, device, log):
     if cfg.report_epoch == "last":
         model.load_state_dict(last_state)
     runs.save_torch(path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+    # not the bilateral heads: they were trained on features made under one rule (and cached)
+    kwta = kwta_test_metrics(model, ev, test_dl) if stage != "bilateral" else {}
     return {"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
             "test_best": out["test_best"], "val": out["val"][cfg.report_epoch], "val_all": out["val"],
             "best_epoch": best["epoch"], "epochs": hp.epochs, "report": cfg.report_epoch,
-            "heads": list(heads)}
+            "heads": list(heads), **kwta}
+
+
+def kwta_test_metrics(model, ev, test_dl) -> dict:
+    """The reported model's test metrics under every k-WTA evaluation rule (conditions C, D):
+    the rule changes evaluation only, so one trained run shows them all side by side
+    ({"test_kwta_threshold": {...}, "test_kwta_map_only": ..., "test_kwta_batch": ...})."""
+    own = models.set_kwta_eval(model, "threshold")
+    if own is None:
+        return {}
+    out = {}
+    for rule in models.KWTA.EVAL_RULES:
+        models.set_kwta_eval(model, rule)
+        out[f"test_kwta_{rule}"] = ev(test_dl)
+    models.set_kwta_eval(model, own)
+    return out
 
 
 def bilateral_forward(model, train_dl, val_dl, test_dl, cached, hp, seed, device, amp):
@@ -258,7 +275,8 @@ def _ensemble(run, device, log):
                for m in chosen]
     model = models.Ensemble(members).to(device).eval()
     _record(run, device, extra={"name": run.name, "members": chosen,
-                                "trainable_params": models.count_trainable(model)})
+                                "trainable_params": models.count_trainable(model),
+                                "total_params": models.count_total(model)})
     f2c = hier.fine_to_coarse
     val = train.evaluate(model, val_dl, device, f2c, cfg.amp)
     test = train.evaluate(model, test_dl, device, f2c, cfg.amp)

@@ -37,8 +37,11 @@ class Hyper:
 def hyper(cfg, stage: str) -> Hyper:
     r = dict(RECIPES[cfg.recipe])
     from .plan import spec  # the stage's recipe group; a late import: plan builds on this module
-    r["weight_decay"] = r["weight_decay"][0 if spec(stage).recipe == "hemisphere" else 1]
-    for key in ("lr", "batch_size", "epochs", "weight_decay", "label_smoothing"):
+    # weight_decay_equal: the ablation that gives every stage the hemispheres' value
+    group = 0 if spec(stage).recipe == "hemisphere" or cfg.weight_decay_equal else 1
+    r["weight_decay"] = r["weight_decay"][group]
+    r["epochs"] = cfg.stage_epochs.get(stage, cfg.epochs or r["epochs"])
+    for key in ("lr", "batch_size", "weight_decay", "label_smoothing"):
         if getattr(cfg, key) is not None:
             r[key] = getattr(cfg, key)
     return Hyper(**r)
