@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-import zlib
 
 import torch
 
 from . import config as C
 from . import data, models, runs, train
+from .seeds import derive_seed
 
 
 # ---------------------------------------------------------------------------- configs and names
@@ -61,7 +61,7 @@ def run_name(stage: str, cfg: C.Config) -> str:
 def run_seed(stage: str, name: str, seed: int) -> int:
     """A distinct, stable torch seed per run: pool members and the two hemispheres of a seed
     must not start from the same weights by accident."""
-    return zlib.crc32(f"{stage}/{name}/{seed}".encode())
+    return derive_seed(seed, "run", stage, name)
 
 
 def train_command(stage, cfg, seed, params="params/<preset>.yaml") -> str:
