@@ -46,7 +46,8 @@ if "google.colab" in sys.modules:  # on Colab: fetch the repository and install 
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/bilateral-brain"], check=True)
     os.chdir("/content/bilateral-brain")
 
-from bilateral import pipeline, train, figures
+import pandas as pd
+from bilateral import pipeline, plan, train, figures
 cfg = pipeline.notebook_config(params_file, overrides, experiment, condition)
 device = train.pick_device(cfg.device)
 figures_dir = pipeline.figure_dir(cfg, seed)
@@ -54,16 +55,28 @@ print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {
       f"seed {seed}, device {device}")
 
 # %% [markdown]
-# Train (or read back) the left and right hemisphere of every condition.
+# The runs of this phase: a left and a right hemisphere for every condition. Each has a folder
+# under `outputs/<experiment>/` named by its key.
+# `status`: *finished* (trained with these parameters: it is read back, not trained again),
+# *missing* (not trained yet), *in_progress* (started, interrupted) or *stale* (its folder holds
+# another config, or a run it is built on was retrained: training it needs `force=True`).
 
 # %%
-hemispheres = pipeline.train_runs(cfg, "02_hemispheres", seed)
+hemisphere_runs = plan.phase_runs(cfg, "hemispheres", seed)
+pd.DataFrame([{"label": r.label, "key": r.key, "status": r.status()} for r in hemisphere_runs])
+
+# %% [markdown]
+# Train them one after the other; a finished run is read back. Interrupted, this cell continues
+# with the first run that is not finished.
+
+# %%
+hemispheres = {r.label: r.train() for r in hemisphere_runs}
 
 # %% [markdown]
 # Learning curves: training loss and validation accuracy per epoch.
 
 # %%
-fig = figures.learning_curves(pipeline.histories(cfg, "02_hemispheres", seed))
+fig = figures.learning_curves({r.label: r.history() for r in hemisphere_runs})
 figures.save(fig, figures_dir, "02_learning_curves")
 
 # %% [markdown]

@@ -42,7 +42,8 @@ if "google.colab" in sys.modules:  # on Colab: fetch the repository and install 
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/bilateral-brain"], check=True)
     os.chdir("/content/bilateral-brain")
 
-from bilateral import pipeline, train, figures
+import pandas as pd
+from bilateral import pipeline, plan, train, figures
 cfg = pipeline.notebook_config(params_file, overrides, experiment, condition)
 device = train.pick_device(cfg.device)
 figures_dir = pipeline.figure_dir(cfg, seed)
@@ -50,18 +51,29 @@ print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {
       f"seed {seed}, device {device}")
 
 # %% [markdown]
-# Train (or read back) the heads of the bilateral model of every condition. The hemispheres come
-# from notebook 02.
+# The runs of this phase: one bilateral model per condition, each built on the two hemispheres
+# that notebook 02 trained.
+# `status`: *finished* (trained with these parameters: it is read back, not trained again),
+# *missing* (not trained yet), *in_progress* (started, interrupted) or *stale* (its folder holds
+# another config, or a run it is built on was retrained: training it needs `force=True`).
 
 # %%
-bilateral = pipeline.train_runs(cfg, "03_bilateral", seed)
-hemispheres = pipeline.read_runs(cfg, "02_hemispheres", seed)
+bilateral_runs = plan.phase_runs(cfg, "bilateral", seed)
+pd.DataFrame([{"label": r.label, "key": r.key, "status": r.status(),
+               "built on": ", ".join(u.key for u in r.upstream())} for r in bilateral_runs])
+
+# %% [markdown]
+# Train the heads of each (a finished run is read back), then read the hemispheres they are built on.
+
+# %%
+bilateral = {r.label: r.train() for r in bilateral_runs}
+hemispheres = {u.label: u.metrics() for r in bilateral_runs for u in r.upstream()}
 
 # %% [markdown]
 # Learning curves of the heads.
 
 # %%
-fig = figures.learning_curves(pipeline.histories(cfg, "03_bilateral", seed))
+fig = figures.learning_curves({r.label: r.history() for r in bilateral_runs})
 figures.save(fig, figures_dir, "03_learning_curves")
 
 # %% [markdown]

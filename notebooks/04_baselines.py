@@ -47,7 +47,8 @@ if "google.colab" in sys.modules:  # on Colab: fetch the repository and install 
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/bilateral-brain"], check=True)
     os.chdir("/content/bilateral-brain")
 
-from bilateral import pipeline, train, figures
+import pandas as pd
+from bilateral import pipeline, plan, train, figures
 cfg = pipeline.notebook_config(params_file, overrides, experiment)
 device = train.pick_device(cfg.device)
 figures_dir = pipeline.figure_dir(cfg, seed)
@@ -55,23 +56,37 @@ print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {
       f"seed {seed}, device {device}")
 
 # %% [markdown]
-# Train (or read back) every baseline of the preset.
+# The runs of this phase: every baseline of the preset. An ensemble is not trained: it is built
+# on the best members of the unilateral pool.
+# `status`: *finished* (trained with these parameters: it is read back, not trained again),
+# *missing* (not trained yet), *in_progress* (started, interrupted) or *stale* (its folder holds
+# another config, or a run it is built on was retrained: training it needs `force=True`).
 
 # %%
-baselines = pipeline.train_runs(cfg, "04_baselines", seed)
+baseline_runs = plan.phase_runs(cfg, "baselines", seed)
+pd.DataFrame([{"label": r.label, "key": r.key, "status": r.status(),
+               "built on": ", ".join(u.label for u in r.upstream())} for r in baseline_runs])
+
+# %% [markdown]
+# Train them one after the other (a finished run is read back; an ensemble is evaluated).
+
+# %%
+baselines = {r.label: r.train() for r in baseline_runs}
 
 # %% [markdown]
 # Learning curves (ensembles are not trained, so they have none).
 
 # %%
-fig = figures.learning_curves(pipeline.histories(cfg, "04_baselines", seed))
+fig = figures.learning_curves({r.label: r.history() for r in baseline_runs})
 figures.save(fig, figures_dir, "04_learning_curves")
 
 # %% [markdown]
 # Every baseline next to the bilateral models of notebook 03.
 
 # %%
-acc = figures.accuracy_frame({**pipeline.read_runs(cfg, "03_bilateral", seed), **baselines})
+bilateral = {r.label: r.metrics() for r in plan.phase_runs(cfg, "bilateral", seed)
+             if r.status() == "finished"}
+acc = figures.accuracy_frame({**bilateral, **baselines})
 acc = acc[[c for c in ("fine", "coarse") if c in acc]]
 fig = figures.accuracy_bars(acc, title="bilateral models and baselines, test accuracy")
 figures.save(fig, figures_dir, "04_baselines")
