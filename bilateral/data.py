@@ -4,7 +4,7 @@ Every dataset comes out as 3x32x32 uint8 so one model definition serves all of t
 Splits: "train" and "val" partition the official training set (val stratified by fine class,
 fixed by split_seed); "test" is the official test set, used only for reported figures.
 """
-import functools, gzip, math, os, pickle
+import functools, gzip, hashlib, math, os, pickle
 from dataclasses import dataclass
 from pathlib import Path
 

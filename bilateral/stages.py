@@ -136,11 +136,11 @@ def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=pri
 def _run_claimed(run, force, log):
     cfg, name, path = run.cfg, run.name, run.path
     tag = f"[{run.stage} {name} seed={run.seed}]"
-    changed = run.changed_upstream()
-    if changed and not force:
+    status = runs.prepare(path, C.identity(cfg), force, rebuild=run.command())  # checks the records
+    changed = run.changed_upstream() if status != "new" else []  # force has cleared a stale run
+    if changed:
         raise runs.RunConflict(f"{run.key} is stale: it was built on {', '.join(changed)}, "
                                f"retrained or removed since; use --force to retrain it")
-    status = runs.prepare(path, C.identity(cfg), force, rebuild=run.command())
     if status == "done":
         log(f"{tag} already finished with the same config: {path}")
         return runs.read_json(path / "metrics.json")

@@ -219,7 +219,7 @@ def test_a_retrained_hemisphere_makes_its_bilateral_run_stale(pair, capsys):
     assert plan.pending(plan.plan(cfg, [0])) == [r for r in plan.plan(cfg, [0]) if r not in (left, right)]
     t = plan.totals(plan.plan(cfg, [0]))
     got = tuple(t[k] for k in ("runs", "finished", "stale", "missing", "todo", "epochs"))
-    assert got == (13, 2, 1, 10, 11, 1)
+    assert got == (13, 2, 1, 10, 11, None)  # None: smoke.yaml gives resnet34 its own budget
     assert t["todo_cost"] == pytest.approx(t["cost"] - left.cost() - right.cost())
 
     bil.train(force=True)

@@ -321,7 +321,7 @@ def test_claim_can_wait_for_the_holder(tmp_path):
 # ------------------------------------------------------------------ more careless input
 
 @pytest.mark.parametrize("args, code, words", [
-    (["--seed", "-1"], 2, ["seed", ">= 0"]),
+    (["--seed", "-1"], 2, ["seed", "non-negative"]),
     (["--set", "experiment=../../escape"], 2, ["experiment", "not a folder name"]),
     (["--set", "experiment=.."], 2, ["experiment", "not a folder name"]),
     (["--set", "width=.nan"], 2, ["width", "finite"]),
