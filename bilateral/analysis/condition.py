@@ -1,0 +1,194 @@
+"""One condition's inputs to the analyses, made once: its models, and their predictions and
+features on the test split and on a sample of the train split.
+
+`load(cfg, seed, condition)` reads the finished hemisphere, bilateral and (where its run
+exists) bilateral_unspecialised runs of that condition and seed; nothing is trained here.
+Every section of sections.py then works from the returned `Condition` without another pass
+of a model over a split (Grad-CAM, which needs gradients, makes its own on a few images).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from .. import data, runs, stages, train
+from . import measures
+
+DEFAULTS = dict(
+    cam_images=256,        # random test images for the localisation statistics
+    cam_per_scenario=4,    # images per scenario in the Grad-CAM grids
+    cam_frac=0.5,          # localisation: fraction of pixels >= cam_frac * peak
+    max_pairs=5000,        # same-fine-label pairs per scenario for similarity (sampled)
+    plot_pairs=1500,       # of those, points drawn per panel (a seeded shuffle, then the cut)
+    probe_train=10000,     # train images the probes are fitted on (sampled); their mean
+                           # feature also centres the head attribution
+    probe_l2=1e-4,
+    probe_iters=200,
+    batch_size=256,
+)
+_POSITIVE_INTS = ("cam_images", "cam_per_scenario", "max_pairs", "plot_pairs", "probe_train",
+                  "probe_iters", "batch_size")
+
+
+def caps(**kw) -> dict:
+    """DEFAULTS with the given overrides, each checked before any work."""
+    unknown = set(kw) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown analysis parameter(s): {', '.join(sorted(unknown))}; "
+                        f"allowed: {', '.join(DEFAULTS)}")
+    p = {**DEFAULTS, **kw}
+    for k in _POSITIVE_INTS:
+        if isinstance(p[k], bool) or not isinstance(p[k], int) or p[k] < 1:
+            raise ValueError(f"analysis parameter {k} must be a positive int, got {p[k]!r}")
+    if not 0 < float(p["cam_frac"]) <= 1:
+        raise ValueError(f"analysis parameter cam_frac must be in (0, 1], got {p['cam_frac']!r}")
+    if not float(p["probe_l2"]) >= 0:
+        raise ValueError(f"analysis parameter probe_l2 must be >= 0, got {p['probe_l2']!r}")
+    return p
+
+
+# ------------------------------------------------------------------------------ the runs
+
+def _finished(cfg, stage, seed) -> bool:
+    c = stages.stage_config(cfg, stage)
+    return runs.finished(runs.run_dir(c, stage, stages.run_name(stage, c), seed))
+
+
+def _model(cfg, stage, seed, hier, device):
+    return stages.load_run_model(stage, cfg, seed, hier, device)
+
+
+def available(cfg, seed, condition) -> bool:
+    """Whether the bilateral run of this condition and seed, and its hemispheres, finished."""
+    c = dataclasses.replace(cfg, condition=condition)
+    return _finished(c, "bilateral", seed) and all(
+        _finished(dataclasses.replace(c, side=s), "hemisphere", seed) for s in ("left", "right"))
+
+
+def ready(cfg, seed) -> list[str]:
+    """The conditions of cfg.conditions that can be analysed for this seed."""
+    return [c for c in cfg.conditions if available(cfg, seed, c)]
+
+
+def out_dir(cfg, condition, seed) -> Path:
+    return Path(cfg.out_dir) / cfg.experiment / "analysis" / condition / f"seed={seed}"
+
+
+# --------------------------------------------------------------------------- the condition
+
+@dataclasses.dataclass
+class Condition:
+    """What the sections of one condition's analysis share. `out` and `u_out` hold the test
+    outputs (left_feat, right_feat, fine, coarse; `out` also left_logits and right_logits, the
+    hemispheres' own heads), `train_out` and `u_train_out` the features of the train sample
+    `train_idx`; `u_*` belong to bilateral_unspecialised, None where its run is missing."""
+    cfg: object
+    seed: int
+    condition: str
+    p: dict
+    device: torch.device
+    folder: Path
+    train_split: object
+    test_split: object
+    hier: object
+    left: object                 # hemisphere models (backbone + their own head)
+    right: object
+    bil: object                  # bilateral (frozen hemispheres + heads)
+    unspec: object
+    out: dict
+    u_out: dict | None
+    train_idx: torch.Tensor
+    train_out: dict
+    u_train_out: dict | None
+    right_wrong: dict            # the four bool tensors of measures.OUTCOMES
+    scen: torch.Tensor           # test image -> index into measures.SCENARIOS
+    t0: float
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+    def gen(self, k):
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+
+    @property
+    def title(self):
+        return f"condition {self.condition}, seed {self.seed}"
+
+    def write_csv(self, name, df, index=False):
+        runs.atomic_write_bytes(self.folder / name, df.to_csv(index=index).encode())
+
+
+def load(cfg, seed: int, condition: str, device=None, **kw) -> Condition:
+    """Load the models of one condition and seed and run them once over the test split and the
+    probes' train sample. kw: analysis parameters overriding DEFAULTS."""
+    p = caps(**kw)
+    t0 = time.perf_counter()
+    cfg = dataclasses.replace(cfg, condition=condition)
+    if not available(cfg, seed, condition):
+        raise FileNotFoundError(f"condition {condition} seed {seed}: no finished bilateral run "
+                                f"(and hemispheres) under {Path(cfg.out_dir) / cfg.experiment}")
+    device = train.pick_device(cfg.device if device is None else device)
+    train_split, _, test_split = stages.load_splits(cfg)
+    hier = test_split.hierarchy
+    left = _model(dataclasses.replace(cfg, side="left"), "hemisphere", seed, hier, device)
+    right = _model(dataclasses.replace(cfg, side="right"), "hemisphere", seed, hier, device)
+    bil = _model(cfg, "bilateral", seed, hier, device)
+    unspec = (_model(cfg, "bilateral_unspecialised", seed, hier, device)
+              if _finished(cfg, "bilateral_unspecialised", seed) else None)
+
+    gen = lambda k: torch.Generator().manual_seed(seed * 1_000_003 + k)  # noqa: E731 - as Condition.gen
+    n_tr = min(p["probe_train"], len(train_split))
+    train_idx = torch.randperm(len(train_split), generator=gen(3))[:n_tr].sort().values
+    test_dl = _loader(test_split, device, p["batch_size"])
+    train_dl = _loader(subset(train_split, train_idx), device, p["batch_size"])
+    run = lambda fn, dl: train.predict(fn, dl, device, cfg.amp)[0]  # noqa: E731
+    out = run(outputs(bil, left.heads["fine"], right.heads["coarse"]), test_dl)
+    train_out = run(features(bil), train_dl)
+    u_out = u_train_out = None
+    if unspec is not None:
+        u_out = run(outputs(unspec), test_dl)
+        u_train_out = run(features(unspec), train_dl)
+    right_wrong = measures.correct(out, test_split.fine, test_split.coarse)
+    return Condition(cfg=cfg, seed=seed, condition=condition, p=p, device=device,
+                     folder=out_dir(cfg, condition, seed), train_split=train_split,
+                     test_split=test_split, hier=hier, left=left, right=right, bil=bil,
+                     unspec=unspec, out=out, u_out=u_out, train_idx=train_idx, train_out=train_out,
+                     u_train_out=u_train_out, right_wrong=right_wrong,
+                     scen=measures.scenario_index(right_wrong), t0=t0)
+
+
+# ----------------------------------------------------------------------- passes over data
+
+def subset(split, idx):
+    return data.Split(split.images[idx], split.fine[idx], split.coarse[idx], split.hierarchy, split.name)
+
+
+def _loader(split, device, batch_size):
+    return data.DeviceLoader(split, batch_size, device=device, shuffle=False, augment=False)
+
+
+def normalised(split, idx, device):
+    """The images idx of a split as the models take them (one batch, no augmentation)."""
+    dl = _loader(subset(split, idx), device, max(1, len(idx)))
+    return next(iter(dl))["x"]
+
+
+def features(bil):
+    """forward for train.predict: each hemisphere's features of a bilateral model."""
+    def fn(x):
+        return {"left_feat": bil.left(x).float(), "right_feat": bil.right(x).float()}
+    return fn
+
+
+def outputs(bil, left_head=None, right_head=None):
+    """forward for train.predict: features and heads of a bilateral model, and the hemisphere
+    models' own heads on the same features (the hemispheres are the same frozen networks)."""
+    def fn(x):
+        fl, fr = bil.left(x).float(), bil.right(x).float()
+        out = {"left_feat": fl, "right_feat": fr, **bil.classify(torch.cat([fl, fr], 1))}
+        if left_head is not None:
+            out["left_logits"] = left_head(fl)
+            out["right_logits"] = right_head(fr)
+        return out
+    return fn
