@@ -4,12 +4,14 @@ Every dataset comes out as 3x32x32 uint8 so one model definition serves all of t
 Splits: "train" and "val" partition the official training set (val stratified by fine class,
 fixed by split_seed); "test" is the official test set, used only for reported figures.
 """
-import functools, gzip, hashlib, math, os, pickle
+import functools, gzip, math, os, pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .seeds import derive_seed
 
 DATASETS = ("cifar100", "fashion_mnist", "synthetic")
 SPLITS = ("train", "val", "test")
@@ -143,7 +145,7 @@ def _val_mask(fine, n_fine, val_size, split_seed):
     if short:
         raise ValueError(f"val_size={val_size} takes {per} per fine class, but fine classes {short[:10]}"
                          f"{'...' if len(short) > 10 else ''} have <= {per} training images; lower val_size")
-    perm = torch.randperm(len(fine), generator=torch.Generator().manual_seed(split_seed))
+    perm = torch.randperm(len(fine), generator=torch.Generator().manual_seed(derive_seed(split_seed, "val split")))
     mask = torch.zeros(len(fine), dtype=torch.bool)
     mask[perm[_rank_in_class(fine[perm]) < per]] = True
     return mask
@@ -272,7 +274,7 @@ def _synthetic(n, seed, stream):
     """n images whose coarse class is a big shape and fine class the stripe orientation inside it.
     Colours, position, size, stripe period/phase/angle, background gradient and noise are random
     and independent of the labels, so neither level can be read off a single pixel statistic."""
-    g = torch.Generator().manual_seed(_mix(seed, stream))
+    g = torch.Generator().manual_seed(derive_seed(seed, stream))  # purpose: the official split, "train" or "test"
     u = lambda *shape: torch.rand(*shape, generator=g)
     fine = (torch.arange(n) % SYN_N_FINE)[torch.randperm(n, generator=g)]  # balanced classes
     shape_id, tex_id = fine // len(SYN_TEXTURES), fine % len(SYN_TEXTURES)
@@ -304,11 +306,6 @@ def _synthetic(n, seed, stream):
     names = tuple(f"{s}_{t}" for s in SYN_SHAPES for t in SYN_TEXTURES)
     f2c = tuple(i // len(SYN_TEXTURES) for i in range(SYN_N_FINE))
     return images, fine, Hierarchy(names, SYN_SHAPES, f2c)
-
-
-def _mix(*ints):
-    """A 63-bit seed from ints and strings, stable across runs and platforms (unlike hash())."""
-    return int.from_bytes(hashlib.sha256(repr(ints).encode()).digest()[:8], "little") >> 1
 
 
 # ---------------------------------------------------------------- loader
@@ -343,7 +340,7 @@ class DeviceLoader:
     def set_epoch(self, epoch): self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "device loader", self.epoch))
         self.epoch += 1
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         shifts = torch.randint(0, 9, (self.n, 2), generator=g)  # crop offsets in the 40x40 padded image

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from . import plan
+from .seeds import derive_seed
 
 ACC_LABELS = {"fine_acc": "fine", "coarse_acc": "coarse", "fine_as_coarse_acc": "fine→coarse"}
 
@@ -60,7 +61,7 @@ def _show(ax, img: torch.Tensor):
 
 def sample_grid(split, n: int = 16, seed: int = 0, cols: int = 8):
     """n random images of a split, each titled with its fine and (coarse) label."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(derive_seed(seed, "sample grid"))
     idx = torch.randperm(len(split), generator=g)[:n]
     rows = math.ceil(len(idx) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.95 * rows), squeeze=False,

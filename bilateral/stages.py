@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-import zlib
 
 import torch
 
 from . import config as C
 from . import data, models, plan, runs, train
+from .seeds import derive_seed
 
 
 # ---------------------------------------------------------------------------- configs and names
@@ -33,7 +33,7 @@ def run_name(stage: str, cfg: C.Config) -> str:
 def run_seed(stage: str, name: str, seed: int) -> int:
     """A distinct, stable torch seed per run: pool members and the two hemispheres of a seed
     must not start from the same weights by accident."""
-    return zlib.crc32(f"{stage}/{name}/{seed}".encode())
+    return derive_seed(seed, "run", stage, name)
 
 
 # ------------------------------------------------------------------------------------ data

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import runs
+from .seeds import derive_seed
 
 # weight_decay is (hemispheres, everything else): the original regularised hemispheres harder.
 RECIPES = {
@@ -100,7 +101,7 @@ class FeatureLoader:
     def __iter__(self):
         n = len(self.x)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "feature loader", self.epoch))
             order = torch.randperm(n, generator=g).to(self.x.device)
         else:
             order = torch.arange(n, device=self.x.device)

@@ -232,3 +232,17 @@ def test_load_state_strict_errors(case, expect):
     msg = str(e.value)
     assert msg.startswith("hemisphere left: ")
     assert all(s in msg for s in expect), msg
+
+
+# ------------------------------------------------------------------- against a reference
+def test_vgg11_has_torchvisions_keys_and_shapes():
+    """Our VGG-11 is torchvision's vgg11 (weights=None: nothing downloaded) without its last
+    Linear, so its checkpoints load into torchvision's and back, key for key."""
+    from torchvision.models import vgg11
+    with META:  # shapes only: no 500 MB of weights to fill
+        ours = build_backbone("vgg11").state_dict()
+        ref = vgg11(weights=None).state_dict()
+    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}
+    assert {k for k in ref if k.startswith("features.")} == {k for k in ours if k.startswith("features.")}
+    assert shapes(ours) == {k: s for k, s in shapes(ref).items() if not k.startswith("classifier.6.")}
+    assert set(ref) - set(ours) == {"classifier.6.weight", "classifier.6.bias"}  # the 1000-class Linear
