@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from . import plan
+from . import plan, runs
 from .seeds import derive_seed
 
 ACC_LABELS = {"fine_acc": "fine", "coarse_acc": "coarse", "fine_as_coarse_acc": "fine→coarse"}

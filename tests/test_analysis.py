@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bilateral import analysis, cam, figures, runs, stages, train
+from bilateral import analysis, cam, figures, plan, stages, train
 from bilateral import config as C
 from bilateral.analysis import measures as M
 
@@ -99,7 +99,7 @@ def test_missing_runs_are_skipped(study):
     assert analysis.run_analyses(cfg, 0, show=False, log=lines.append) == {}
     assert "skipped" in lines[0]
     assert analysis.ready(study, 0) == ["A", "B"]
-    with pytest.raises(FileNotFoundError, match="condition C"):
+    with pytest.raises(FileNotFoundError, match="resnet9-C-left.*missing; make it with"):
         analysis.load(study, 0, "C")
 
 
@@ -186,8 +186,7 @@ def test_outcomes_agree_with_the_recorded_accuracies(study, loaded):
     m = analysis.outcomes(c)
 
     def recorded(stage, cfg):
-        cfg = stages.stage_config(cfg, stage)
-        return runs.read_json(runs.run_dir(cfg, stage, stages.run_name(stage, cfg), 0) / "metrics.json")["test"]
+        return plan.Run(stage, cfg, 0).metrics()["test"]
     cfg = dataclasses.replace(study, condition="B")
     assert m["test_acc.left"] == pytest.approx(
         recorded("hemisphere", dataclasses.replace(cfg, side="left"))["fine_acc"], abs=1e-6)

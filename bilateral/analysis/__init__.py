@@ -52,7 +52,8 @@ from pathlib import Path
 import torch
 
 from .. import runs
-from .condition import DEFAULTS, Condition, available, load, out_dir, ready  # noqa: F401
+from . import condition, measures, plots, sections  # noqa: F401
+from .condition import DEFAULTS, Condition, available, condition_runs, load, out_dir, ready  # noqa: F401
 from .measures import (BILAT_CODES, HEMI_CODES, OUTCOMES, SCENARIOS,  # noqa: F401
                        scenario_index, scenario_table)
 from .sections import (attribution, gradcam, outcomes, probe_table, probes,  # noqa: F401

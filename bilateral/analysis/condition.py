@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import data, runs, stages, train
+from .. import data, plan, runs, stages, train
 from . import measures
 
 DEFAULTS = dict(
@@ -52,20 +52,20 @@ def caps(**kw) -> dict:
 
 # ------------------------------------------------------------------------------ the runs
 
-def _finished(cfg, stage, seed) -> bool:
-    c = stages.stage_config(cfg, stage)
-    return runs.finished(runs.run_dir(c, stage, stages.run_name(stage, c), seed))
-
-
-def _model(cfg, stage, seed, hier, device):
-    return stages.load_run_model(stage, cfg, seed, hier, device)
+def condition_runs(cfg, seed, condition) -> dict:
+    """The runs one condition's analysis reads: {"left", "right", "bilateral",
+    "unspecialised"} as plan.Run."""
+    c = dataclasses.replace(cfg, condition=condition)
+    return {"left": plan.Run("hemisphere", dataclasses.replace(c, side="left"), seed),
+            "right": plan.Run("hemisphere", dataclasses.replace(c, side="right"), seed),
+            "bilateral": plan.Run("bilateral", c, seed),
+            "unspecialised": plan.Run("bilateral_unspecialised", c, seed)}
 
 
 def available(cfg, seed, condition) -> bool:
     """Whether the bilateral run of this condition and seed, and its hemispheres, finished."""
-    c = dataclasses.replace(cfg, condition=condition)
-    return _finished(c, "bilateral", seed) and all(
-        _finished(dataclasses.replace(c, side=s), "hemisphere", seed) for s in ("left", "right"))
+    r = condition_runs(cfg, seed, condition)
+    return all(r[k].status() == "finished" for k in ("left", "right", "bilateral"))
 
 
 def ready(cfg, seed) -> list[str]:
@@ -105,7 +105,7 @@ class Condition:
     u_train_out: dict | None
     right_wrong: dict            # the four bool tensors of measures.OUTCOMES
     scen: torch.Tensor           # test image -> index into measures.SCENARIOS
-    t0: float
+    seconds: float               # wall time spent on this condition so far (load + sections)
     metrics: dict = dataclasses.field(default_factory=dict)
 
     def gen(self, k):
@@ -125,17 +125,15 @@ def load(cfg, seed: int, condition: str, device=None, **kw) -> Condition:
     p = caps(**kw)
     t0 = time.perf_counter()
     cfg = dataclasses.replace(cfg, condition=condition)
-    if not available(cfg, seed, condition):
-        raise FileNotFoundError(f"condition {condition} seed {seed}: no finished bilateral run "
-                                f"(and hemispheres) under {Path(cfg.out_dir) / cfg.experiment}")
+    if not available(cfg, seed, condition):  # the runs say which is missing, and its command
+        for k in ("left", "right", "bilateral"):
+            condition_runs(cfg, seed, condition)[k].check_finished()
     device = train.pick_device(cfg.device if device is None else device)
     train_split, _, test_split = stages.load_splits(cfg)
     hier = test_split.hierarchy
-    left = _model(dataclasses.replace(cfg, side="left"), "hemisphere", seed, hier, device)
-    right = _model(dataclasses.replace(cfg, side="right"), "hemisphere", seed, hier, device)
-    bil = _model(cfg, "bilateral", seed, hier, device)
-    unspec = (_model(cfg, "bilateral_unspecialised", seed, hier, device)
-              if _finished(cfg, "bilateral_unspecialised", seed) else None)
+    r = condition_runs(cfg, seed, condition)
+    left, right, bil = (r[k].load_model(hier, device) for k in ("left", "right", "bilateral"))
+    unspec = r["unspecialised"].load_model(hier, device) if r["unspecialised"].status() == "finished" else None
 
     gen = lambda k: torch.Generator().manual_seed(seed * 1_000_003 + k)  # noqa: E731 - as Condition.gen
     n_tr = min(p["probe_train"], len(train_split))
@@ -155,7 +153,8 @@ def load(cfg, seed: int, condition: str, device=None, **kw) -> Condition:
                      test_split=test_split, hier=hier, left=left, right=right, bil=bil,
                      unspec=unspec, out=out, u_out=u_out, train_idx=train_idx, train_out=train_out,
                      u_train_out=u_train_out, right_wrong=right_wrong,
-                     scen=measures.scenario_index(right_wrong), t0=t0)
+                     scen=measures.scenario_index(right_wrong),
+                     seconds=time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------- passes over data

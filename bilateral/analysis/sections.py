@@ -4,6 +4,7 @@ They can run in any order and each can be rerun alone; `write_metrics` writes me
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -30,6 +31,20 @@ def _record(c, m: dict) -> dict:
     return m
 
 
+def _timed(section):
+    """Adds the section's wall time to c.seconds (metrics.json's wall_s: this condition's own
+    time, however the sections of several conditions interleave in a notebook)."""
+    @functools.wraps(section)
+    def run(c, *args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return section(c, *args, **kw)
+        finally:
+            c.seconds += time.perf_counter() - t0
+    return run
+
+
+@_timed
 def outcomes(c) -> dict:
     """The outcome scenarios on the test set: scenarios.csv and the count per scenario."""
     c.write_csv("scenarios.csv", M.scenario_table(c.scen), index=True)
@@ -38,6 +53,7 @@ def outcomes(c) -> dict:
     return _record(c, m)
 
 
+@_timed
 def gradcam(c, show: bool = True) -> dict:
     """Grad-CAM localisation on a random sample of test images, and grids of a few images per
     scenario. cam_localisation.csv/.png, gradcam/<scenario>.png, gradcam_overview.png."""
@@ -96,6 +112,7 @@ def gradcam(c, show: bool = True) -> dict:
     return _record(c, m)
 
 
+@_timed
 def similarity(c, show: bool = True) -> dict:
     """Cosine similarity of same-fine-label test pairs in the same scenario, for left, right and
     concatenated features: similarity_medians.csv, similarity_joint.png (all pairs),
@@ -129,6 +146,7 @@ def similarity(c, show: bool = True) -> dict:
     return _record(c, m)
 
 
+@_timed
 def attribution(c, show: bool = True) -> dict:
     """Share of each head's predicted logit drawn from the left and right halves of the
     features, centred by the train sample's mean feature (and, as before, uncentred), with the
@@ -171,6 +189,7 @@ def attribution(c, show: bool = True) -> dict:
     return _record(c, m)
 
 
+@_timed
 def probes(c) -> dict:
     """Logistic probes of each hemisphere's features for each label level, fitted on the train
     sample and scored on the test split, raw and at equal dimension (each side's features
@@ -217,7 +236,7 @@ def probe_table(c):
 def write_metrics(c, log=print) -> dict:
     """metrics.json (every number the sections recorded, flat {name: float}) and meta.json (what
     results.csv files them under)."""
-    m = {**c.metrics, "wall_s": time.perf_counter() - c.t0}
+    m = {**c.metrics, "wall_s": c.seconds}
     m = {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
     runs.write_json(c.folder / "meta.json", {
         "model": "analysis", "condition": c.condition, "seed": c.seed, "backbone": c.cfg.backbone,
