@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import data, plan, runs, stages, train
+from ..seeds import derive_seed
 from . import measures
 
 DEFAULTS = dict(
@@ -73,6 +74,10 @@ def ready(cfg, seed) -> list[str]:
     return [c for c in cfg.conditions if available(cfg, seed, c)]
 
 
+def generator(seed, *purpose) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, "analysis", *purpose))
+
+
 def out_dir(cfg, condition, seed) -> Path:
     return Path(cfg.out_dir) / cfg.experiment / "analysis" / condition / f"seed={seed}"
 
@@ -108,8 +113,9 @@ class Condition:
     seconds: float               # wall time spent on this condition so far (load + sections)
     metrics: dict = dataclasses.field(default_factory=dict)
 
-    def gen(self, k):
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+    def gen(self, *purpose):
+        """A generator of its own for each use, e.g. gen("cam sample")."""
+        return generator(self.seed, *purpose)
 
     @property
     def title(self):
@@ -135,9 +141,8 @@ def load(cfg, seed: int, condition: str, device=None, **kw) -> Condition:
     left, right, bil = (r[k].load_model(hier, device) for k in ("left", "right", "bilateral"))
     unspec = r["unspecialised"].load_model(hier, device) if r["unspecialised"].status() == "finished" else None
 
-    gen = lambda k: torch.Generator().manual_seed(seed * 1_000_003 + k)  # noqa: E731 - as Condition.gen
     n_tr = min(p["probe_train"], len(train_split))
-    train_idx = torch.randperm(len(train_split), generator=gen(3))[:n_tr].sort().values
+    train_idx = torch.randperm(len(train_split), generator=generator(seed, "probe sample"))[:n_tr].sort().values
     test_dl = _loader(test_split, device, p["batch_size"])
     train_dl = _loader(subset(train_split, train_idx), device, p["batch_size"])
     run = lambda fn, dl: train.predict(fn, dl, device, cfg.amp)[0]  # noqa: E731

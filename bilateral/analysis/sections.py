@@ -59,8 +59,8 @@ def gradcam(c, show: bool = True) -> dict:
     scenario. cam_localisation.csv/.png, gradcam/<scenario>.png, gradcam_overview.png."""
     p, test, scen = c.p, c.test_split, c.scen
     n_test = len(test)
-    sample = torch.randperm(n_test, generator=c.gen(1))[:min(p["cam_images"], n_test)]
-    order = torch.randperm(n_test, generator=c.gen(2))
+    sample = torch.randperm(n_test, generator=c.gen("cam sample"))[:min(p["cam_images"], n_test)]
+    order = torch.randperm(n_test, generator=c.gen("cam picks"))
     picks = {}
     for s, name in enumerate(M.SCENARIOS):
         members = order[scen[order] == s][:p["cam_per_scenario"]]
@@ -122,8 +122,8 @@ def similarity(c, show: bool = True) -> dict:
              "bilateral": torch.cat([out["left_feat"], out["right_feat"]], 1)}
     m, rows, points = {}, [], []
     groups = [("all", None)] + [(n, (scen == s).nonzero().flatten()) for s, n in enumerate(M.SCENARIOS)]
-    for k, (name, members) in enumerate(groups):
-        i, j, total = M.same_label_pairs(fine, members, c.p["max_pairs"], c.gen(100 + k))
+    for name, members in groups:
+        i, j, total = M.same_label_pairs(fine, members, c.p["max_pairs"], c.gen("pairs", name))
         if total == 0:
             continue
         sims = {h: M.pair_cosine(f, i, j).numpy() for h, f in feats.items()}
@@ -131,7 +131,7 @@ def similarity(c, show: bool = True) -> dict:
                **{f"median_{h}": float(np.median(v)) for h, v in sims.items()}}
         rows.append(row)
         m.update({f"similarity.{name}.{col}": float(row[col]) for col in row if col != "scenario"})
-        keep = M.shuffled(len(i), c.p["plot_pairs"], c.gen(200 + k)).numpy()
+        keep = M.shuffled(len(i), c.p["plot_pairs"], c.gen("plotted pairs", name)).numpy()
         points.append(pd.DataFrame({"group": name, **{h: v[keep] for h, v in sims.items()}}))
     c.write_csv("similarity_medians.csv", pd.DataFrame(rows))
     if points:  # every pair, and the pairs within each scenario by hemisphere outcome
