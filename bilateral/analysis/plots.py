@@ -104,8 +104,10 @@ def similarity_joint(points: pd.DataFrame, title: str, by: str = "bilateral"):
     histogram each, so whether a hemisphere was right shows as a shift along its axis."""
     import seaborn as sns
 
-    lo = min(0.0, float(points[["left", "right"]].min().min()))
-    lims, bins = (lo, 1.0), np.linspace(lo, 1.0, 31)
+    lo = float(points[["left", "right"]].min().min()) if len(points) else 0.0
+    lo = max(-1.0, lo - 0.03 * (1 - lo))   # the data's range: cosines of ReLU features crowd near 1
+    lims, bins = (lo, 1.0), np.linspace(lo, 1.0, 41)
+    points = points.sample(frac=1, random_state=0)  # drawing order: no group hides the others
     marg = dict(bins=bins, element="step", fill=False, stat="density")
     if by == "hemispheres":
         d = points.assign(hemispheres=points.group.str.slice(0, 4))
