@@ -14,7 +14,7 @@ import torch
 from papermill.exceptions import PapermillExecutionError
 
 from bilateral import config as C
-from bilateral import outcomes, pipeline, plan, results
+from bilateral import pipeline, plan, results
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -146,18 +146,6 @@ def test_a_real_notebook_failure_through_papermill(tmp_path):
 
 # ----------------------------------------------------------------- results: tests/test_results.py
 
-def test_outcome_table_counts_every_image_once():
-    t, f = True, False
-    preds = {k: torch.tensor(v) for k, v in dict(
-        left=[t, t, f, f, t], right=[t, f, t, f, t],
-        bilateral_fine=[t, t, f, f, f], bilateral_coarse=[t, f, t, f, t]).items()}
-    tab = outcomes.table(preds, margins=True)
-    assert tab.loc["L✓R✓", "F✓C✓"] == 1 and tab.loc["L✓R✓", "F✗C✓"] == 1
-    assert tab.loc["L✗R✗", "F✗C✗"] == 1 and tab.loc["total", "total"] == 5
-    assert list(tab.index[:4]) == list(outcomes.HEMISPHERE_OUTCOMES)
-    assert outcomes.scenario_labels(preds)[0][1] == "L✓R✗"
-
-
 # ------------------------------------------------------------------- the whole smoke chain
 
 @pytest.fixture(scope="module")
@@ -204,19 +192,3 @@ def test_smoke_results_hold_every_model_condition_and_seed(smoke):
     assert r.returncode == 0, r.stderr
     assert (exp / "results.csv").read_bytes() == before
     assert "n/a (1 seed)" not in (exp / "results.md").read_text()
-
-
-def test_outcomes_agree_with_the_recorded_accuracies(smoke):
-    out, _ = smoke
-    cfg = dataclasses.replace(C.load(SMOKE, {"out_dir": str(out), "device": "cpu"}), condition="B")
-    p = outcomes.predictions(cfg, 1)
-    assert set(p) == set(outcomes.KEYS) and all(v.dtype == torch.bool for v in p.values())
-    rec = lambda stage, c: plan.Run(stage, c, 1).metrics()["test"]  # noqa: E731
-    left = rec("hemisphere", dataclasses.replace(cfg, side="left"))
-    right = rec("hemisphere", dataclasses.replace(cfg, side="right"))
-    bil = rec("bilateral", cfg)
-    assert p["left"].float().mean().item() == pytest.approx(left["fine_acc"], abs=1e-6)
-    assert p["right"].float().mean().item() == pytest.approx(right["coarse_acc"], abs=1e-6)
-    assert p["bilateral_fine"].float().mean().item() == pytest.approx(bil["fine_acc"], abs=1e-6)
-    assert p["bilateral_coarse"].float().mean().item() == pytest.approx(bil["coarse_acc"], abs=1e-6)
-    assert outcomes.table(p).values.sum() == len(p["left"])
