@@ -4,17 +4,55 @@
 #
 #   sudo scripts/slurm-up.sh      # installs slurm-wlm + munge when missing, starts the daemons
 #
-# Idempotent: when the node already answers idle, it only says so. Exits non-zero with the
-# reason when it cannot (not root, apt fails, a daemon does not start). Settings that work in
-# containers and sandboxes with SLURM 22.05 (Debian 12): no cgroups (proctrack/linuxproc,
-# task/none, no cgroup.conf), cons_tres scheduling of cores and memory, everything as root.
+# Idempotent: when the node already answers with this configuration, it only says so. Exits
+# non-zero with the reason when it cannot (not root, apt fails, a daemon does not start).
+# Settings that work in containers and sandboxes with SLURM 22.05 (Debian 12): no cgroups
+# (proctrack/linuxproc, task/none, no cgroup.conf), cons_tres scheduling of cores and memory,
+# everything as root.
 set -uo pipefail
 
 die() { echo "slurm-up: $*" >&2; exit 1; }
 say() { echo "slurm-up: $*"; }
 node_state() { sinfo -h -N -o %t 2>/dev/null | head -n1; }
+up() { [[ "$(node_state)" =~ ^(idle|mix|alloc) ]]; }
 
-if command -v sinfo >/dev/null && [[ "$(node_state)" =~ ^(idle|mix|alloc) ]]; then
+host=$(hostname -s)
+cpus=$(nproc --all)
+mem=$(free -m | awk '/^Mem:/ {print $2}')
+mem=$((mem * 9 / 10))                     # leave some memory to the system
+conf="# written by scripts/slurm-up.sh: one node, everything as root, no cgroups
+ClusterName=bilateral
+SlurmctldHost=$host
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+# a requeued job may start again cred_expire + 1 s later (default 120 s)
+AuthInfo=cred_expire=10
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+# schedule every 2 s (defaults 30-60 s): dependants start soon after their upstream runs
+SchedulerParameters=sched_interval=2,bf_interval=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$((mem / cpus))
+JobRequeue=1
+ReturnToService=2
+MinJobAge=3600
+KillWait=10
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP"
+
+if [[ "$(cat /etc/slurm/slurm.conf 2>/dev/null)" == "$conf" ]] && command -v sinfo >/dev/null && up; then
     say "already up: $(sinfo -h -N -o '%N %t %c CPUs %m MB')"
     exit 0
 fi
@@ -44,40 +82,18 @@ if ! pgrep -x munged >/dev/null; then
     runuser -u munge -- munged || die "munged did not start (see /var/log/munge/munged.log)"
 fi
 
-host=$(hostname -s)
-cpus=$(nproc --all)
-mem=$(free -m | awk '/^Mem:/ {print $2}')
-mem=$((mem * 9 / 10))                     # leave some memory to the system
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
-cat > /etc/slurm/slurm.conf <<EOF
-# written by scripts/slurm-up.sh: one node, everything as root, no cgroups
-ClusterName=bilateral
-SlurmctldHost=$host
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=$((mem / cpus))
-JobRequeue=1
-ReturnToService=2
-MinJobAge=3600
-KillWait=10
-StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
-SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
-SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
-EOF
+if [[ -f /etc/slurm/slurm.conf && "$(cat /etc/slurm/slurm.conf)" != "$conf" ]]; then
+    # another configuration: restart the daemons (started by this script) so they read this one
+    for d in slurmd slurmctld; do
+        [[ -f /run/$d.pid ]] && kill "$(cat "/run/$d.pid")" 2>/dev/null
+    done
+    for _ in $(seq 40); do
+        pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break
+        sleep 0.5
+    done
+fi
+printf '%s\n' "$conf" > /etc/slurm/slurm.conf
 rm -f /etc/slurm/cgroup.conf
 
 if ! pgrep -x slurmctld >/dev/null; then
@@ -87,9 +103,10 @@ if ! pgrep -x slurmd >/dev/null; then
     slurmd || die "slurmd did not start: $(tail -n 3 /var/log/slurm/slurmd.log 2>/dev/null)"
 fi
 
+state=""
 for _ in $(seq 60); do
     state=$(node_state)
-    if [[ "$state" =~ ^(idle|mix|alloc) ]]; then
+    if up; then
         say "up: $(sinfo -h -N -o '%N %t %c CPUs %m MB')"
         exit 0
     fi
