@@ -6,15 +6,12 @@ import sys
 
 from . import config as C
 
-STAGE_HELP = {
-    "hemisphere": "one backbone, one head: left = fine labels, right = coarse (--set side=...)",
-    "bilateral": "frozen left + right hemispheres of this seed and condition, two new heads",
-    "bilateral_unspecialised": "the same two-hemisphere model trained end to end from scratch",
-    "unilateral": "one backbone with both heads (--set member=i for the ensemble pool)",
-    "resnet18": "ResNet-18 dual-head baseline (about the bilateral model's size)",
-    "resnet34": "ResNet-34 dual-head baseline (about twice the bilateral model's size)",
-    "ensemble": "top-k unilateral pool members by validation accuracy, logits averaged",
-}
+def stage_help() -> str:
+    from . import plan
+    return "\n".join(f"  {s.name:<25} {s.help}" for s in plan.STAGES.values())
+
+
+SEEDS_HELP = "seeds as 0-4, 0 1 2 or 0,2"
 
 
 def main(argv=None):
@@ -22,7 +19,7 @@ def main(argv=None):
         prog="python -m bilateral",
         description="Bilateral brain with hemispheric specialisation (arXiv 2209.06862).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="stages:\n" + "\n".join(f"  {s:<25} {h}" for s, h in STAGE_HELP.items()))
+        epilog="stages:\n" + stage_help())
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train one stage for one seed")
@@ -34,11 +31,17 @@ def main(argv=None):
 
     r = sub.add_parser("run", help="the whole study for some seeds, notebook by notebook")
     r.add_argument("params")
-    r.add_argument("--seeds", type=int, nargs="+", default=[0])
+    r.add_argument("--seeds", nargs="+", default=["0"], help=SEEDS_HELP)
     r.add_argument("--only", nargs="+", default=None, metavar="NOTEBOOK")
     r.add_argument("--jobs", type=int, default=1)
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--download", action="store_true", help="fetch CIFAR-100 when missing")
+
+    pl = sub.add_parser("plan", help="every run of the study: status, dependencies, cost; "
+                                     "trains nothing")
+    pl.add_argument("params")
+    pl.add_argument("--seeds", nargs="+", default=["0"], help=SEEDS_HELP)
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     rep = sub.add_parser("report", help="rebuild results.csv and results.md from run records")
     rep.add_argument("experiment_dir")
@@ -70,9 +73,8 @@ def main(argv=None):
 
 def dispatch(a):
     if a.cmd == "train":
-        from . import stages
-        if a.stage not in C.STAGES:
-            raise C.ConfigError(f"unknown stage {a.stage!r}; allowed: {', '.join(C.STAGES)}")
+        from . import plan, stages
+        plan.spec(a.stage)  # an unknown stage stops here, naming the stages
         cfg = C.load(a.params, a.overrides)
         stages.run_stage(a.stage, cfg, a.seed, force=a.force)
         return 0
@@ -86,8 +88,17 @@ def dispatch(a):
         print(f"{a.dataset} is in {a.data_dir}")
         return 0
     if a.cmd == "run":
-        from . import pipeline
+        from . import pipeline, plan
+        a.seeds = plan.parse_seeds(a.seeds)
         return pipeline.main(a)
+    if a.cmd == "plan":
+        from . import plan
+        seeds = plan.parse_seeds(a.seeds)
+        cfg = C.load(a.params, a.overrides)
+        print(f"plan of {cfg.experiment} for seeds {', '.join(map(str, seeds))} "
+              f"(runs under {plan.Path(cfg.out_dir) / cfg.experiment}):\n")
+        print(plan.describe(plan.plan(cfg, seeds)))
+        return 0
     if a.cmd == "report":
         from . import results
         results.report(a.experiment_dir)

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import yaml
 
-STAGES = ("hemisphere", "bilateral", "bilateral_unspecialised", "unilateral",
-          "resnet18", "resnet34", "ensemble")
 CONDITIONS = ("A", "B", "C", "D")
 RECIPES = ("original", "fast")
 SIDES = ("left", "right")
@@ -22,6 +20,14 @@ REPORTS = ("last", "best")
 DATASETS = ("cifar100", "fashion_mnist", "synthetic")
 BACKBONE_CHOICES = ("resnet9", "vgg11")  # the study's backbones; the pyramid comes with condition B
 BASELINES = ("bilateral_unspecialised", "unilateral", "resnet18", "resnet34", "ensemble")
+
+
+def __getattr__(name):
+    """STAGES: the stage names, from the registry in plan.py (which later modules extend)."""
+    if name == "STAGES":
+        from . import plan
+        return tuple(plan.STAGES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass

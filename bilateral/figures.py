@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from . import runs, stages
+from . import plan
 
 ACC_LABELS = {"fine_acc": "fine", "coarse_acc": "coarse", "fine_as_coarse_acc": "fine→coarse"}
 
@@ -70,9 +70,7 @@ def hierarchy_figure(hier):
 
 def load_history(stage: str, cfg, seed: int) -> pd.DataFrame:
     """history.csv of a run (one row per epoch)."""
-    c = stages.stage_config(cfg, stage)
-    path = runs.run_dir(c, stage, stages.run_name(stage, c), seed) / "history.csv"
-    return pd.read_csv(path) if path.exists() else pd.DataFrame()
+    return plan.Run(stage, cfg, seed).history()
 
 
 def learning_curves(histories: dict):
@@ -139,7 +137,7 @@ def accuracy_bars(frame: pd.DataFrame, err: pd.DataFrame | None = None, title: s
 def bilateral_vs_hemispheres(hemispheres: dict, bilateral: dict):
     """Per condition: left (fine), right (coarse) and the bilateral model's two heads.
 
-    Labels as pipeline.runs_of makes them: hemispheres {"A left": metrics, "A right": ...},
+    Labels as the plan's runs have them (plan.Stage.label): hemispheres {"A left": metrics, "A right": ...},
     bilateral {"A bilateral": metrics, ...}."""
     rows = {}
     for label, m in bilateral.items():

@@ -80,56 +80,35 @@ def figure_dir(cfg: C.Config, seed=None) -> Path:
     return d
 
 
-BASELINE_LABELS = {"bilateral_unspecialised": "bilateral, no specialisation",
-                   "resnet18": "ResNet-18", "resnet34": "ResNet-34"}
+# The notebooks ask for the runs of their phase (plan.py); a notebook's name names its phase
+# ("02_hemispheres" -> "hemispheres"). Labels are each run's label in the plan.
 
-
-def runs_of(cfg: C.Config, notebook: str) -> list[tuple[str, str, C.Config]]:
-    """(label, stage, config) of every run a notebook trains, in order."""
-    rep = dataclasses.replace
-    out = []
-    if notebook == "02_hemispheres":
-        out = [(f"{c} {s}", "hemisphere", rep(cfg, condition=c, side=s))
-               for c in cfg.conditions for s in C.SIDES]
-    elif notebook == "03_bilateral":
-        out = [(f"{c} bilateral", "bilateral", rep(cfg, condition=c)) for c in cfg.conditions]
-    elif notebook == "04_baselines":
-        b = cfg.baselines
-        if "bilateral_unspecialised" in b:
-            out.append((BASELINE_LABELS["bilateral_unspecialised"], "bilateral_unspecialised",
-                        rep(cfg, condition="A")))
-        if "unilateral" in b or "ensemble" in b:
-            out += [(f"unilateral m{m}", "unilateral", rep(cfg, member=m))
-                    for m in range(cfg.pool_size)]
-        out += [(BASELINE_LABELS[s], s, cfg) for s in ("resnet18", "resnet34") if s in b]
-        if "ensemble" in b:
-            out += [(f"ensemble k={k}", "ensemble", rep(cfg, ensemble_size=k)) for k in cfg.ensemble_sizes]
-    return out
+def runs_of(cfg: C.Config, notebook: str, seed: int = 0) -> list[tuple[str, str, C.Config]]:
+    """(label, stage, config) of every run a notebook (or phase) trains, in order."""
+    from . import plan
+    return [(r.label, r.stage, r.cfg) for r in plan.phase_runs(cfg, notebook, seed)]
 
 
 def train_runs(cfg: C.Config, notebook: str, seed: int) -> dict:
-    """Train every run of a notebook (a finished one with the same config is just read);
-    {label: metrics}."""
-    from . import stages
-    return {label: stages.run_stage(stage, c, seed) for label, stage, c in runs_of(cfg, notebook)}
+    """Train every run of a notebook's phase (a finished one with the same config is just
+    read); {label: metrics}."""
+    from . import plan
+    return {r.label: r.train() for r in plan.phase_runs(cfg, notebook, seed)}
 
 
 def read_runs(cfg: C.Config, notebook: str, seed: int) -> dict:
-    """{label: metrics} of the finished runs of a notebook (missing ones are left out)."""
-    from . import runs, stages
-    out = {}
-    for label, stage, c in runs_of(cfg, notebook):
-        c = stages.stage_config(c, stage)
-        path = runs.run_dir(c, stage, stages.run_name(stage, c), seed)
-        if runs.finished(path):
-            out[label] = runs.read_json(path / "metrics.json")
-    return out
+    """{label: metrics} of the finished runs of a notebook's phase (missing, unfinished and
+    stale ones are left out)."""
+    from . import plan
+    return {r.label: r.metrics() for r in plan.phase_runs(cfg, notebook, seed)
+            if r.status() == "finished"}
 
 
 def histories(cfg: C.Config, notebook: str, seed: int) -> dict:
-    """{label: history DataFrame} of the trained runs of a notebook (ensembles have none)."""
-    from .figures import load_history
-    out = {label: load_history(stage, c, seed) for label, stage, c in runs_of(cfg, notebook)}
+    """{label: history DataFrame} of the trained runs of a notebook's phase (ensembles have
+    none)."""
+    from . import plan
+    out = {r.label: r.history() for r in plan.phase_runs(cfg, notebook, seed)}
     return {k: v for k, v in out.items() if not v.empty}
 
 

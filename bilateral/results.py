@@ -18,18 +18,13 @@ from pathlib import Path
 import pandas as pd
 
 from . import config as C
+from . import plan
 from .runs import atomic_write_bytes
 
 COLUMNS = ["stage", "model", "condition", "backbone", "seed", "split", "metric", "value"]
 ACC = ("fine_acc", "coarse_acc", "fine_as_coarse_acc")
-CONDITION_STAGES = ("hemisphere", "bilateral", "bilateral_unspecialised")
 TRAIN_KEYS = ("wall_s", "best_epoch", "epochs")  # from metrics.json, reported with split "train"
 ANALYSIS_HIDDEN = {"median", "q25", "q75", "std", "n", "n_pairs", "n_used", "wall_s"}
-STAGE_LABEL = {
-    "hemisphere": "hemisphere", "bilateral": "bilateral (specialised)",
-    "bilateral_unspecialised": "bilateral, no specialisation", "unilateral": "unilateral dual-head",
-    "resnet18": "ResNet-18 dual-head", "resnet34": "ResNet-34 dual-head", "ensemble": "ensemble",
-}
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -66,15 +61,15 @@ def _flat(d: dict, prefix="") -> dict:
 
 def run_rows(exp: Path) -> list[dict]:
     rows = []
-    for stage in C.STAGES:
+    for stage, spec in plan.STAGES.items():
         for mfile in sorted((exp / stage).glob("*/seed=*/metrics.json")):
             run = mfile.parent
             metrics, rec = _read(mfile), _read(run / "config.json")
             resolved = rec.get("resolved", {})
+            # a stage that fixes its backbone (ResNet-18/34) is named after it
             base = dict(stage=stage, model=run.parent.name,
-                        condition=resolved.get("condition", "") if stage in CONDITION_STAGES else "",
-                        backbone=stage if stage in ("resnet18", "resnet34")
-                        else resolved.get("backbone", ""),
+                        condition=resolved.get("condition", "") if "condition" in spec.uses else "",
+                        backbone=resolved.get("backbone", "") if "backbone" in spec.uses else stage,
                         seed=_seed_of(run))
             for split in ("test", "val"):
                 for metric, value in (metrics.get(split) or {}).items():

@@ -14,48 +14,18 @@ import zlib
 import torch
 
 from . import config as C
-from . import data, models, runs, train
+from . import data, models, plan, runs, train
 
 
 # ---------------------------------------------------------------------------- configs and names
+# Each stage is declared once in plan.py; these keep the older call forms working.
 
 def stage_config(cfg: C.Config, stage: str) -> C.Config:
-    """Reset the parameters a stage does not use, so they neither appear in its record nor
-    make two identical runs look different."""
-    if stage not in C.STAGES:
-        raise C.ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(C.STAGES)}")
-    d = C.Config()
-    unused = {"side", "member", "ensemble_size", "head_augment"}
-    if stage == "hemisphere":
-        unused -= {"side"}
-    if stage == "bilateral":
-        unused -= {"head_augment"}
-    if stage == "unilateral":
-        unused -= {"member"}
-    if stage == "ensemble":
-        unused -= {"ensemble_size"}
-    if stage in ("unilateral", "resnet18", "resnet34", "ensemble"):
-        unused |= {"condition"}
-    if stage in ("resnet18", "resnet34"):
-        unused |= {"backbone"}
-    if stage == "ensemble":  # pool members are trained by the unilateral stage
-        unused |= {"augment"}
-    cond = d.condition if "condition" in unused else cfg.condition
-    if cond not in ("C", "D"):
-        unused |= {"kwta_k", "kwta_k_batch", "kwta_eval_batch"}
-    return dataclasses.replace(cfg, **{k: getattr(d, k) for k in unused})
+    return plan.stage_config(cfg, stage)
 
 
 def run_name(stage: str, cfg: C.Config) -> str:
-    if stage == "hemisphere":
-        return f"{cfg.backbone}-{cfg.condition}-{cfg.side}"
-    if stage in ("bilateral", "bilateral_unspecialised"):
-        return f"{cfg.backbone}-{cfg.condition}"
-    if stage == "unilateral":
-        return f"{cfg.backbone}-m{cfg.member}"
-    if stage == "ensemble":
-        return f"{cfg.backbone}-k{cfg.ensemble_size}"
-    return stage  # resnet18, resnet34
+    return plan.spec(stage).run_name(cfg)
 
 
 def run_seed(stage: str, name: str, seed: int) -> int:
@@ -65,9 +35,7 @@ def run_seed(stage: str, name: str, seed: int) -> int:
 
 
 def train_command(stage, cfg, seed, params="params/<preset>.yaml") -> str:
-    sets = {"hemisphere": f" --set condition={cfg.condition} --set side={cfg.side}",
-            "unilateral": f" --set member={cfg.member}"}.get(stage, "")
-    return f"python -m bilateral train {stage} --params {params} --seed {seed}{sets}"
+    return plan.Run(stage, cfg, seed).command(params)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -99,12 +67,17 @@ def loaders(cfg, device, batch_size, seed, augment):
 
 # ---------------------------------------------------------------------------------- models
 
-def hemisphere_backbone(cfg: C.Config, side: str) -> torch.nn.Module:
+def hemisphere_arch(cfg: C.Config, side: str) -> tuple[str, bool]:
+    """(backbone name, k-WTA on?) of a hemisphere: conditions B and D give the left the
+    pyramid, C and D put k-WTA into both."""
     name = "resnet9_pyramid" if side == "left" and cfg.condition in ("B", "D") else cfg.backbone
-    kwta = {}
-    if cfg.condition in ("C", "D"):
-        kwta = dict(k=cfg.kwta_k, k_batch=cfg.kwta_k_batch, kwta_eval_batch=cfg.kwta_eval_batch)
-    return models.build_backbone(name, cfg.width, bn_momentum=cfg.bn_momentum, **kwta)
+    return name, cfg.condition in ("C", "D")
+
+
+def hemisphere_backbone(cfg: C.Config, side: str) -> torch.nn.Module:
+    name, kwta = hemisphere_arch(cfg, side)
+    kw = dict(k=cfg.kwta_k, k_batch=cfg.kwta_k_batch, kwta_eval_batch=cfg.kwta_eval_batch) if kwta else {}
+    return models.build_backbone(name, cfg.width, bn_momentum=cfg.bn_momentum, **kw)
 
 
 def hemisphere_model(cfg, side, hier) -> models.Unilateral:
@@ -113,33 +86,27 @@ def hemisphere_model(cfg, side, hier) -> models.Unilateral:
                              heads=heads, dropout=cfg.dropout)
 
 
-def build_model(stage, cfg, hier):
-    n = dict(n_fine=hier.n_fine, n_coarse=hier.n_coarse)
-    if stage == "hemisphere":
-        return hemisphere_model(cfg, cfg.side, hier)
-    if stage == "bilateral_unspecialised":
-        return models.Bilateral(hemisphere_backbone(cfg, "left"), hemisphere_backbone(cfg, "right"),
-                                dropout=cfg.dropout, **n)
-    if stage == "unilateral":
-        bb = models.build_backbone(cfg.backbone, cfg.width, bn_momentum=cfg.bn_momentum)
-        return models.Unilateral(bb, dropout=cfg.dropout, **n)
-    if stage in ("resnet18", "resnet34"):
-        bb = models.build_backbone(stage, cfg.width, bn_momentum=cfg.bn_momentum)
-        return models.Unilateral(bb, dropout=cfg.dropout, **n)
-    raise ValueError(f"stage {stage!r} has no model of its own to build")
+def unspecialised_model(cfg, hier) -> models.Bilateral:
+    return models.Bilateral(hemisphere_backbone(cfg, "left"), hemisphere_backbone(cfg, "right"),
+                            hier.n_fine, hier.n_coarse, dropout=cfg.dropout)
+
+
+def dual_head_model(backbone: str, cfg, hier) -> models.Unilateral:
+    bb = models.build_backbone(backbone, cfg.width, bn_momentum=cfg.bn_momentum)
+    return models.Unilateral(bb, hier.n_fine, hier.n_coarse, dropout=cfg.dropout)
+
+
+def build_model(stage, cfg, hier, seed=0):
+    """A stage's untrained model (the bilateral one: the hemispheres of `seed`, frozen)."""
+    build = plan.spec(stage).build
+    if build is None:
+        raise ValueError(f"stage {stage!r} has no model of its own to build")
+    return build(plan.stage_config(cfg, stage), hier, seed)
 
 
 def load_run_model(stage, cfg, seed, hier, device="cpu"):
     """The trained model of a finished run, rebuilt from its config and loaded strictly."""
-    cfg = stage_config(cfg, stage)
-    path = runs.run_dir(cfg, stage, run_name(stage, cfg), seed)
-    if not runs.finished(path):
-        raise FileNotFoundError(f"{stage} run {path} is missing or unfinished; make it with:\n  "
-                                f"{train_command(stage, cfg, seed)}")
-    model = load_bilateral(cfg, seed, hier) if stage == "bilateral" else build_model(stage, cfg, hier)
-    state = runs.load_torch(path / "model.pt")
-    models.load_state_strict(model, state, what=f"{stage} run {path}")
-    return model.to(device).eval()
+    return plan.Run(stage, cfg, seed).load_model(hier, device)
 
 
 def load_hemisphere(cfg, side, seed, hier):
@@ -157,18 +124,20 @@ def load_bilateral(cfg, seed, hier):
 # --------------------------------------------------------------------------------- running
 
 def heads_of(stage, cfg):
-    if stage == "hemisphere":
-        return ("fine",) if cfg.side == "left" else ("coarse",)
-    return ("fine", "coarse")
+    return plan.spec(stage).heads(cfg)
 
 
 def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=print) -> dict:
     """Train (or, if already finished with the same config, just read) one run; return its
-    metrics."""
-    cfg = stage_config(C.validate(cfg), stage)
-    name = run_name(stage, cfg)
-    path = runs.run_dir(cfg, stage, name, seed)
+    metrics. A run whose upstream runs were retrained since it was built is refused (stale),
+    unless `force`, which retrains it."""
+    run = plan.Run(stage, C.validate(cfg), seed)
+    cfg, name, path = run.cfg, run.name, run.path
     tag = f"[{stage} {name} seed={seed}]"
+    changed = run.changed_upstream()
+    if changed and not force:
+        raise runs.RunConflict(f"{run.key} is stale: it was built on {', '.join(changed)}, "
+                               f"retrained or removed since; use --force to retrain it")
     status = runs.prepare(path, C.identity(cfg), force)
     if status == "done":
         log(f"{tag} already finished with the same config: {path}")
@@ -177,10 +146,8 @@ def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=pri
         torch.set_num_threads(cfg.threads)
     device = train.pick_device(cfg.device)
     t0 = time.perf_counter()
-    if stage == "ensemble":
-        metrics = _ensemble(cfg, seed, device, path, log=lambda m: log(f"{tag} {m}"))
-    else:
-        metrics = _train(stage, cfg, seed, device, path, status, log=lambda m: log(f"{tag} {m}"))
+    say = lambda m: log(f"{tag} {m}")  # noqa: E731
+    metrics = _train(run, device, say) if run.spec.build else _ensemble(run, device, say)
     metrics["wall_s"] = time.perf_counter() - t0
     runs.write_json(path / "metrics.json", metrics)
     (path / "checkpoint.pt").unlink(missing_ok=True)
@@ -189,32 +156,35 @@ def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=pri
     return metrics
 
 
-def _record(path, cfg, stage, seed, device, extra):
-    rec = {"config": C.identity(cfg), "resolved": dataclasses.asdict(cfg), "stage": stage,
-           "seed": seed, **runs.provenance(device), **extra}
-    runs.write_json(path / "config.json", rec)
+def _record(run, device, extra):
+    """config.json: the config, provenance, and the sha256 of every upstream model.pt."""
+    rec = {"config": C.identity(run.cfg), "resolved": dataclasses.asdict(run.cfg),
+           "stage": run.stage, "seed": run.seed, "upstream": plan.upstream_hashes(run),
+           **runs.provenance(device), **extra}
+    runs.write_json(run.path / "config.json", rec)
 
 
-def _train(stage, cfg, seed, device, path, status, log):
+def _train(run, device, log):
+    stage, cfg, seed, path = run.stage, run.cfg, run.seed, run.path
     hp = train.hyper(cfg, stage)
-    rseed = run_seed(stage, run_name(stage, cfg), seed)
+    rseed = run_seed(stage, run.name, seed)
     torch.manual_seed(rseed)
-    heads = heads_of(stage, cfg)
-    cached = stage == "bilateral" and not cfg.head_augment
-    augment = cfg.head_augment if stage == "bilateral" else cfg.augment
+    heads = run.heads
+    heads_only = run.spec.heads_only
+    cached = heads_only and not cfg.head_augment
+    augment = cfg.head_augment if heads_only else cfg.augment
     train_dl, val_dl, test_dl, hier = loaders(cfg, device, hp.batch_size, rseed, augment)
-    model = (load_bilateral(cfg, seed, hier) if stage == "bilateral"
-             else build_model(stage, cfg, hier)).to(device)
+    model = run.spec.build(cfg, hier, seed).to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = model
-    if stage == "bilateral":
+    if heads_only:
         forward, train_dl, val_dl, test_dl = bilateral_forward(model, train_dl, val_dl, test_dl,
                                                                cached, hp, rseed, device, cfg.amp)
     if cfg.compile:
         forward = torch.compile(forward)
-    _record(path, cfg, stage, seed, device, {
-        "name": run_name(stage, cfg), "run_seed": rseed, "hyper": dataclasses.asdict(hp),
+    _record(run, device, {
+        "name": run.name, "run_seed": rseed, "hyper": dataclasses.asdict(hp),
         "trainable_params": models.count_trainable(model), "cached_features": cached,
         "n_train": train_dl.n})
     history, best = train.fit(
@@ -268,22 +238,17 @@ def cache_features(model, loader, device, amp=True):
 
 def pool_metrics(cfg, seed):
     """Validation metrics of every unilateral run in the ensemble pool of this seed."""
-    found, missing = {}, []
-    for m in range(cfg.pool_size):
-        c = stage_config(dataclasses.replace(cfg, member=m), "unilateral")
-        p = runs.run_dir(c, "unilateral", run_name("unilateral", c), seed)
-        if runs.finished(p):
-            found[m] = runs.read_json(p / "metrics.json")
-        else:
-            missing.append(train_command("unilateral", c, seed))
+    pool = plan.Run("ensemble", cfg, seed).upstream()
+    missing = [r.command() for r in pool if r.status() != "finished"]
     if missing:
         raise FileNotFoundError(f"the ensemble needs {len(missing)} more unilateral runs of seed "
                                 f"{seed}; make them with:\n  " + "\n  ".join(missing))
-    return found
+    return {r.cfg.member: r.metrics() for r in pool}
 
 
-def _ensemble(cfg, seed, device, path, log):
+def _ensemble(run, device, log):
     """Top-k unilateral runs by validation accuracy (never test), logits averaged per head."""
+    cfg, seed = run.cfg, run.seed
     pool = pool_metrics(cfg, seed)
     ranked = sorted(pool, key=lambda m: -train.score(pool[m]["val"], ("fine", "coarse")))
     chosen = sorted(ranked[:cfg.ensemble_size])
@@ -291,9 +256,8 @@ def _ensemble(cfg, seed, device, path, log):
     members = [load_run_model("unilateral", dataclasses.replace(cfg, member=m), seed, hier, device)
                for m in chosen]
     model = models.Ensemble(members).to(device).eval()
-    _record(path, cfg, stage="ensemble", seed=seed, device=device, extra={
-        "name": run_name("ensemble", cfg), "members": chosen,
-        "trainable_params": models.count_trainable(model)})
+    _record(run, device, extra={"name": run.name, "members": chosen,
+                                "trainable_params": models.count_trainable(model)})
     f2c = hier.fine_to_coarse
     val = train.evaluate(model, val_dl, device, f2c, cfg.amp)
     test = train.evaluate(model, test_dl, device, f2c, cfg.amp)

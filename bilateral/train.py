@@ -35,7 +35,8 @@ class Hyper:
 
 def hyper(cfg, stage: str) -> Hyper:
     r = dict(RECIPES[cfg.recipe])
-    r["weight_decay"] = r["weight_decay"][0 if stage == "hemisphere" else 1]
+    from .plan import spec  # the stage's recipe group; a late import: plan builds on this module
+    r["weight_decay"] = r["weight_decay"][0 if spec(stage).recipe == "hemisphere" else 1]
     for key in ("lr", "batch_size", "epochs", "weight_decay", "label_smoothing"):
         if getattr(cfg, key) is not None:
             r[key] = getattr(cfg, key)
