@@ -84,20 +84,21 @@ def train_size(cfg) -> int:
     return min(n, cfg.subset_per_class * n_fine) if cfg.subset_per_class else n
 
 
-def seconds_per_epoch(cfg, device, steps: int = 3) -> float:
+def seconds_per_epoch(cfg, device, steps: int = 2) -> float:
     """One ResNet-9 training epoch at the config's width and batch size on `device`, from a few
     timed steps on random images (on a CPU at a smaller batch, scaled: time grows with it)."""
     import torch
     from . import models, train
     hp = train.hyper(cfg, "unilateral")
-    bs = hp.batch_size if device.type != "cpu" else min(hp.batch_size, 32)
+    bs = hp.batch_size if device.type != "cpu" else min(hp.batch_size, 16)
     model = models.Unilateral(models.build_backbone("resnet9", cfg.width), 100, 20).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.randn(bs, 3, 32, 32, device=device)
     batch = {"fine": torch.randint(0, 100, (bs,), device=device),
              "coarse": torch.randint(0, 20, (bs,), device=device)}
     ctx, _ = train.autocast(device, cfg.amp)
-    times = []
+    times, threads = [], torch.get_num_threads()
+    torch.set_num_threads(cfg.threads or threads)  # as the runs will train
     for _ in range(steps + 1):  # the first step warms up
         t0 = time.perf_counter()
         with ctx:
@@ -108,6 +109,7 @@ def seconds_per_epoch(cfg, device, steps: int = 3) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
     per_image = min(times[1:]) / bs
     return per_image * train_size(cfg)
 
@@ -346,7 +348,7 @@ def wait(jobs: dict, log=say, poll: float = 2.0) -> list[Outcome]:
             if settled is None:
                 continue
             secs = (r.metrics() or {}).get("wall_s", time.perf_counter() - t0)
-            o = Outcome(r, *settled, seconds=secs,
+            o = Outcome(r, settled[0], secs, settled[1],
                         log=str(job.paths.stdout), job_id=job.job_id)
             bad = [u.key for u in ups if done[u].status != "ok"] if o.status == "failed" else []
             if bad and state == "CANCELLED":
