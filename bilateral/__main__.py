@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import config as C
+
 
 def stage_help() -> str:
     from . import plan
@@ -40,9 +42,11 @@ def main(argv=None):
     t = sub.add_parser("train", help="train one stage for one seed")
     t.add_argument("stage", help=f"one of: {', '.join(C.STAGES)}")
     t.add_argument("--params", help="YAML params file (params/*.yaml)")
-    t.add_argument("--seed", type=int, default=0)
+    seed = t.add_mutually_exclusive_group()
+    seed.add_argument("--seed", type=int, default=0)
+    seed.add_argument("--seeds", nargs="+", default=None, help=f"several: {SEEDS_HELP}")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    t.add_argument("--force", action="store_true", help="replace a finished or different run")
+    t.add_argument("--force", action="store_true", help="replace a finished, stale or different run")
 
     r = sub.add_parser("run", help="the whole study for some seeds, notebook by notebook")
     r.add_argument("params")
@@ -101,7 +105,8 @@ def dispatch(a):
         from . import plan, stages
         plan.spec(a.stage)  # an unknown stage stops here, naming the stages
         cfg = C.load(a.params, a.overrides)
-        stages.run_stage(a.stage, cfg, a.seed, force=a.force)
+        for seed in plan.parse_seeds(a.seeds if a.seeds else [a.seed]):
+            stages.run_stage(a.stage, cfg, seed, force=a.force)
         return 0
     if a.cmd == "params-table":
         from . import models
@@ -124,7 +129,7 @@ def dispatch(a):
         seeds = plan.parse_seeds(a.seeds)
         cfg = C.load(a.params, a.overrides)
         print(f"plan of {cfg.experiment} for seeds {', '.join(map(str, seeds))} "
-              f"(runs under {plan.Path(cfg.out_dir) / cfg.experiment}):\n")
+              f"(runs under {Path(cfg.out_dir) / cfg.experiment}):\n")
         print(plan.describe(plan.plan(cfg, seeds)))
         return 0
     if a.cmd == "report":

@@ -29,6 +29,7 @@ from . import config as C
 from . import runs, stages, train
 
 PHASES = ("hemispheres", "bilateral", "baselines")
+STATUSES = ("finished", "in_progress", "stale", "missing")
 
 # Fields only some stages use. A stage's config resets the ones it does not use to their
 # defaults, so they neither appear in its record nor make two identical runs look different.
@@ -37,8 +38,9 @@ KWTA_FIELDS = ("kwta_k", "kwta_k_batch", "kwta_eval_batch")  # used under condit
 VARIANT_FIELDS = ("condition", "side", "member", "ensemble_size")  # what `--set` picks a run by
 
 # Relative training cost per epoch, measured on CPU at width 1 (ResNet-9 = 1), see README.
+# VGG-11: 0.83 per step at batch 64 (one measurement on a shared CPU; its FLOPs ratio is 0.72).
 BACKBONE_COST = {"resnet9": 1.0, "resnet9_pyramid": 4.2, "resnet18": 1.5, "resnet34": 2.9,
-                 "vgg11": 1.0}
+                 "vgg11": 0.8}
 KWTA_COST = {"resnet9": 1.6, "resnet9_pyramid": 6.2}
 CACHED_HEADS_COST = 0.02  # an epoch of the bilateral heads on cached features
 
@@ -62,6 +64,7 @@ class Stage:
     fixed_cost: Callable[[C.Config], float] = lambda cfg: 0.0  # once per run
     recipe: str = "default"                      # "hemisphere": the recipe's hemisphere weight decay
     heads_only: bool = False                     # trains heads on frozen `features` (cacheable)
+    owns: tuple[str, ...] = ()                   # config fields no other stage uses
 
 
 STAGES: dict[str, Stage] = {}
@@ -71,10 +74,10 @@ def register(spec: Stage) -> Stage:
     """Add (or replace) a stage; the study plans it from then on."""
     if spec.phase not in PHASES:
         raise ValueError(f"stage {spec.name}: unknown phase {spec.phase!r}; phases: {', '.join(PHASES)}")
-    unknown = set(spec.uses) - set(OPTIONAL)
+    unknown = set(spec.uses) - set(OPTIONAL) | set(spec.owns) - set(C.FIELD_TYPES)
     if unknown:
-        raise ValueError(f"stage {spec.name}: unknown optional fields {sorted(unknown)}; "
-                         f"allowed: {', '.join(OPTIONAL)}")
+        raise ValueError(f"stage {spec.name}: unknown fields {sorted(unknown)} in uses/owns; "
+                         f"uses: some of {', '.join(OPTIONAL)}; owns: config fields")
     STAGES[spec.name] = spec
     return spec
 
@@ -88,7 +91,8 @@ def spec(stage: str) -> Stage:
 def stage_config(cfg: C.Config, stage: str) -> C.Config:
     """cfg with the fields `stage` does not use reset to their defaults."""
     s, d = spec(stage), C.Config()
-    unused = {k for k in OPTIONAL if k not in s.uses}
+    optional = set(OPTIONAL).union(*(t.owns for t in STAGES.values()))
+    unused = optional - set(s.uses) - set(s.owns)
     cond = cfg.condition if "condition" in s.uses else d.condition
     if cond not in ("C", "D"):
         unused |= set(KWTA_FIELDS)
@@ -432,6 +436,18 @@ def pending(runs_: list[Run]) -> list[Run]:
     return [r for r in runs_ if r in todo]
 
 
+def totals(runs_: list[Run]) -> dict:
+    """Counts and costs of a plan: runs per status, cost in all and still to train (in
+    ResNet-9 epochs), and that cost in ResNet-9 trainings when every run has the same epochs."""
+    status = [r.status() for r in runs_]
+    todo = pending(runs_)
+    epochs = {r.epochs() for r in runs_ if r.epochs()}
+    return dict(runs=len(runs_), **{k: status.count(k) for k in STATUSES},
+                cost=sum(r.cost() for r in runs_), todo=len(todo),
+                todo_cost=sum(r.cost() for r in todo),
+                epochs=epochs.pop() if len(epochs) == 1 else None)
+
+
 # ------------------------------------------------------------------------------ 5. printing
 
 def _ranges(numbers) -> str:
@@ -451,7 +467,6 @@ def describe(runs_: list[Run]) -> str:
     still to train count as still to train."""
     index = {r: i + 1 for i, r in enumerate(runs_)}
     status = {r: r.status() for r in runs_}
-    todo = set(pending(runs_))
     w = max([len(r.key) for r in runs_] + [3])
     lines = [f"{'#':>4}  {'run':<{w}}  {'status':<11}  {'epochs':>6}  {'cost':>8}  after"]
     for r in runs_:
@@ -466,15 +481,13 @@ def describe(runs_: list[Run]) -> str:
     for s in dict.fromkeys(r.stage for r in runs_):
         rs = [r for r in runs_ if r.stage == s]
         lines.append(f"{s:<24} {len(rs):>5} {sum(r.cost() for r in rs):>10,.1f}")
-    total = sum(r.cost() for r in runs_)
-    counts = ", ".join(f"{sum(v == k for v in status.values())} {k.replace('_', ' ')}"
-                       for k in ("finished", "in_progress", "stale", "missing"))
-    epochs = {r.epochs() for r in runs_ if r.epochs()}
-    per = f" (= {total / min(epochs):,.1f} ResNet-9 trainings of {min(epochs)} epochs)" \
-        if len(epochs) == 1 else ""
-    lines += [f"{'total':<24} {len(runs_):>5} {total:>10,.1f}",
-              "", f"{len(runs_)} runs: {counts}",
+    t = totals(runs_)
+    counts = ", ".join(f"{t[k]} {k.replace('_', ' ')}" for k in STATUSES)
+    e = t["epochs"]
+    per = f" (= {t['cost'] / e:,.1f} ResNet-9 trainings of {e} epoch{'s' * (e != 1)})" if e else ""
+    lines += [f"{'total':<24} {t['runs']:>5} {t['cost']:>10,.1f}",
+              "", f"{t['runs']} runs: {counts}",
               f"cost in ResNet-9 epochs (epochs x cost per epoch relative to ResNet-9, measured "
-              f"on CPU at width 1): {total:,.1f} in all{per}, {sum(r.cost() for r in todo):,.1f} "
-              f"still to train ({len(todo)} runs)"]
+              f"on CPU at width 1): {t['cost']:,.1f} in all{per}, {t['todo_cost']:,.1f} "
+              f"still to train ({t['todo']} runs)"]
     return "\n".join(lines)

@@ -1,8 +1,10 @@
 """Every stage of the study as one function call: `run_stage(stage, cfg, seed)`.
 
-A stage builds its model from the config, trains it with `train.fit` and records the run under
-outputs/<experiment>/<stage>/<name>/seed=<k>/. The bilateral stage and the ensembles read the
-runs they build on from those records, so the stages can run in separate processes.
+What each stage is (its fields, name, heads, builder, upstream runs) is declared in plan.py;
+this module builds the models and trains. A stage trains its model with `train.fit` and records
+the run under outputs/<experiment>/<stage>/<name>/seed=<k>/, with the sha256 of every upstream
+model.pt it was built on. The bilateral stage and the ensembles read the runs they build on from
+those records, so the stages can run in separate processes.
 """
 from __future__ import annotations
 
@@ -32,10 +34,6 @@ def run_seed(stage: str, name: str, seed: int) -> int:
     """A distinct, stable torch seed per run: pool members and the two hemispheres of a seed
     must not start from the same weights by accident."""
     return zlib.crc32(f"{stage}/{name}/{seed}".encode())
-
-
-def train_command(stage, cfg, seed, params="params/<preset>.yaml") -> str:
-    return plan.Run(stage, cfg, seed).command(params)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -122,10 +120,6 @@ def load_bilateral(cfg, seed, hier):
 
 
 # --------------------------------------------------------------------------------- running
-
-def heads_of(stage, cfg):
-    return plan.spec(stage).heads(cfg)
-
 
 def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=print) -> dict:
     """Train (or, if already finished with the same config, just read) one run; return its

@@ -16,7 +16,7 @@ import torch
 from papermill.exceptions import PapermillExecutionError
 
 from bilateral import config as C
-from bilateral import outcomes, pipeline, results, runs, stages
+from bilateral import outcomes, pipeline, plan, results
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -267,12 +267,8 @@ def test_smoke_results_hold_every_model_condition_and_seed(smoke):
     df = pd.read_csv(exp / "results.csv", keep_default_na=False)
     cfg = C.load(SMOKE, {"out_dir": str(out)})
     have = set(zip(df.stage, df.model, df.condition, df.seed.astype(str), df.split))
-    want = []
-    for nb in ("02_hemispheres", "03_bilateral", "04_baselines"):
-        for _, stage, c in pipeline.runs_of(cfg, nb):
-            c = stages.stage_config(c, stage)
-            cond = c.condition if stage in results.CONDITION_STAGES else ""
-            want += [(stage, stages.run_name(stage, c), cond, str(s), "test") for s in (0, 1)]
+    want = [(r.stage, r.name, r.cfg.condition if "condition" in r.spec.uses else "", str(r.seed), "test")
+            for r in plan.plan(cfg, [0, 1])]
     assert len(want) == 2 * (8 + 4 + 1 + 5 + 2 + 2)
     assert set(want) <= have, sorted(set(want) - have)
     assert {s for s, *_ in want} == set(C.STAGES)            # every stage of the study
@@ -290,9 +286,7 @@ def test_outcomes_agree_with_the_recorded_accuracies(smoke):
     cfg = dataclasses.replace(C.load(SMOKE, {"out_dir": str(out), "device": "cpu"}), condition="B")
     p = outcomes.predictions(cfg, 1)
     assert set(p) == set(outcomes.KEYS) and all(v.dtype == torch.bool for v in p.values())
-    rec = lambda stage, c: runs.read_json(runs.run_dir(  # noqa: E731
-        stages.stage_config(c, stage), stage, stages.run_name(stage, stages.stage_config(c, stage)), 1)
-        / "metrics.json")["test"]
+    rec = lambda stage, c: plan.Run(stage, c, 1).metrics()["test"]  # noqa: E731
     left = rec("hemisphere", dataclasses.replace(cfg, side="left"))
     right = rec("hemisphere", dataclasses.replace(cfg, side="right"))
     bil = rec("bilateral", cfg)
