@@ -317,7 +317,7 @@ def _run_all(seeds, per_seed, notebooks, jobs, nb_dir, root, parameters, exp_dir
                         execute=execute)
                    for i, s in enumerate(seeds)]
         if slurm is not None:  # one SLURM job per seed
-            from .sweep import run_chains_slurm
+            from .slurm import run_chains_slurm
             results += run_chains_slurm(jobs_kw, slurm, exp_dir / "jobs" / "notebooks", log)
         elif jobs == 1:
             for kw in jobs_kw:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bilateral import config as C
-from bilateral import plan, runs, stages, sweep
+from bilateral import plan, runs, slurm, stages, sweep
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -81,7 +81,8 @@ def test_a_failing_run_skips_its_dependants_only(executor, tmp_path, capsys, req
     runs_ = the_plan(tmp_path, [0], "conditions=[A]")
     left = next(r for r in runs_ if r.key == "hemisphere/resnet9-A-left/seed=0")
     corrupt_checkpoint(left)
-    code, outcomes = sweep.sweep(SMOKE, [0], executor, jobs=2, slurm={"cpus": 1},
+    # local: in this process (the 2-worker pool is exercised above); slurm: jobs of the cluster
+    code, outcomes = sweep.sweep(SMOKE, [0], executor, jobs=1, slurm={"cpus": 1},
                                  overrides=reduced(tmp_path, "conditions=[A]"))
     status = {o.run.key: o.status for o in outcomes}
     assert code == 1
@@ -152,7 +153,7 @@ def test_slurm_job_signalled_mid_run_requeues_and_resumes(slurm_cluster, tmp_pat
     more = ["conditions=[A]", "baselines=[]", "epochs=6"]
     run = next(r for r in the_plan(tmp_path / "slurm", [0], *more) if r.stage == "hemisphere")
     todo, _ = sweep.to_train([run])
-    jobs = sweep.submit(todo, set(), {"cpus": 1}, log=lambda m: None)
+    jobs = slurm.submit(todo, set(), {"cpus": 1}, log=lambda m: None)
     job = jobs[run]
     history = run.path / "history.csv"
     while not (history.exists() and len(history.read_text().splitlines()) >= 2):  # epoch 1 done
@@ -160,7 +161,7 @@ def test_slurm_job_signalled_mid_run_requeues_and_resumes(slurm_cluster, tmp_pat
         time.sleep(0.1)
     # what SLURM sends before a time limit (--signal=USR2@90) or on preemption
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
-    [outcome] = sweep.wait(jobs, log=lambda m: None, poll=1)
+    [outcome] = slurm.wait(jobs, log=lambda m: None, poll=1)
     assert outcome.status == "ok", outcome.error
     info = subprocess.run(["scontrol", "show", "job", job.job_id], capture_output=True, text=True).stdout
     assert "Restarts=1" in info  # requeued once
@@ -202,7 +203,7 @@ def test_grid_sweep_writes_one_table_across_points(tmp_path):
 def test_slurm_options_are_validated_and_translated():
     with pytest.raises(C.ConfigError, match="slurm.gpu: unknown option; allowed: partition"):
         C.load(SMOKE, ["slurm={gpu: 1}"])
-    p = sweep.slurm_parameters({"partition": "gpu", "time": 90, "gpus": 1, "cpus": 8,
+    p = slurm.slurm_parameters({"partition": "gpu", "time": 90, "gpus": 1, "cpus": 8,
                                 "mem_gb": 16, "max_parallel": 4}, n_jobs=10)
     assert p["partition"] == "gpu" and p["time"] == 90 and p["gpus_per_node"] == 1
     assert p["cpus_per_task"] == 8 and p["mem"] == "16384MB" and p["array_parallelism"] == 4
