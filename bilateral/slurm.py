@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .sweep import Outcome, _report, jobs_dir, say, tail
 
+
 class TrainJob:
     """What a SLURM job runs: one run. submitit calls `checkpoint` when the job is signalled
     before its time limit or preempted, requeues the job, and the requeued job calls this
