@@ -65,6 +65,11 @@ def run_rows(exp: Path) -> list[dict]:
         for mfile in sorted((exp / stage).glob("*/seed=*/metrics.json")):
             run = mfile.parent
             metrics, rec = _read(mfile), _read(run / "config.json")
+            changed = plan.changed_in(exp, rec)
+            if changed:  # built on runs retrained since: its numbers are not the study's
+                print(f"left out {run.relative_to(exp)}: stale, built on {', '.join(changed)} "
+                      f"before they were retrained (retrain it with --force)")
+                continue
             resolved = rec.get("resolved", {})
             # a stage that fixes its backbone (ResNet-18/34) is named after it
             base = dict(stage=stage, model=run.parent.name,
