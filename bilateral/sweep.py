@@ -118,10 +118,14 @@ def estimate(todo: list, cfg, device=None, workers: int = 1) -> str:
         return "nothing to train: every run of the plan is finished"
     device = device or train.pick_device(cfg.device)
     cost = sum(r.cost() for r in todo)
-    sec = seconds_per_epoch(cfg, device) if cost else 0.0
-    total = cost * sec
+    first = {}  # one measurement per experiment (the points of a grid differ in width ...)
+    for r in todo:
+        first.setdefault(r.cfg.experiment, r.cfg)
+    sec = {e: seconds_per_epoch(c, device) for e, c in first.items()} if cost else {}
+    total = sum(r.cost() * sec.get(r.cfg.experiment, 0.0) for r in todo)
+    per = " to ".join(dict.fromkeys(f"{v:.1f}s" for v in sorted(sec.values()))) or "0s"
     lines = [f"{len(todo)} trainings to run, {cost:,.1f} ResNet-9 epochs; on {device} one epoch "
-             f"takes about {sec:.1f}s (measured), so about {_hms(total)} of training in all"
+             f"takes about {per} (measured), so about {_hms(total)} of training in all"
              + (f", about {_hms(total / workers)} on {workers} workers at best" if workers > 1 else "")]
     if device.type == "cpu" and cfg.dataset == "cifar100" and cfg.width >= 0.5:
         lines.append(f"warning: this preset (CIFAR-100 at width {cfg.width:g}) is sized for a GPU "

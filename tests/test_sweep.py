@@ -3,6 +3,7 @@ one-node SLURM cluster (scripts/slurm-up.sh; not a mock) for dependencies, resul
 requeue that resumes, a failing run whose dependants are skipped, grids and options."""
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -218,3 +219,9 @@ def test_estimate_names_the_cpu_preset_for_a_gpu_sized_one(tmp_path):
     todo = plan.plan(cfg, [0])
     text = sweep.estimate(todo, cfg, device=torch.device("cpu"))
     assert f"{len(todo)} trainings to run" in text and "params/fashion_mnist.yaml" in text
+
+
+def test_cli_stops_on_a_bad_option_before_any_work():
+    p = subprocess.run([sys.executable, "-m", "bilateral", "sweep", str(SMOKE), "--executor", "slurm",
+                        "--mem", "lots"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--mem: expected a size such as 16G or 512M, got 'lots'" in p.stderr
