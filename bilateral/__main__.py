@@ -17,6 +17,21 @@ def stage_help() -> str:
 SEEDS_HELP = "seeds as 0-4, 0 1 2 or 0,2"
 
 
+def add_executor_args(p, jobs_help):
+    """--executor, --jobs and the SLURM job options (also the `slurm:` keys of a params file)."""
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local worker processes, or SLURM jobs through submitit")
+    p.add_argument("--jobs", type=int, default=1, help=jobs_help)
+    g = p.add_argument_group("SLURM job options (--executor slurm; override the params "
+                             "file's slurm: section)")
+    g.add_argument("--partition")
+    g.add_argument("--time", type=int, metavar="MINUTES", help="time limit per job (default 1440)")
+    g.add_argument("--gpus", type=int, help="GPUs per job (default 0)")
+    g.add_argument("--cpus", type=int, help="CPUs per job (default 1)")
+    g.add_argument("--mem", help="memory per job, e.g. 16G")
+    g.add_argument("--max-parallel", type=int, help="jobs of one array running at once")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m bilateral",
@@ -38,9 +53,19 @@ def main(argv=None):
     r.add_argument("params")
     r.add_argument("--seeds", nargs="+", default=["0"], help=SEEDS_HELP)
     r.add_argument("--only", nargs="+", default=None, metavar="NOTEBOOK")
-    r.add_argument("--jobs", type=int, default=1)
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--download", action="store_true", help="fetch CIFAR-100 when missing")
+    add_executor_args(r, "local: seeds run in N processes; slurm: unused")
+
+    sw = sub.add_parser("sweep", help="train every unfinished run of the plan: local workers "
+                                      "or SLURM jobs, dependants after their upstream runs")
+    sw.add_argument("params")
+    sw.add_argument("--seeds", nargs="+", default=["0"], help=SEEDS_HELP)
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="one experiment per combination (repeatable)")
+    sw.add_argument("--force", action="store_true", help="retrain stale runs and their dependants")
+    add_executor_args(sw, "local worker processes (each its share of the CPU threads or its own GPU)")
 
     pl = sub.add_parser("plan", help="every run of the study: status, dependencies, cost; "
                                      "trains nothing")
@@ -114,6 +139,9 @@ def dispatch(a):
     if a.cmd == "run":
         from . import pipeline
         return pipeline.main(a)
+    if a.cmd == "sweep":
+        from . import sweep
+        return sweep.main(a)
     if a.cmd == "plan":
         from . import plan
         seeds = plan.parse_seeds(a.seeds)

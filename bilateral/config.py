@@ -77,6 +77,8 @@ class Config:
     # what the pipeline runs
     conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    slurm: dict = field(default_factory=dict)  # sweep --executor slurm: job options (SLURM_KEYS)
+    grid: dict = field(default_factory=dict)   # {key: [values]}: one experiment per combination
     # engine
     device: str = "auto"
     amp: bool = True                   # CUDA only: bf16 (or fp16 with a scaler)
@@ -94,7 +96,7 @@ LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES}
 
 # Keys that do not change what a run computes, so a finished run with other values is the
 # same run (a different device is allowed to pick up where another left off).
-NOT_IDENTITY = {"out_dir", "data_dir", "progress", "conditions", "baselines", "device",
+NOT_IDENTITY = {"out_dir", "data_dir", "progress", "conditions", "baselines", "device", "slurm", "grid",
                 "threads", "ensemble_sizes", "pool_size"}
 
 
@@ -180,6 +182,8 @@ def validate(cfg: Config) -> Config:
     if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: unknown value {cfg.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
     _check_name(cfg.experiment)
+    _check_slurm(cfg.slurm)
+    _check_grid(cfg.grid)
     return cfg
 
 
@@ -203,6 +207,33 @@ def check_device(name: str):
         have = ["cpu"] + [f"cuda:{i}" for i in range(cuda)] + (["mps"] if mps else [])
         raise ConfigError(f"device: {name!r} is not available on this machine (it has "
                           f"{', '.join(have)}); set device=auto or device=cpu")
+
+
+# `slurm:` in a params file (or --partition ... on the command line): per-job options of
+# `sweep --executor slurm`; time in minutes, mem_gb per job, setup: shell lines run first.
+SLURM_KEYS = {"partition": str, "account": str, "qos": str, "constraint": str, "time": int,
+              "gpus": int, "cpus": int, "mem_gb": float, "max_parallel": int, "setup": list[str]}
+GRID_EXCLUDED = ("experiment", "out_dir", "slurm", "grid")
+
+
+def _check_slurm(options: dict):
+    for key, value in options.items():
+        if key not in SLURM_KEYS:
+            raise ConfigError(f"slurm.{key}: unknown option; allowed: {', '.join(SLURM_KEYS)}")
+        value = _check_type(f"slurm.{key}", value, SLURM_KEYS[key])
+        if key in ("time", "gpus", "cpus", "mem_gb", "max_parallel") and value < (key != "gpus"):
+            raise ConfigError(f"slurm.{key}: must be {'>= 0' if key == 'gpus' else 'positive'}, got {value}")
+
+
+def _check_grid(grid: dict):
+    for key, values in grid.items():
+        if key not in FIELD_TYPES or key in GRID_EXCLUDED:
+            allowed = [k for k in FIELD_TYPES if k not in GRID_EXCLUDED]
+            raise ConfigError(f"grid.{key}: not a parameter a grid can vary; allowed: {', '.join(allowed)}")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+        for v in values:
+            _check_type(f"grid.{key}", v, _HINTS[key])
 
 
 def from_dict(values: dict) -> Config:

@@ -451,6 +451,32 @@ def report(experiment_dir) -> dict:
                 unreadable=problems)
 
 
+def grid_report(points, out_dir) -> pd.DataFrame:
+    """One table across the points of a grid (bilateral.sweep --grid): every experiment's
+    summary table (report() is rebuilt first) with a column per grid key, as results.csv and
+    results.md in out_dir. points: [(experiment dir, {grid key: value})]."""
+    frames = []
+    for exp, point in points:
+        t = summary_table(report(exp)["rows"])
+        for i, (k, v) in enumerate(point.items()):
+            t.insert(i, k, ",".join(map(str, v)) if isinstance(v, list) else v)
+        frames.append(t)
+    df = pd.concat(frames, ignore_index=True)
+    out = Path(out_dir)
+    keys = list(points[0][1])
+    rows = [[*(r[k] for k in keys), r["model"], _cell(r, "fine_acc"), _cell(r, "coarse_acc"),
+             _cell(r, "fine_as_coarse_acc")] for _, r in df.iterrows()]
+    md = [f"# Grid over {', '.join(keys)}", "", "Test accuracy in %, mean ± sample SD over "
+          "seeds (n); one experiment per grid point, each with its own results.md.", "",
+          *_md_table([*keys, "model", "fine", "coarse", "fine→coarse"], rows)]
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "results.md", ("\n".join(md) + "\n").encode())
+    print(f"wrote {out / 'results.csv'} and {out / 'results.md'} ({len(points)} grid points)")
+    return df
+
+
 def trainable_params(experiment_dir, seed=None) -> pd.DataFrame:
     """Trainable and total parameters each run recorded in its config.json (at the
     experiment's width)."""
