@@ -464,15 +464,11 @@ def grid_report(points, out_dir) -> pd.DataFrame:
     df = pd.concat(frames, ignore_index=True)
     out = Path(out_dir)
     keys = list(points[0][1])
-    rows = [[*(r[k] for k in keys), r["model"], _cell(r, "fine_acc"), _cell(r, "coarse_acc"),
-             _cell(r, "fine_as_coarse_acc")] for _, r in df.iterrows()]
-    md = [f"# Grid over {', '.join(keys)}", "", "Test accuracy in %, mean ± sample SD over "
-          "seeds (n); one experiment per grid point, each with its own results.md.", "",
-          *_md_table([*keys, "model", "fine", "coarse", "fine→coarse"], rows)]
+    md = results_md.grid_markdown(df, keys)
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
-    atomic_write_bytes(out / "results.md", ("\n".join(md) + "\n").encode())
+    atomic_write_bytes(out / "results.md", md.encode())
     print(f"wrote {out / 'results.csv'} and {out / 'results.md'} ({len(points)} grid points)")
     return df
 

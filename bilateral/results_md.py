@@ -171,6 +171,16 @@ def markdown(info: dict, summ, comp, kw, analysis, *, n_analysis=0, forest=False
     return "\n".join(lines) + "\n"
 
 
+def grid_markdown(df: pd.DataFrame, keys: list[str]) -> str:
+    """One table across the points of a grid: a column per grid key, then the accuracies."""
+    rows = [[*(r[k] for k in keys), r["model"], _cell(r, "fine_acc"), _cell(r, "coarse_acc"),
+             _cell(r, "fine_as_coarse_acc")] for _, r in df.iterrows()]
+    lines = [f"# Grid over {', '.join(keys)}", "", "Test accuracy in %, mean ± sample SD over "
+             "seeds (n); one experiment per grid point, each with its own results.md.", "",
+             *_table([*keys, "model", "fine", "coarse", "fine→coarse"], rows)]
+    return "\n".join(lines) + "\n"
+
+
 def forest_plot(comp: pd.DataFrame):
     """The reference minus every other model, fine and coarse side by side: the point is the
     difference of means, the bar its 95% interval (filled: paired, open: Welch)."""
