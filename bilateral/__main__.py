@@ -93,8 +93,7 @@ def dispatch(a):
         print(f"{a.dataset} is in {a.data_dir}")
         return 0
     if a.cmd == "run":
-        from . import pipeline, plan
-        a.seeds = plan.parse_seeds(a.seeds)
+        from . import pipeline
         return pipeline.main(a)
     if a.cmd == "plan":
         from . import plan

@@ -165,8 +165,8 @@ def accuracy_bars(frame: pd.DataFrame, err: pd.DataFrame | None = None, title: s
 def bilateral_vs_hemispheres(hemispheres: dict, bilateral: dict):
     """Per condition: left (fine), right (coarse) and the bilateral model's two heads.
 
-    Labels as the plan's runs have them (plan.Stage.label): hemispheres {"A left": metrics, "A right": ...},
-    bilateral {"A bilateral": metrics, ...}."""
+    Labels as the plan's runs have them (plan.Stage.label): hemispheres {"A left": metrics,
+    "A right": ...}, bilateral {"A bilateral": metrics, ...}."""
     rows = {}
     for label, m in bilateral.items():
         cond = label.split()[0]

@@ -256,7 +256,8 @@ def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, e
     overrides = C.parse_overrides(overrides)
     cfg = C.load(params, overrides)                     # bad params stop before anything runs
     notebooks = select(only)
-    seeds = list(dict.fromkeys(seeds))
+    from .plan import parse_seeds
+    seeds = parse_seeds(seeds)                          # 0-4, [0, 1, 2], "0,2": each once, in order
     if jobs < 1:
         raise C.ConfigError(f"--jobs must be at least 1, got {jobs}")
     nb_dir = Path(nb_dir) if nb_dir else find_root() / "notebooks"

@@ -14,12 +14,17 @@ Read top to bottom:
 
 Statuses: missing (no record), in_progress (started, not finished), finished, stale (a record is
 there but it is not the run the plan asks for: the folder holds another config, or an upstream
-model.pt is not the one it was built on). Training a stale run refuses without --force.
+model.pt is not the one it was built on). Training a stale run or loading its model refuses
+(without --force), and the notebooks (read_runs) and the report leave it out. `plan` prints a
+stale run's status with the reason and counts it, and every run downstream of a run still to
+train, as still to train. A retraining that writes the same model.pt again (training is
+deterministic on a CPU) leaves its dependants current.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +209,11 @@ class Run:
     def __repr__(self):
         return f"Run({self.key})"
 
+    def __reduce__(self):
+        # a worker process that unpickles a run of a stage registered by another module
+        # (bilateral/callosum.py, say) imports that module first
+        return _unpickle_run, (self.stage, self.cfg, self.seed, self.spec.variants.__module__)
+
     @property
     def spec(self) -> Stage:
         return spec(self.stage)
@@ -328,6 +338,12 @@ class Run:
     def train(self, force: bool = False, log=print) -> dict:
         """Train this run (or read it when finished with the same config); its metrics."""
         return stages.run_stage(self.stage, self.cfg, self.seed, force=force, log=log)
+
+
+def _unpickle_run(stage, cfg, seed, module):
+    if stage not in STAGES:
+        importlib.import_module(module)
+    return Run(stage, cfg, seed)
 
 
 # ---------------------------------------------------------------------------- 3. provenance
@@ -484,10 +500,10 @@ def describe(runs_: list[Run]) -> str:
     if stale:
         lines += ["", "stale (training refuses them without --force):"]
         lines += [f"  {r.key}: {'; '.join(r.stale_reasons())}" for r in stale]
-    lines += ["", f"{'stage':<24} {'runs':>5} {'cost':>10}"]
+    lines += ["", f"{'stage':<24} {'runs':>5} {'cost':>10}  model"]
     for s in dict.fromkeys(r.stage for r in runs_):
         rs = [r for r in runs_ if r.stage == s]
-        lines.append(f"{s:<24} {len(rs):>5} {sum(r.cost() for r in rs):>10,.1f}")
+        lines.append(f"{s:<24} {len(rs):>5} {sum(r.cost() for r in rs):>10,.1f}  {spec(s).title}")
     t = totals(runs_)
     counts = ", ".join(f"{t[k]} {k.replace('_', ' ')}" for k in STATUSES)
     e = t["epochs"]

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from . import runs
 from .seeds import derive_seed
 
-# weight_decay is (hemispheres, everything else): the original regularised hemispheres harder.
+# weight_decay is (recipe group "hemisphere", everything else; see plan.Stage.recipe): the
+# original regularised hemispheres harder.
 RECIPES = {
     "original": dict(optimizer="adam", lr=1e-4, batch_size=256, epochs=180,
                      weight_decay=(1e-3, 1e-5), label_smoothing=0.0, schedule="constant"),

@@ -66,8 +66,8 @@ hemisphere_runs = plan.phase_runs(cfg, "hemispheres", seed)
 pd.DataFrame([{"label": r.label, "key": r.key, "status": r.status()} for r in hemisphere_runs])
 
 # %% [markdown]
-# Train them one after the other; a finished run is read back. Interrupted, this cell continues
-# with the first run that is not finished.
+# Train them one after the other; a finished run is read back. After an interruption, rerunning
+# this cell reads back the finished runs and resumes the others.
 
 # %%
 hemispheres = {r.label: r.train() for r in hemisphere_runs}

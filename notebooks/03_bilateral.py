@@ -60,10 +60,11 @@ print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {
 # %%
 bilateral_runs = plan.phase_runs(cfg, "bilateral", seed)
 pd.DataFrame([{"label": r.label, "key": r.key, "status": r.status(),
-               "built on": ", ".join(u.key for u in r.upstream())} for r in bilateral_runs])
+               "built on": ", ".join(u.label for u in r.upstream())} for r in bilateral_runs])
 
 # %% [markdown]
-# Train the heads of each (a finished run is read back), then read the hemispheres they are built on.
+# Train the heads of each (a finished run is read back), then read the metrics of the
+# hemispheres they are built on.
 
 # %%
 bilateral = {r.label: r.train() for r in bilateral_runs}

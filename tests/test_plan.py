@@ -269,3 +269,31 @@ def test_the_plan_cli_prints_every_run_and_the_totals(tmp_path):
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # trains (and writes) nothing
     bad = cli("plan", "params/smoke.yaml", "--seeds", "2-1")
     assert bad.returncode == 2 and "--seeds" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_run_takes_seeds_through_the_same_parser(tmp_path):
+    calls = []
+    code, _ = pipeline.run(ROOT / "params" / "smoke.yaml", seeds=["0-1,3"], only=["01"],
+                           overrides=[f"out_dir={tmp_path}"], log=lambda m: None,
+                           execute=lambda src, out, params, cwd: calls.append(params["seed"]))
+    assert code == 0 and calls == [0, 1, 3]
+    with pytest.raises(C.ConfigError, match="--seeds"):
+        pipeline.run(ROOT / "params" / "smoke.yaml", seeds=["1-0"], execute=lambda *a: None)
+
+
+def test_a_run_of_a_plugin_stage_unpickles_in_a_fresh_process(tmp_path):
+    (tmp_path / "myplugin.py").write_text(
+        "from bilateral import plan\n"
+        "plan.register(plan.Stage('probe2', 'baselines', 'probe', 'a probe', uses=('backbone',),\n"
+        "    run_name=lambda c: c.backbone, label=lambda c: 'probe', variants=lambda c: [{}],\n"
+        "    epoch_cost=lambda c: 0.1))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    run = lambda code: subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,  # noqa: E731
+                                      capture_output=True, text=True, timeout=120)
+    p = run("import pickle, myplugin; from bilateral import plan, config as C\n"
+            "open('run.pkl', 'wb').write(pickle.dumps(plan.Run('probe2', C.Config(), 4)))")
+    assert p.returncode == 0, p.stderr
+    q = run("import pickle; from bilateral import plan\n"
+            "r = pickle.loads(open('run.pkl', 'rb').read()); print(r.key, 'probe2' in plan.STAGES)")
+    assert q.returncode == 0, q.stderr
+    assert q.stdout.split() == ["probe2/resnet9/seed=4", "True"]
