@@ -1,4 +1,6 @@
-"""Figures of the notebooks: each function returns a matplotlib Figure; `save` writes it."""
+"""Figures of the notebooks: each function returns a matplotlib Figure; `save` writes it (the
+one way every figure of the package is written: atomically, and shown once in a notebook). The
+analyses' figures are in analysis/plots.py."""
 from __future__ import annotations
 
 import io
