@@ -322,6 +322,13 @@ def identity(cfg: Config) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
 
 
-def diff(a: dict, b: dict) -> list[str]:
-    keys = sorted(set(a) | set(b))
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+def diff(old: dict, new: dict) -> list[str]:
+    """The keys whose values differ between a recorded identity and a new one. A key the record
+    lacks counts as its default: fields added to Config later must not orphan earlier runs."""
+    default = identity(Config())
+    old = dict(old)
+    for k in set(new) - set(old):
+        if k in default:
+            old[k] = default[k]
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

@@ -102,3 +102,13 @@ def test_equal_weight_decay_preset_is_the_paper_preset_but_for_the_switch():
     a, b = C.load(root / "paper_resnet9.yaml"), C.load(root / "paper_resnet9_equal_wd.yaml")
     assert C.diff(C.identity(a), C.identity(b)) == [
         "experiment: 'paper_resnet9' -> 'paper_resnet9_equal_wd'", "weight_decay_equal: False -> True"]
+
+
+def test_a_field_added_later_at_its_default_keeps_earlier_runs():
+    """A record written before a Config field existed still matches while the field holds its
+    default; any other value of it is a difference."""
+    new = C.identity(C.Config(epochs=3))
+    old = {k: v for k, v in new.items() if k != "dropout"}  # as if dropout came later
+    assert C.diff(old, new) == []
+    assert C.diff(old, C.identity(C.Config(epochs=3, dropout=0.1))) == ["dropout: 0.6 -> 0.1"]
+    assert C.diff(new, old) == ["dropout: 0.6 -> None"]  # a key the new identity lacks still counts
