@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 STAGES = ("hemisphere", "bilateral", "bilateral_unspecialised", "unilateral",
-          "resnet18", "resnet34", "ensemble")
+          "resnet18", "resnet34", "ensemble", "callosal", "callosal_unspecialised")
 CONDITIONS = ("A", "B", "C", "D")
 RECIPES = ("original", "fast")
 SIDES = ("left", "right")
@@ -22,6 +22,9 @@ REPORTS = ("last", "best")
 DATASETS = ("cifar100", "fashion_mnist", "synthetic")
 BACKBONE_CHOICES = ("resnet9", "vgg11")  # the study's backbones; the pyramid comes with condition B
 BASELINES = ("bilateral_unspecialised", "unilateral", "resnet18", "resnet34", "ensemble")
+CALLOSUM_KINDS = ("add", "gate", "concat")
+CALLOSUM_DEPTHS = ("prep", "layer1", "layer2", "layer3")  # ResNet-9 depths, see callosum.py
+CALLOSUM_TRAIN = ("connections", "all")
 
 
 @dataclass
@@ -47,6 +50,12 @@ class Config:
     kwta_eval_batch: bool = False      # True: the original's batch-dependent test predictions
     bn_momentum: float | None = None   # None: PyTorch's default; 0.9 is the original's
     dropout: float = 0.6
+    # callosal connections between the hemispheres (bilateral/callosum.py)
+    callosum: str = "add"              # connection kind of a callosal run
+    callosum_at: list[str] = field(default_factory=lambda: ["layer1", "layer3"])  # depths joined
+    callosum_train: str = "connections"  # connections: hemispheres frozen; all: fine-tuned too
+    backbone_lr_scale: float = 0.1     # callosum_train all: hemispheres' lr = lr x this
+    callosum_kinds: list[str] = field(default_factory=list)  # the study's callosal runs; [] = none
     # training; None takes the recipe's value
     recipe: str = "fast"
     epochs: int | None = None
@@ -75,13 +84,15 @@ class Config:
 CHOICES = {
     "dataset": DATASETS, "backbone": BACKBONE_CHOICES, "condition": CONDITIONS,
     "recipe": RECIPES, "side": SIDES, "report_epoch": REPORTS,
+    "callosum": CALLOSUM_KINDS, "callosum_train": CALLOSUM_TRAIN,
 }
-LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES}
+LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES,
+                "callosum_at": CALLOSUM_DEPTHS, "callosum_kinds": CALLOSUM_KINDS}
 
 # Keys that do not change what a run computes, so a finished run with other values is the
 # same run (a different device is allowed to pick up where another left off).
 NOT_IDENTITY = {"out_dir", "data_dir", "progress", "conditions", "baselines", "device",
-                "threads", "ensemble_sizes", "pool_size"}
+                "threads", "ensemble_sizes", "pool_size", "callosum_kinds"}
 
 
 class ConfigError(ValueError):
@@ -127,7 +138,7 @@ def validate(cfg: Config) -> Config:
         for v in getattr(cfg, key):
             if v not in allowed:
                 raise ConfigError(f"{key}: unknown value {v!r}; allowed: {', '.join(allowed)}")
-    positive = ["width", "synthetic_size", "pool_size", "ensemble_size"] + [
+    positive = ["width", "synthetic_size", "pool_size", "ensemble_size", "backbone_lr_scale"] + [
         k for k in ("epochs", "batch_size", "lr", "subset_per_class") if getattr(cfg, k) is not None]
     for key in positive:
         if getattr(cfg, key) <= 0:
@@ -142,11 +153,23 @@ def validate(cfg: Config) -> Config:
     for k in [cfg.ensemble_size, *cfg.ensemble_sizes]:
         if k > cfg.pool_size:
             raise ConfigError(f"ensemble_size: {k} members cannot be chosen from a pool of {cfg.pool_size}")
+    _check_callosum(cfg)
     if not 0 <= cfg.member < cfg.pool_size:
         raise ConfigError(f"member: must be in 0..{cfg.pool_size - 1}, got {cfg.member}")
     if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: unknown value {cfg.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
     return cfg
+
+
+def _check_callosum(cfg):
+    at = cfg.callosum_at
+    if not at or len(set(at)) != len(at):
+        raise ConfigError(f"callosum_at: expected one or more distinct depths, got {at!r}; "
+                          f"allowed: {', '.join(CALLOSUM_DEPTHS)}")
+    cfg.callosum_at = sorted(at, key=CALLOSUM_DEPTHS.index)  # one order, one run identity
+    if cfg.callosum_kinds and cfg.backbone != "resnet9":
+        raise ConfigError(f"callosum_kinds: callosal connections are defined for ResNet-9 "
+                          f"hemispheres only, not backbone {cfg.backbone!r}; set callosum_kinds: []")
 
 
 def from_dict(values: dict) -> Config:

@@ -358,4 +358,6 @@ def params_table(n_fine=100, n_coarse=20) -> str:
                   lambda n=name, k=k: Ensemble([uni(n) for _ in range(k)])) for k in (2, 5)]
     with torch.device("meta"):  # no memory, no init cost: counting only
         lines = [f"| {label} | {count_trainable(make()):,} |" for label, make in rows]
-    return "\n".join(["| model | trainable parameters |", "|---|---:|", *lines])
+    from . import callosum  # imports this module: a late import avoids the cycle
+    table = "\n".join(["| model | trainable parameters |", "|---|---:|", *lines])
+    return table + "\n\n" + callosum.params_table(n_fine, n_coarse)

@@ -14,7 +14,7 @@ import zlib
 import torch
 
 from . import config as C
-from . import data, models, runs, train
+from . import callosum, data, models, runs, train
 
 
 # ---------------------------------------------------------------------------- configs and names
@@ -28,8 +28,9 @@ def stage_config(cfg: C.Config, stage: str) -> C.Config:
     unused = {"side", "member", "ensemble_size", "head_augment"}
     if stage == "hemisphere":
         unused -= {"side"}
-    if stage == "bilateral":
+    if stage in ("bilateral", "callosal"):
         unused -= {"head_augment"}
+    unused |= callosum.unused_fields(stage, cfg)
     if stage == "unilateral":
         unused -= {"member"}
     if stage == "ensemble":
@@ -55,6 +56,8 @@ def run_name(stage: str, cfg: C.Config) -> str:
         return f"{cfg.backbone}-m{cfg.member}"
     if stage == "ensemble":
         return f"{cfg.backbone}-k{cfg.ensemble_size}"
+    if stage in callosum.STAGES:
+        return callosum.run_name(stage, cfg)
     return stage  # resnet18, resnet34
 
 
@@ -126,6 +129,8 @@ def build_model(stage, cfg, hier):
     if stage in ("resnet18", "resnet34"):
         bb = models.build_backbone(stage, cfg.width, bn_momentum=cfg.bn_momentum)
         return models.Unilateral(bb, dropout=cfg.dropout, **n)
+    if stage == "callosal_unspecialised":
+        return callosum.build_unspecialised(cfg, hier)
     raise ValueError(f"stage {stage!r} has no model of its own to build")
 
 
@@ -136,10 +141,19 @@ def load_run_model(stage, cfg, seed, hier, device="cpu"):
     if not runs.finished(path):
         raise FileNotFoundError(f"{stage} run {path} is missing or unfinished; make it with:\n  "
                                 f"{train_command(stage, cfg, seed)}")
-    model = load_bilateral(cfg, seed, hier) if stage == "bilateral" else build_model(stage, cfg, hier)
+    model = upstream_model(stage, cfg, seed, hier)
     state = runs.load_torch(path / "model.pt")
     models.load_state_strict(model, state, what=f"{stage} run {path}")
     return model.to(device).eval()
+
+
+def upstream_model(stage, cfg, seed, hier):
+    """The model a run trains, built on its upstream runs where it has any."""
+    if stage == "bilateral":
+        return load_bilateral(cfg, seed, hier)
+    if stage == "callosal":
+        return callosum.load_callosal(cfg, seed, hier)
+    return build_model(stage, cfg, hier)
 
 
 def load_hemisphere(cfg, side, seed, hier):
@@ -201,10 +215,9 @@ def _train(stage, cfg, seed, device, path, status, log):
     torch.manual_seed(rseed)
     heads = heads_of(stage, cfg)
     cached = stage == "bilateral" and not cfg.head_augment
-    augment = cfg.head_augment if stage == "bilateral" else cfg.augment
+    augment = cfg.head_augment if stage in ("bilateral", "callosal") else cfg.augment
     train_dl, val_dl, test_dl, hier = loaders(cfg, device, hp.batch_size, rseed, augment)
-    model = (load_bilateral(cfg, seed, hier) if stage == "bilateral"
-             else build_model(stage, cfg, hier)).to(device)
+    model = upstream_model(stage, cfg, seed, hier).to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = model

@@ -1,0 +1,245 @@
+"""Beyond the paper: a corpus callosum between the two hemispheres.
+
+The paper joins its hemispheres only at the end (the heads read [left | right] features); in
+the brain they also exchange signals all along the way through the corpus callosum. A
+`Callosal` model is the bilateral model plus connections between the hemispheres' intermediate
+feature maps at chosen depths of ResNet-9 (the SPEC table's blocks):
+
+    prep   = conv1                      64 x 32 x 32 at width 1 (pyramid: 512)
+    layer1 = conv2 + res1 (residual)   128 x 16 x 16            (256)
+    layer2 = conv3                     256 x  8 x  8            (128)
+    layer3 = conv4 + res2 (residual)   512 x  4 x  4            (64)
+
+At each chosen depth both hemispheres send to each other at once (both read the maps before
+the exchange), each direction with its own weights; a `Crossing` turns the sender's map into
+a change of the receiver's map:
+- add:    recv + P(send), P a 1x1 conv from the sender's to the receiver's width;
+- gate:   recv + P(send) * g, g a per-channel sigmoid gate computed from both maps' channel
+          means (squeeze-and-excitation style, one hidden layer);
+- concat: a 1x1 conv over [recv | send] back to the receiver's width, written in residual form
+          recv + W[recv | send] (the same family as a conv initialised to [I | 0]).
+P and W start at zero, so an untrained callosal model computes exactly the bilateral model's
+outputs (in residual form the identity is exact under TF32/bf16 too, which an [I | 0] conv
+would not be). "What crosses" is P(send) (gate: times g; concat: W's sender half applied to
+the sender's map); `traffic` measures its norm against the receiving map's.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import config as C
+from . import models
+
+KINDS, DEPTHS, TRAIN_MODES = C.CALLOSUM_KINDS, C.CALLOSUM_DEPTHS, C.CALLOSUM_TRAIN
+BLOCKS = {"prep": ("conv1",), "layer1": ("conv2", "res1"), "layer2": ("conv3",),
+          "layer3": ("conv4", "res2")}
+DIRECTIONS = ("to_left", "to_right")  # to_left: right hemisphere -> left
+STAGES = ("callosal", "callosal_unspecialised")
+FIELDS = ("callosum", "callosum_at", "callosum_train", "backbone_lr_scale")
+
+
+# ---------------------------------------------------------------------------------- model
+
+def depth_widths(backbone) -> dict:
+    """Channels of a ResNet-9 backbone's output at each depth (its last BatchNorm there)."""
+    missing = [b for names in BLOCKS.values() for b in names if not hasattr(backbone, b)]
+    if missing or not hasattr(backbone, "pool"):
+        raise ValueError(f"callosal connections need ResNet-9 hemispheres (blocks "
+                         f"{', '.join(b for n in BLOCKS.values() for b in n)}, pool); "
+                         f"{type(backbone).__name__} lacks {', '.join(missing) or 'pool'}")
+    out = {}
+    for depth, names in BLOCKS.items():
+        bns = [m for m in getattr(backbone, names[-1]).modules() if isinstance(m, nn.BatchNorm2d)]
+        out[depth] = bns[-1].num_features
+    return out
+
+
+class Crossing(nn.Module):
+    """One direction at one depth: the sender's map (cs channels) changes the receiver's (cr)."""
+
+    def __init__(self, kind: str, cr: int, cs: int, reduction: int = 8):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown callosum kind {kind!r}; allowed: {', '.join(KINDS)}")
+        self.kind = kind
+        self.proj = nn.Conv2d(cr + cs if kind == "concat" else cs, cr, 1, bias=False)
+        nn.init.zeros_(self.proj.weight)  # the identity at initialisation
+        if kind == "gate":
+            hidden = max(4, (cr + cs) // reduction)
+            self.gate = nn.Sequential(nn.Linear(cr + cs, hidden), nn.ReLU(inplace=True),
+                                      nn.Linear(hidden, cr), nn.Sigmoid())
+
+    def extra_repr(self):
+        return f"kind={self.kind}"
+
+    def forward(self, recv, send, record=None):
+        gate = None
+        if self.kind == "concat":
+            delta = self.proj(torch.cat([recv, send], 1))
+            cross = None if record is None else F.conv2d(send, self.proj.weight[:, recv.shape[1]:])
+        else:
+            delta = cross = self.proj(send)
+            if self.kind == "gate":
+                gate = self.gate(torch.cat([recv.mean((2, 3)), send.mean((2, 3))], 1))
+                delta = cross = cross * gate[:, :, None, None]
+        if record is not None:
+            with torch.no_grad():
+                record["cross"] = cross.detach().float().flatten(1).norm(dim=1)
+                record["recv"] = recv.detach().float().flatten(1).norm(dim=1)
+                if gate is not None:
+                    record["gate"] = gate.detach().float()
+        return recv + delta
+
+
+class Link(nn.Module):
+    """Both directions at one depth, each with its own weights, from the pre-exchange maps."""
+
+    def __init__(self, kind, c_left, c_right):
+        super().__init__()
+        self.to_left = Crossing(kind, c_left, c_right)
+        self.to_right = Crossing(kind, c_right, c_left)
+
+    def forward(self, left, right, record=None):
+        rec = (lambda d: None) if record is None else (lambda d: record.setdefault(d, {}))
+        return self.to_left(left, right, rec("to_left")), self.to_right(right, left, rec("to_right"))
+
+
+class Callosal(models.FreezeAware):
+    """Two ResNet-9 hemispheres joined by callosal links, then models.Bilateral's two heads.
+
+    Same `left`, `right`, `heads` (and state-dict keys) as models.Bilateral plus `links`, and
+    the same `features` / `classify` / `forward`, so analyses and Grad-CAM (targets
+    `left.res1`, `left.res2`, ...) treat both alike.
+    """
+
+    def __init__(self, left, right, n_fine, n_coarse, kind="add", at=("layer1", "layer3"),
+                 dropout=0.6, backbone_lr_scale=1.0):
+        super().__init__()
+        bad = [d for d in at if d not in DEPTHS]
+        if bad or not at:
+            raise ValueError(f"callosum_at: unknown depth(s) {bad or at}; allowed: {', '.join(DEPTHS)}")
+        wl, wr = depth_widths(left), depth_widths(right)
+        self.left, self.right = left, right
+        d = left.out_features + right.out_features
+        self.heads = nn.ModuleDict(dict(fine=models.Head(d, n_fine, dropout),
+                                        coarse=models.Head(d, n_coarse, dropout)))
+        self.links = nn.ModuleDict({k: Link(kind, wl[k], wr[k]) for k in DEPTHS if k in at})
+        self.kind, self.backbone_lr_scale = kind, backbone_lr_scale
+
+    def sides(self, x, record=None):
+        """Pooled left and right features; `record` (a dict) collects the traffic per link."""
+        left, right = x, x
+        for depth, names in BLOCKS.items():
+            for name in names:
+                left, right = getattr(self.left, name)(left), getattr(self.right, name)(right)
+            if depth in self.links:
+                rec = None if record is None else record.setdefault(depth, {})
+                left, right = self.links[depth](left, right, rec)
+        return self.left.pool(left), self.right.pool(right)
+
+    def features(self, x):
+        return torch.cat(self.sides(x), 1)
+
+    def classify(self, feats):
+        return {h: head(feats) for h, head in self.heads.items()}
+
+    def forward(self, x, return_features=False):
+        left, right = self.sides(x)
+        feats = torch.cat([left, right], 1)
+        out = self.classify(feats)
+        if return_features:
+            out.update(features=feats, left=left, right=right)
+        return out
+
+    def param_groups(self):
+        """For train.make_optimizer: the hemispheres learn at lr x backbone_lr_scale (frozen
+        ones have no trainable parameters and drop out), the links and heads at lr."""
+        hemis = [*self.left.parameters(), *self.right.parameters()]
+        own = [*self.links.parameters(), *self.heads.parameters()]
+        return [{"params": own, "lr_scale": 1.0},
+                {"params": hemis, "lr_scale": self.backbone_lr_scale}]
+
+
+# ------------------------------------------------------------------------- building runs
+
+def build(cfg: C.Config, hier, left, right, frozen: bool) -> Callosal:
+    """Join two hemisphere backbones; frozen: eval mode, no gradients into their weights."""
+    if frozen:
+        left, right = models.freeze(left), models.freeze(right)
+    scale = cfg.backbone_lr_scale if not frozen else 1.0
+    return Callosal(left, right, hier.n_fine, hier.n_coarse, kind=cfg.callosum,
+                    at=tuple(cfg.callosum_at), dropout=cfg.dropout, backbone_lr_scale=scale)
+
+
+def load_callosal(cfg, seed, hier) -> Callosal:
+    """The `callosal` stage's model: the trained hemispheres of this seed and condition."""
+    from . import stages
+    left = stages.load_hemisphere(cfg, "left", seed, hier)
+    right = stages.load_hemisphere(cfg, "right", seed, hier)
+    return build(cfg, hier, left, right, frozen=cfg.callosum_train == "connections")
+
+
+def build_unspecialised(cfg, hier) -> Callosal:
+    """The `callosal_unspecialised` baseline: the same connected model from scratch."""
+    from . import stages
+    return build(dataclasses.replace(cfg, backbone_lr_scale=1.0), hier,
+                 stages.hemisphere_backbone(cfg, "left"), stages.hemisphere_backbone(cfg, "right"),
+                 frozen=False)
+
+
+def unused_fields(stage, cfg) -> set:
+    """Config fields a stage does not use (stages.stage_config resets them to the defaults)."""
+    if stage == "callosal":
+        return {"backbone_lr_scale"} if cfg.callosum_train == "connections" else set()
+    if stage == "callosal_unspecialised":
+        return {"callosum_train", "backbone_lr_scale"}
+    return set(FIELDS)
+
+
+def run_name(stage, cfg) -> str:
+    name = f"{cfg.backbone}-{cfg.condition}-{cfg.callosum}-{'+'.join(cfg.callosum_at)}"
+    if stage == "callosal" and cfg.callosum_train == "all":
+        name += f"-all{cfg.backbone_lr_scale:g}"
+    return name
+
+
+def runs_of(cfg) -> list[tuple[str, str, C.Config]]:
+    """(label, stage, config) of the study's callosal runs: every kind of `callosum_kinds` on
+    every condition, and the unspecialised baseline of each kind on condition A."""
+    rep = dataclasses.replace
+    out = [(f"{c} callosal {k}", "callosal", rep(cfg, condition=c, callosum=k))
+           for k in cfg.callosum_kinds for c in cfg.conditions]
+    if "A" in cfg.conditions:
+        out += [(f"callosal {k}, no specialisation", "callosal_unspecialised",
+                 rep(cfg, condition="A", callosum=k)) for k in cfg.callosum_kinds]
+    return out
+
+
+# -------------------------------------------------------------------------- parameters
+
+def params_rows(n_fine=100, n_coarse=20) -> list[tuple[str, int, int]]:
+    """(model, total, trainable) at width 1 for each kind at the default depths (layer1,
+    layer3), A/C (ResNet-9 both sides) and B/D (pyramid left), frozen and end to end."""
+    rows = []
+    with torch.device("meta"):  # counting only
+        for label, lname in (("A, C", "resnet9"), ("B, D", "resnet9_pyramid")):
+            for kind in KINDS:
+                for frozen, how in ((True, "connections + heads"), (False, "end to end")):
+                    m = Callosal(models.build_backbone(lname), models.build_backbone("resnet9"),
+                                 n_fine, n_coarse, kind=kind)
+                    if frozen:
+                        models.freeze(m.left), models.freeze(m.right)
+                    total = sum(p.numel() for p in m.parameters())
+                    rows.append((f"Callosal {kind} at layer1+layer3 ({label}), {how}", total,
+                                 models.count_trainable(m)))
+    return rows
+
+
+def params_table(n_fine=100, n_coarse=20) -> str:
+    lines = [f"| {m} | {t:,} | {tr:,} |" for m, t, tr in params_rows(n_fine, n_coarse)]
+    return "\n".join(["| callosal model | total parameters | trainable parameters |",
+                      "|---|---:|---:|", *lines])
