@@ -14,6 +14,8 @@ STAGE_HELP = {
     "resnet18": "ResNet-18 dual-head baseline (about the bilateral model's size)",
     "resnet34": "ResNet-34 dual-head baseline (about twice the bilateral model's size)",
     "ensemble": "top-k unilateral pool members by validation accuracy, logits averaged",
+    "callosal": "the hemispheres joined by callosal connections (--set callosum=add|gate|concat)",
+    "callosal_unspecialised": "the same callosal model trained end to end from scratch",
 }
 
 

@@ -216,5 +216,9 @@ def identity(cfg: Config) -> dict:
 
 
 def diff(a: dict, b: dict) -> list[str]:
+    # a key missing on one side reads as its default: a field added after a run was recorded,
+    # left at its default, does not make that run a different one
+    defaults = dataclasses.asdict(Config())
+    get = lambda d, k: d[k] if k in d else defaults.get(k)  # noqa: E731
     keys = sorted(set(a) | set(b))
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    return [f"{k}: {get(a, k)!r} -> {get(b, k)!r}" for k in keys if get(a, k) != get(b, k)]
