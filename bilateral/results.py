@@ -22,13 +22,15 @@ from .runs import atomic_write_bytes
 
 COLUMNS = ["stage", "model", "condition", "backbone", "seed", "split", "metric", "value"]
 ACC = ("fine_acc", "coarse_acc", "fine_as_coarse_acc")
-CONDITION_STAGES = ("hemisphere", "bilateral", "bilateral_unspecialised")
+CONDITION_STAGES = ("hemisphere", "bilateral", "bilateral_unspecialised", "callosal",
+                    "callosal_unspecialised")
 TRAIN_KEYS = ("wall_s", "best_epoch", "epochs")  # from metrics.json, reported with split "train"
 ANALYSIS_HIDDEN = {"median", "q25", "q75", "std", "n", "n_pairs", "n_used", "wall_s"}
 STAGE_LABEL = {
     "hemisphere": "hemisphere", "bilateral": "bilateral (specialised)",
     "bilateral_unspecialised": "bilateral, no specialisation", "unilateral": "unilateral dual-head",
     "resnet18": "ResNet-18 dual-head", "resnet34": "ResNet-34 dual-head", "ensemble": "ensemble",
+    "callosal": "callosal (specialised)", "callosal_unspecialised": "callosal, no specialisation",
 }
 
 
@@ -313,6 +315,8 @@ def markdown(exp: Path, df: pd.DataFrame) -> str:
         rows = [[r["model"], _ci_cell(r, "fine_acc"), _ci_cell(r, "coarse_acc")]
                 for _, r in comp.iterrows()]
         lines += _md_table(["model", "Δ fine [95% CI]", "Δ coarse [95% CI]"], rows)
+    from .callosum_study import markdown_section  # callosal rows: callosum_study.py
+    lines += markdown_section(df)
     an = df[df.stage == "analysis"]
     if len(an):
         last = an.metric.str.rsplit(".", n=1).str[-1]

@@ -52,7 +52,7 @@ def test_a_failing_notebook_stops_only_its_seed(tmp_path, capsys):
     status = {(r.notebook, r.seed): r.status for r in res}
     for seed in (0, 2):
         assert all(status[(nb, seed)] == "ok" for nb in pipeline.PER_SEED)
-    assert [status[(nb, 1)] for nb in pipeline.PER_SEED] == ["ok", "ok", "failed", "skipped", "skipped"]
+    assert [status[(nb, 1)] for nb in pipeline.PER_SEED] == ["ok", "ok", "failed", "skipped", "skipped", "skipped"]
     assert status[("06_results", None)] == "ok"
     assert ("04_baselines", 1) not in [(n, s) for n, s, _ in fake.calls]
     # parameters: the params file, overrides and seed; 06 gets every seed
@@ -65,7 +65,7 @@ def test_a_failing_notebook_stops_only_its_seed(tmp_path, capsys):
     for text in (out, summary):
         assert "cell [3] raised RuntimeError: out of memory" in text
         assert str(tmp_path / "smoke" / "notebooks" / "seed=1" / "03_bilateral.ipynb") in text
-        assert "13 of 16 notebooks ran; 1 failed, 2 skipped" in text
+        assert "15 of 19 notebooks ran; 1 failed, 3 skipped" in text
 
 
 def test_only_restricts_the_notebooks(tmp_path):
@@ -83,8 +83,8 @@ def test_select(only, ok):
 
 
 def test_unknown_notebook_lists_the_notebooks():
-    with pytest.raises(C.ConfigError, match="unknown notebook '07'.*01_data, 02_hemispheres"):
-        pipeline.select(["07"])
+    with pytest.raises(C.ConfigError, match="unknown notebook '08'.*01_data, 02_hemispheres"):
+        pipeline.select(["08"])
 
 
 @pytest.mark.parametrize("args, words", [
