@@ -16,12 +16,15 @@ a change of the receiver's map:
 - add:    recv + P(send), P a 1x1 conv from the sender's to the receiver's width;
 - gate:   recv + P(send) * g, g a per-channel sigmoid gate computed from both maps' channel
           means (squeeze-and-excitation style, one hidden layer);
-- concat: a 1x1 conv over [recv | send] back to the receiver's width, written in residual form
-          recv + W[recv | send] (the same family as a conv initialised to [I | 0]).
-P and W start at zero, so an untrained callosal model computes exactly the bilateral model's
-outputs (in residual form the identity is exact under TF32/bf16 too, which an [I | 0] conv
-would not be). "What crosses" is P(send) (gate: times g; concat: W's sender half applied to
-the sender's map); `traffic` measures its norm against the receiving map's.
+- concat: recv + P([recv | send]), a 1x1 conv over both maps back to the receiver's width, in
+          residual form (the same family as a conv initialised to [I | 0]).
+Each P is a 1x1 conv followed by BatchNorm whose scale starts at zero (as in the last BN of a
+residual block, Goyal et al. 2017), so P is zero at first: an untrained callosal model computes
+exactly the bilateral model's outputs (in residual form, exactly under TF32/bf16 too). The BN
+matters: a bare zero-initialised conv on these unnormalised maps took gradient steps so large
+at the fast recipe's lr that training diverged to NaN on the first epoch. "What crosses" is
+P(send) (gate: times g; concat: the part of P due to the sender's map); `traffic` measures its
+norm against the receiving map's.
 """
 from __future__ import annotations
 
@@ -67,7 +70,8 @@ class Crossing(nn.Module):
             raise ValueError(f"unknown callosum kind {kind!r}; allowed: {', '.join(KINDS)}")
         self.kind = kind
         self.proj = nn.Conv2d(cr + cs if kind == "concat" else cs, cr, 1, bias=False)
-        nn.init.zeros_(self.proj.weight)  # the identity at initialisation
+        self.norm = nn.BatchNorm2d(cr)
+        nn.init.zeros_(self.norm.weight)  # P = 0: the identity at initialisation
         if kind == "gate":
             hidden = max(4, (cr + cs) // reduction)
             self.gate = nn.Sequential(nn.Linear(cr + cs, hidden), nn.ReLU(inplace=True),
@@ -76,13 +80,20 @@ class Crossing(nn.Module):
     def extra_repr(self):
         return f"kind={self.kind}"
 
+    def _sender_part(self, send, cr):
+        """concat: BN(W[recv | send]) = a * W_r recv + a * W_s send + b in eval mode, with
+        a = gamma / sqrt(running_var + eps); the crossing is a * W_s send."""
+        n = self.norm
+        a = n.weight / torch.sqrt(n.running_var + n.eps)
+        return F.conv2d(send, self.proj.weight[:, cr:]) * a.to(send.dtype)[:, None, None]
+
     def forward(self, recv, send, record=None):
         gate = None
         if self.kind == "concat":
-            delta = self.proj(torch.cat([recv, send], 1))
-            cross = None if record is None else F.conv2d(send, self.proj.weight[:, recv.shape[1]:])
+            delta = self.norm(self.proj(torch.cat([recv, send], 1)))
+            cross = None if record is None else self._sender_part(send, recv.shape[1])
         else:
-            delta = cross = self.proj(send)
+            delta = cross = self.norm(self.proj(send))
             if self.kind == "gate":
                 gate = self.gate(torch.cat([recv.mean((2, 3)), send.mean((2, 3))], 1))
                 delta = cross = cross * gate[:, :, None, None]

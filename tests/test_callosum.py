@@ -58,6 +58,7 @@ def test_links_map_between_unequal_widths():
     assert wl["prep"] == 16 and wr["prep"] == 2 and wl["layer3"] == 2 and wr["layer3"] == 16
     m = callosum.Callosal(left, right, 12, 4, kind="concat", at=("prep", "layer3"))
     assert m.links["prep"].to_left.proj.weight.shape == (16, 18, 1, 1)
+    assert m.links["prep"].to_left.norm.num_features == 16
     assert m.links["prep"].to_right.proj.weight.shape == (2, 18, 1, 1)
 
 
@@ -95,7 +96,7 @@ def test_frozen_hemispheres_keep_weights_and_batchnorm_statistics():
     assert not model.left.training and model.links.training
     assert len(opt.param_groups) == 1  # the frozen group has nothing to train
     changed = [k for k in before if k.startswith("links.") and not torch.equal(before[k], after[k])]
-    assert any(k.endswith("proj.weight") for k in changed)
+    assert any(k.endswith("norm.weight") for k in changed) and any(k.endswith("proj.weight") for k in changed)
 
 
 def test_all_mode_fine_tunes_the_hemispheres_at_a_scaled_rate():
@@ -123,6 +124,20 @@ def test_every_kind_learns_on_synthetic_data(kind):
             assert ((g["gate"] > 0) & (g["gate"] < 1)).all()
 
 
+def test_concat_crossing_is_the_part_due_to_the_sender():
+    cross = callosum.Crossing("concat", 3, 5)
+    torch.nn.init.normal_(cross.norm.weight)
+    torch.nn.init.normal_(cross.norm.bias)
+    cross.norm.running_var.uniform_(0.5, 2)
+    cross.norm.running_mean.normal_()
+    cross.eval()
+    recv, send = torch.randn(4, 3, 6, 6), torch.randn(4, 5, 6, 6)
+    rec = {}
+    out = cross(recv, send, rec)
+    expected = (out - cross(recv, torch.zeros_like(send))).flatten(1).norm(dim=1)
+    assert torch.allclose(rec["cross"], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_untrained_links_carry_no_traffic_and_gate_is_recorded():
     b = batch()
     m = callosum.Callosal(*pair("B"), 12, 4, kind="gate", at=("layer1", "layer2"))
@@ -139,7 +154,7 @@ def test_gradcam_runs_on_each_hemisphere_of_the_callosal_model():
     m = callosum.Callosal(*pair("A"), 12, 4, kind="add")
     for link in m.links.values():  # something must cross for the test to mean anything
         for c in (link.to_left, link.to_right):
-            torch.nn.init.normal_(c.proj.weight, std=0.1)
+            torch.nn.init.normal_(c.norm.weight, std=0.1)
     m.eval()
     cls = torch.zeros(8, 2, dtype=torch.long)
     for side in ("left", "right"):
@@ -211,5 +226,6 @@ def test_run_names_and_unused_fields():
 def test_params_rows_count_links_and_heads():
     rows = {m: (t, tr) for m, t, tr in callosum.params_rows()}
     total, trainable = rows["Callosal add at layer1+layer3 (A, C), connections + heads"]
-    heads, links = 1024 * 120 + 120, 2 * 128 * 128 + 2 * 512 * 512
+    bn = 2 * (2 * 128 + 2 * 512)  # each direction's BatchNorm: scale and shift
+    heads, links = 1024 * 120 + 120, 2 * 128 * 128 + 2 * 512 * 512 + bn
     assert trainable == heads + links and total == 2 * 6_568_000 + heads + links
