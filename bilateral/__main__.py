@@ -2,21 +2,34 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+from pathlib import Path
 
 from . import config as C
 
-STAGE_HELP = {
-    "hemisphere": "one backbone, one head: left = fine labels, right = coarse (--set side=...)",
-    "bilateral": "frozen left + right hemispheres of this seed and condition, two new heads",
-    "bilateral_unspecialised": "the same two-hemisphere model trained end to end from scratch",
-    "unilateral": "one backbone with both heads (--set member=i for the ensemble pool)",
-    "resnet18": "ResNet-18 dual-head baseline (about the bilateral model's size)",
-    "resnet34": "ResNet-34 dual-head baseline (about twice the bilateral model's size)",
-    "ensemble": "top-k unilateral pool members by validation accuracy, logits averaged",
-    "callosal": "the hemispheres joined by callosal connections (--set callosum=add|gate|concat)",
-    "callosal_unspecialised": "the same callosal model trained end to end from scratch",
-}
+
+def stage_help() -> str:
+    from . import plan
+    return "\n".join(f"  {s.name:<25} {s.help}" for s in plan.STAGES.values())
+
+
+SEEDS_HELP = "seeds as 0-4, 0 1 2 or 0,2"
+
+
+def add_executor_args(p, jobs_help):
+    """--executor, --jobs and the SLURM job options (also the `slurm:` keys of a params file)."""
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local worker processes, or SLURM jobs through submitit")
+    p.add_argument("--jobs", type=int, default=1, help=jobs_help)
+    g = p.add_argument_group("SLURM job options (--executor slurm; override the params "
+                             "file's slurm: section)")
+    g.add_argument("--partition")
+    g.add_argument("--time", type=int, metavar="MINUTES", help="time limit per job (default 1440)")
+    g.add_argument("--gpus", type=int, help="GPUs per job (default 0)")
+    g.add_argument("--cpus", type=int, help="CPUs per job (default 1)")
+    g.add_argument("--mem", help="memory per job, e.g. 16G")
+    g.add_argument("--max-parallel", type=int, help="jobs of one array running at once")
 
 
 def main(argv=None):
@@ -24,23 +37,41 @@ def main(argv=None):
         prog="python -m bilateral",
         description="Bilateral brain with hemispheric specialisation (arXiv 2209.06862).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="stages:\n" + "\n".join(f"  {s:<25} {h}" for s, h in STAGE_HELP.items()))
+        epilog="stages:\n" + stage_help())
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train one stage for one seed")
     t.add_argument("stage", help=f"one of: {', '.join(C.STAGES)}")
     t.add_argument("--params", help="YAML params file (params/*.yaml)")
-    t.add_argument("--seed", type=int, default=0)
+    seed = t.add_mutually_exclusive_group()
+    seed.add_argument("--seed", type=int, default=0)
+    seed.add_argument("--seeds", nargs="+", default=None, help=f"several: {SEEDS_HELP}")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    t.add_argument("--force", action="store_true", help="replace a finished or different run")
+    t.add_argument("--force", action="store_true", help="replace a finished, stale or different run")
 
     r = sub.add_parser("run", help="the whole study for some seeds, notebook by notebook")
     r.add_argument("params")
-    r.add_argument("--seeds", type=int, nargs="+", default=[0])
+    r.add_argument("--seeds", nargs="+", default=["0"], help=SEEDS_HELP)
     r.add_argument("--only", nargs="+", default=None, metavar="NOTEBOOK")
-    r.add_argument("--jobs", type=int, default=1)
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--download", action="store_true", help="fetch CIFAR-100 when missing")
+    add_executor_args(r, "local: seeds run in N processes; slurm: unused")
+
+    sw = sub.add_parser("sweep", help="train every unfinished run of the plan: local workers "
+                                      "or SLURM jobs, dependants after their upstream runs")
+    sw.add_argument("params")
+    sw.add_argument("--seeds", nargs="+", default=["0"], help=SEEDS_HELP)
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="one experiment per combination (repeatable)")
+    sw.add_argument("--force", action="store_true", help="retrain stale runs and their dependants")
+    add_executor_args(sw, "local worker processes (each its share of the CPU threads or its own GPU)")
+
+    pl = sub.add_parser("plan", help="every run of the study: status, dependencies, cost; "
+                                     "trains nothing")
+    pl.add_argument("params")
+    pl.add_argument("--seeds", nargs="+", default=["0"], help=SEEDS_HELP)
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     rep = sub.add_parser("report", help="rebuild results.csv and results.md from run records")
     rep.add_argument("experiment_dir")
@@ -50,7 +81,7 @@ def main(argv=None):
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default=None, help="JSON file for the figures")
 
-    sub.add_parser("params-table", help="trainable parameters of every model of the study")
+    sub.add_parser("params-table", help="total and trainable parameters of every model of the study")
 
     d = sub.add_parser("download", help="fetch a dataset into --data-dir")
     d.add_argument("dataset", choices=["cifar100"])
@@ -59,24 +90,42 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         return dispatch(a)
-    except (C.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted (train, run again, resumes from the last finished epoch)",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - anticipated failures get one line, others a traceback
+        code = exit_code(e)
+        if code is None:
+            raise
+        hint = ("; check that path, or set out_dir/data_dir to another place"
+                if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else "")
+        print("error: " + " ".join(str(e).split()) + hint, file=sys.stderr)
+        return code
+
+
+def exit_code(e: BaseException) -> int | None:
+    """2 for a problem the user can fix (params, data, records, files), 3 for a refusal (the
+    run is another config's or another process's), None for a bug: its traceback is shown."""
+    from .data import DataError
+    from .runs import RecordError, RunConflict
+    if isinstance(e, RunConflict):
+        return 3
+    if isinstance(e, (C.ConfigError, DataError, RecordError, FileNotFoundError,
+                      PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)):
         return 2
-    except Exception as e:  # noqa: BLE001 - a RunConflict and friends get the same plain line
-        from .runs import RunConflict
-        if isinstance(e, RunConflict):
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-        raise
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG):
+        return 2
+    return None
 
 
 def dispatch(a):
     if a.cmd == "train":
-        from . import stages
-        if a.stage not in C.STAGES:
-            raise C.ConfigError(f"unknown stage {a.stage!r}; allowed: {', '.join(C.STAGES)}")
+        from . import plan, stages
+        plan.spec(a.stage)  # an unknown stage stops here, naming the stages
         cfg = C.load(a.params, a.overrides)
-        stages.run_stage(a.stage, cfg, a.seed, force=a.force)
+        for seed in plan.parse_seeds(a.seeds if a.seeds else [a.seed]):
+            stages.run_stage(a.stage, cfg, seed, force=a.force)
         return 0
     if a.cmd == "params-table":
         from . import models
@@ -90,6 +139,17 @@ def dispatch(a):
     if a.cmd == "run":
         from . import pipeline
         return pipeline.main(a)
+    if a.cmd == "sweep":
+        from . import sweep
+        return sweep.main(a)
+    if a.cmd == "plan":
+        from . import plan
+        seeds = plan.parse_seeds(a.seeds)
+        cfg = C.load(a.params, a.overrides)
+        print(f"plan of {cfg.experiment} for seeds {', '.join(map(str, seeds))} "
+              f"(runs under {Path(cfg.out_dir) / cfg.experiment}):\n")
+        print(plan.describe(plan.plan(cfg, seeds)))
+        return 0
     if a.cmd == "report":
         from . import results
         results.report(a.experiment_dir)

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import config as C
-from . import models
+from . import models, plan
 
 KINDS, DEPTHS, TRAIN_MODES = C.CALLOSUM_KINDS, C.CALLOSUM_DEPTHS, C.CALLOSUM_TRAIN
 BLOCKS = {"prep": ("conv1",), "layer1": ("conv2", "res1"), "layer2": ("conv3",),
@@ -202,32 +202,46 @@ def build_unspecialised(cfg, hier) -> Callosal:
                  frozen=False)
 
 
-def unused_fields(stage, cfg) -> set:
-    """Config fields a stage does not use (stages.stage_config resets them to the defaults)."""
-    if stage == "callosal":
-        return {"backbone_lr_scale"} if cfg.callosum_train == "connections" else set()
-    if stage == "callosal_unspecialised":
-        return {"callosum_train", "backbone_lr_scale"}
-    return set(FIELDS)
-
-
-def run_name(stage, cfg) -> str:
+def run_name(cfg) -> str:
     name = f"{cfg.backbone}-{cfg.condition}-{cfg.callosum}-{'+'.join(cfg.callosum_at)}"
-    if stage == "callosal" and cfg.callosum_train == "all":
+    if cfg.callosum_train == "all":  # callosal_unspecialised resets it to the default
         name += f"-all{cfg.backbone_lr_scale:g}"
     return name
 
 
-def runs_of(cfg) -> list[tuple[str, str, C.Config]]:
-    """(label, stage, config) of the study's callosal runs: every kind of `callosum_kinds` on
-    every condition, and the unspecialised baseline of each kind on condition A."""
-    rep = dataclasses.replace
-    out = [(f"{c} callosal {k}", "callosal", rep(cfg, condition=c, callosum=k))
-           for k in cfg.callosum_kinds for c in cfg.conditions]
-    if "A" in cfg.conditions:
-        out += [(f"callosal {k}, no specialisation", "callosal_unspecialised",
-                 rep(cfg, condition="A", callosum=k)) for k in cfg.callosum_kinds]
-    return out
+def _callosal_epoch_cost(cfg):
+    # frozen hemispheres: their forward pass and the backward pass through them down to the
+    # first link (no weight gradients), about two thirds of training them; else all of it
+    pair = plan.hemisphere_cost(cfg, "left") + plan.hemisphere_cost(cfg, "right")
+    return pair * 2 / 3 if cfg.callosum_train == "connections" else pair
+
+
+# The study's callosal runs: every kind of `callosum_kinds` on every condition, and the
+# unspecialised model of each kind on condition A; none while callosum_kinds is empty.
+plan.register(plan.Stage(
+    "callosal", "callosum", "callosal (specialised)",
+    "the hemispheres joined by callosal connections (--set callosum=add|gate|concat)",
+    uses=("condition", "backbone", "augment", "head_augment"),
+    owns=FIELDS,
+    run_name=run_name,
+    label=lambda c: f"{c.condition} callosal {c.callosum}",
+    variants=lambda c: [dict(condition=k, callosum=kind)
+                        for kind in c.callosum_kinds for k in c.conditions],
+    epoch_cost=_callosal_epoch_cost,
+    build=lambda c, hier, seed: load_callosal(c, seed, hier),
+    upstream=lambda c: [("hemisphere", dict(side=s)) for s in C.SIDES]))
+
+plan.register(plan.Stage(
+    "callosal_unspecialised", "callosum", "callosal, no specialisation",
+    "the same callosal model trained end to end from scratch",
+    uses=("condition", "backbone", "augment"),
+    owns=("callosum", "callosum_at"),
+    run_name=run_name,
+    label=lambda c: f"callosal {c.callosum}, no specialisation",
+    variants=lambda c: [dict(condition="A", callosum=kind)
+                        for kind in c.callosum_kinds if "A" in c.conditions],
+    epoch_cost=lambda c: plan.hemisphere_cost(c, "left") + plan.hemisphere_cost(c, "right"),
+    build=lambda c, hier, seed: build_unspecialised(c, hier)))
 
 
 # -------------------------------------------------------------------------- parameters
@@ -244,13 +258,7 @@ def params_rows(n_fine=100, n_coarse=20) -> list[tuple[str, int, int]]:
                                  n_fine, n_coarse, kind=kind)
                     if frozen:
                         models.freeze(m.left), models.freeze(m.right)
-                    total = sum(p.numel() for p in m.parameters())
+                    total = models.count_total(m)
                     rows.append((f"Callosal {kind} at layer1+layer3 ({label}), {how}", total,
                                  models.count_trainable(m)))
     return rows
-
-
-def params_table(n_fine=100, n_coarse=20) -> str:
-    lines = [f"| {m} | {t:,} | {tr:,} |" for m, t, tr in params_rows(n_fine, n_coarse)]
-    return "\n".join(["| callosal model | total parameters | trainable parameters |",
-                      "|---|---:|---:|", *lines])

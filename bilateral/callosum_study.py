@@ -21,7 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import analysis, cam, callosum, results, runs, stages, train
+from . import cam, callosum, figures, results, results_md, runs, stages, train
+from .analysis import condition, measures, plots
+from .seeds import derive_seed
 
 
 # ------------------------------------------------------------------------------- traffic
@@ -71,7 +73,7 @@ DIRECTION_LABEL = {"to_left": "right → left", "to_right": "left → right"}
 
 def traffic_figure(table: pd.DataFrame, title: str):
     """Bars per link and direction: the overall ratio, and one dot per coarse class."""
-    fig = analysis._figure(figsize=(6.5, 3.2))
+    fig = plots._figure(figsize=(6.5, 3.2))
     ax = fig.subplots()
     overall = table[table.coarse_class == "all"].reset_index(drop=True)
     labels = [f"{r.depth}\n{DIRECTION_LABEL[r.direction]}" for r in overall.itertuples()]
@@ -93,7 +95,7 @@ def traffic_figure(table: pd.DataFrame, title: str):
 def gate_figure(tr: dict, title: str):
     """Histogram of the gate values of every channel and image, per link and direction."""
     gated = [(k, g["gate"]) for k, g in tr["links"].items() if "gate" in g]
-    fig = analysis._figure(figsize=(3.2 * max(1, len(gated)), 2.8))
+    fig = plots._figure(figsize=(3.2 * max(1, len(gated)), 2.8))
     axes = np.atleast_1d(fig.subplots(1, max(1, len(gated)), squeeze=False)[0])
     for ax, ((depth, d), g) in zip(axes, gated):
         ax.hist(g.flatten().numpy(), bins=40, range=(0, 1), color="C4")
@@ -138,18 +140,18 @@ def analyse(cfg, seed: int, kind: str | None = None, show=False, cam_images=64, 
     model = stages.load_run_model("callosal", cfg, seed, hier, device)
     folder, prefix = out_dir(cfg, seed), f"callosum.{cfg.callosum}"
     title = f"{cfg.callosum}, condition {cfg.condition}, seed {seed}"
-    dl = analysis._loader(test, device, 512)
+    dl = condition._loader(test, device, 512)
     tr = traffic(model, dl, device, cfg.amp)
     table = traffic_table(tr, hier.coarse_names)
     runs.atomic_write_bytes(folder / "traffic.csv", table.to_csv(index=False).encode())
-    analysis._save(traffic_figure(table, title), folder / "traffic.png", show)
+    figures.save(traffic_figure(table, title), folder, "traffic", show=show, log=None)
     if cfg.callosum == "gate":
-        analysis._save(gate_figure(tr, title), folder / "gates.png", show)
+        figures.save(gate_figure(tr, title), folder, "gates", show=show, log=None)
     m = traffic_metrics(table, tr, prefix)
-    m.update(attribution(model, dl, device, cfg.amp, folder, prefix))
+    m.update(attribution(model, dl, train_sample(cfg, seed, device), device, cfg.amp, folder, prefix))
     m.update(localisation(model, test, device, cam_images, seed, prefix))
     m = {k: float(v) for k, v in m.items() if v is not None and math.isfinite(float(v))}
-    runs.write_json(folder / "meta.json", {"model": f"callosal/{stages.run_name('callosal', cfg)}",
+    runs.write_json(folder / "meta.json", {"model": f"callosal/{out_dir(cfg, seed).parent.name}",
                                            "condition": cfg.condition, "seed": seed,
                                            "backbone": cfg.backbone, "split": "test"})
     runs.write_json(folder / "metrics.json", m)
@@ -158,14 +160,26 @@ def analyse(cfg, seed: int, kind: str | None = None, show=False, cam_images=64, 
     return m
 
 
-def attribution(model, loader, device, amp, folder, prefix) -> dict:
-    """Share of each head's predicted logit drawn from the left half of the features."""
-    out, _ = train.predict(lambda x: model(x, return_features=True), loader, device, amp)
+def train_sample(cfg, seed, device, n=1000):
+    """A seeded sample of the train split: the features' mean over it centres the attribution."""
+    train_split = stages.load_splits(cfg)[0]
+    g = torch.Generator().manual_seed(derive_seed(seed, "analysis", "callosal_centre"))
+    idx = torch.randperm(len(train_split), generator=g)[:n].sort().values
+    return condition._loader(condition.subset(train_split, idx), device, 512)
+
+
+def attribution(model, loader, train_loader, device, amp, folder, prefix) -> dict:
+    """Share of each head's predicted logit drawn from the left half of the features, centred
+    as analysis.attribution centres the bilateral model's (weights over classes, features by
+    their mean over a train sample)."""
+    fwd = lambda x: model(x, return_features=True)  # noqa: E731
+    out, _ = train.predict(fwd, loader, device, amp)
+    centre = train.predict(fwd, train_loader, device, amp)[0]["features"].float().mean(0)
     m, rows = {}, []
     for head in ("fine", "coarse"):
         w = model.heads[head][-1].weight.detach().cpu()
-        share = analysis.head_attribution(w, out["features"], model.left.out_features,
-                                          out[head].argmax(1))
+        share = measures.head_attribution(w, out["features"], model.left.out_features,
+                                          out[head].argmax(1), centre)
         s = share[torch.isfinite(share)]
         m[f"{prefix}.attribution.{head}.left_share.mean"] = s.mean().item()
         rows.append({"head": head, "left_share_mean": s.mean().item(),
@@ -178,7 +192,7 @@ def localisation(model, test, device, n, seed, prefix) -> dict:
     """Grad-CAM of the callosal model (both heads' top logits) on each hemisphere's residual
     blocks, as for the bilateral model: mean area at or above half the peak."""
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n]
-    x = analysis._normalised(test, idx.sort().values, device)
+    x = condition.normalised(test, idx.sort().values, device)
     with torch.no_grad():
         out = model.eval()(x)
     cls = torch.stack([out["fine"].argmax(1), out["coarse"].argmax(1)], 1)
@@ -200,14 +214,15 @@ def _reference(key: str) -> str:
 
 def comparison(df: pd.DataFrame) -> pd.DataFrame:
     """Each callosal model minus the bilateral model of its condition, per test accuracy, with
-    results.difference's 95% interval over seeds."""
+    results.difference's 95% interval over seeds: paired for a callosal model (it is built on
+    the same hemispheres as its reference), Welch's for one trained from scratch."""
     vals, rows = results.per_seed(df), []
     for key in sorted(k for k in vals if k.split("/")[0] in callosum.STAGES):
         ref = _reference(key)
         row = dict(model=key, reference=ref)
         for metric in ("fine_acc", "coarse_acc"):
             a, b = vals[key].get(metric, {}), vals.get(ref, {}).get(metric, {})
-            d = results.difference(a, b) if a and b else dict(diff=float("nan"), lo=float("nan"),
+            d = results.difference(a, b, key.startswith("callosal/")) if a and b else dict(diff=float("nan"), lo=float("nan"),
                                                               hi=float("nan"), method="")
             row.update({f"{metric}_{k}": v for k, v in d.items()})
         rows.append(row)
@@ -221,10 +236,11 @@ def markdown_section(df: pd.DataFrame) -> list[str]:
         return []
     lines = ["", "## Callosal models against the bilateral model of their condition", "",
              "Difference of mean test accuracy (callosal minus bilateral), percentage points, "
-             "95% confidence interval over seeds (paired when both cover the same seeds). "
+             "95% confidence interval over seeds (paired for a callosal model: it shares its "
+             "hemispheres with its reference; Welch's for one trained from scratch). "
              "`callosal_unspecialised` is trained from scratch; its reference is still the "
              "specialised bilateral model.", ""]
-    rows = [[r["model"], r["reference"], results._ci_cell(r, "fine_acc"),
-             results._ci_cell(r, "coarse_acc")] for _, r in comp.iterrows()]
-    return lines + results._md_table(["model", "against", "Δ fine [95% CI]", "Δ coarse [95% CI]"],
+    rows = [[r["model"], r["reference"], results_md._row_ci(r, "fine_acc"),
+             results_md._row_ci(r, "coarse_acc")] for _, r in comp.iterrows()]
+    return lines + results_md._table(["model", "against", "Δ fine [95% CI]", "Δ coarse [95% CI]"],
                                      rows)

@@ -81,59 +81,35 @@ def figure_dir(cfg: C.Config, seed=None) -> Path:
     return d
 
 
-BASELINE_LABELS = {"bilateral_unspecialised": "bilateral, no specialisation",
-                   "resnet18": "ResNet-18", "resnet34": "ResNet-34"}
+# The notebooks ask for the runs of their phase (plan.py); a notebook's name names its phase
+# ("02_hemispheres" -> "hemispheres"). Labels are each run's label in the plan.
 
-
-def runs_of(cfg: C.Config, notebook: str) -> list[tuple[str, str, C.Config]]:
-    """(label, stage, config) of every run a notebook trains, in order."""
-    rep = dataclasses.replace
-    out = []
-    if notebook == "02_hemispheres":
-        out = [(f"{c} {s}", "hemisphere", rep(cfg, condition=c, side=s))
-               for c in cfg.conditions for s in C.SIDES]
-    elif notebook == "03_bilateral":
-        out = [(f"{c} bilateral", "bilateral", rep(cfg, condition=c)) for c in cfg.conditions]
-    elif notebook == "04_baselines":
-        b = cfg.baselines
-        if "bilateral_unspecialised" in b:
-            out.append((BASELINE_LABELS["bilateral_unspecialised"], "bilateral_unspecialised",
-                        rep(cfg, condition="A")))
-        if "unilateral" in b or "ensemble" in b:
-            out += [(f"unilateral m{m}", "unilateral", rep(cfg, member=m))
-                    for m in range(cfg.pool_size)]
-        out += [(BASELINE_LABELS[s], s, cfg) for s in ("resnet18", "resnet34") if s in b]
-        if "ensemble" in b:
-            out += [(f"ensemble k={k}", "ensemble", rep(cfg, ensemble_size=k)) for k in cfg.ensemble_sizes]
-    elif notebook == "07_callosum":
-        from . import callosum
-        out = callosum.runs_of(cfg)
-    return out
+def runs_of(cfg: C.Config, notebook: str, seed: int = 0) -> list[tuple[str, str, C.Config]]:
+    """(label, stage, config) of every run a notebook (or phase) trains, in order."""
+    from . import plan
+    return [(r.label, r.stage, r.cfg) for r in plan.phase_runs(cfg, notebook, seed)]
 
 
 def train_runs(cfg: C.Config, notebook: str, seed: int) -> dict:
-    """Train every run of a notebook (a finished one with the same config is just read);
-    {label: metrics}."""
-    from . import stages
-    return {label: stages.run_stage(stage, c, seed) for label, stage, c in runs_of(cfg, notebook)}
+    """Train every run of a notebook's phase (a finished one with the same config is just
+    read); {label: metrics}."""
+    from . import plan
+    return {r.label: r.train() for r in plan.phase_runs(cfg, notebook, seed)}
 
 
 def read_runs(cfg: C.Config, notebook: str, seed: int) -> dict:
-    """{label: metrics} of the finished runs of a notebook (missing ones are left out)."""
-    from . import runs, stages
-    out = {}
-    for label, stage, c in runs_of(cfg, notebook):
-        c = stages.stage_config(c, stage)
-        path = runs.run_dir(c, stage, stages.run_name(stage, c), seed)
-        if runs.finished(path):
-            out[label] = runs.read_json(path / "metrics.json")
-    return out
+    """{label: metrics} of the finished runs of a notebook's phase (missing, unfinished and
+    stale ones are left out)."""
+    from . import plan
+    return {r.label: r.metrics() for r in plan.phase_runs(cfg, notebook, seed)
+            if r.status() == "finished"}
 
 
 def histories(cfg: C.Config, notebook: str, seed: int) -> dict:
-    """{label: history DataFrame} of the trained runs of a notebook (ensembles have none)."""
-    from .figures import load_history
-    out = {label: load_history(stage, c, seed) for label, stage, c in runs_of(cfg, notebook)}
+    """{label: history DataFrame} of the trained runs of a notebook's phase (ensembles have
+    none)."""
+    from . import plan
+    out = {r.label: r.history() for r in plan.phase_runs(cfg, notebook, seed)}
     return {k: v for k, v in out.items() if not v.empty}
 
 
@@ -275,13 +251,16 @@ def check_data(cfg: C.Config, download: bool = False):
 
 
 def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, execute=None,
-        nb_dir=None, log=say) -> tuple[int, list[Result]]:
-    """Everything `python -m bilateral run` does; returns (exit code, results)."""
+        nb_dir=None, log=say, executor="local", slurm=None) -> tuple[int, list[Result]]:
+    """Everything `python -m bilateral run` does; returns (exit code, results).
+    executor="slurm": the plan's trainings as SLURM jobs first (bilateral.sweep), then each
+    seed's notebooks as a SLURM job (they find every run finished and only analyse), then 06."""
     params = Path(params).resolve()
     overrides = C.parse_overrides(overrides)
     cfg = C.load(params, overrides)                     # bad params stop before anything runs
     notebooks = select(only)
-    seeds = list(dict.fromkeys(seeds))
+    from .plan import parse_seeds
+    seeds = parse_seeds(seeds)                          # 0-4, [0, 1, 2], "0,2": each once, in order
     if jobs < 1:
         raise C.ConfigError(f"--jobs must be at least 1, got {jobs}")
     nb_dir = Path(nb_dir) if nb_dir else find_root() / "notebooks"
@@ -293,9 +272,19 @@ def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, e
     # out_dir and data_dir mean the same as on this command line although the kernels run
     # from the repository root
     for key in ("out_dir", "data_dir"):
-        if not Path(getattr(cfg, key)).is_absolute() and Path.cwd().resolve() != root:
+        if not Path(getattr(cfg, key)).is_absolute() and (Path.cwd().resolve() != root
+                                                          or executor == "slurm"):
             overrides[key] = str(Path(getattr(cfg, key)).resolve())
     cfg = C.load(params, overrides)
+    from . import sweep
+    options = {**cfg.slurm, **(slurm or {})}
+    if executor == "slurm" and any(n in notebooks for n in PER_SEED[1:4]):
+        code, _ = sweep.sweep(params, seeds, "slurm", slurm=options, overrides=overrides, log=log)
+        if code:
+            log("some trainings failed on SLURM (summary above); the notebooks were not run")
+            return code, []
+    else:
+        sweep.announce(cfg, seeds, jobs, log)
     exp_dir = Path(cfg.out_dir) / cfg.experiment
     parameters = dict(params_file=str(params), overrides=overrides)
     per_seed = [n for n in notebooks if n in PER_SEED]
@@ -309,7 +298,7 @@ def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, e
     pin_kernel(kernel_dir.name)
     try:
         results = _run_all(seeds, per_seed, notebooks, jobs, nb_dir, root, parameters, exp_dir,
-                           execute, log)
+                           execute, log, options if executor == "slurm" else None)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -321,14 +310,18 @@ def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, e
     return (0 if all(r.status == "ok" for r in results) else 1), results
 
 
-def _run_all(seeds, per_seed, notebooks, jobs, nb_dir, root, parameters, exp_dir, execute, log):
+def _run_all(seeds, per_seed, notebooks, jobs, nb_dir, root, parameters, exp_dir, execute, log,
+             slurm=None):
     results: list[Result] = []
     if per_seed:
         jobs_kw = [dict(seed=s, notebooks=per_seed, nb_dir=nb_dir, cwd=root, parameters=parameters,
                         out_dir=exp_dir / "notebooks" / f"seed={s}", env=seed_env(i, jobs),
                         execute=execute)
                    for i, s in enumerate(seeds)]
-        if jobs == 1:
+        if slurm is not None:  # one SLURM job per seed
+            from .slurm import run_chains_slurm
+            results += run_chains_slurm(jobs_kw, slurm, exp_dir / "jobs" / "notebooks", log)
+        elif jobs == 1:
             for kw in jobs_kw:
                 results += run_chain(**kw, log=log)
         else:
@@ -343,8 +336,10 @@ def _run_all(seeds, per_seed, notebooks, jobs, nb_dir, root, parameters, exp_dir
 
 
 def main(args) -> int:
+    from .sweep import slurm_options
     code, _ = run(args.params, seeds=args.seeds, only=args.only, jobs=args.jobs,
-                  overrides=args.overrides, download=args.download)
+                  overrides=args.overrides, download=args.download, executor=args.executor,
+                  slurm=slurm_options(args))
     return code
 
 

@@ -1,76 +1,39 @@
 """Every stage of the study as one function call: `run_stage(stage, cfg, seed)`.
 
-A stage builds its model from the config, trains it with `train.fit` and records the run under
-outputs/<experiment>/<stage>/<name>/seed=<k>/. The bilateral stage and the ensembles read the
-runs they build on from those records, so the stages can run in separate processes.
+What each stage is (its fields, name, heads, builder, upstream runs) is declared in plan.py;
+this module builds the models and trains. A stage trains its model with `train.fit` and records
+the run under outputs/<experiment>/<stage>/<name>/seed=<k>/, with the sha256 of every upstream
+model.pt it was built on. The bilateral stage and the ensembles read the runs they build on from
+those records, so the stages can run in separate processes.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import time
-import zlib
 
 import torch
 
 from . import config as C
-from . import callosum, data, models, runs, train
+from . import data, models, plan, runs, train
+from .seeds import derive_seed
 
 
 # ---------------------------------------------------------------------------- configs and names
+# Each stage is declared once in plan.py; these keep the older call forms working.
 
 def stage_config(cfg: C.Config, stage: str) -> C.Config:
-    """Reset the parameters a stage does not use, so they neither appear in its record nor
-    make two identical runs look different."""
-    if stage not in C.STAGES:
-        raise C.ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(C.STAGES)}")
-    d = C.Config()
-    unused = {"side", "member", "ensemble_size", "head_augment"}
-    if stage == "hemisphere":
-        unused -= {"side"}
-    if stage in ("bilateral", "callosal"):
-        unused -= {"head_augment"}
-    unused |= callosum.unused_fields(stage, cfg)
-    if stage == "unilateral":
-        unused -= {"member"}
-    if stage == "ensemble":
-        unused -= {"ensemble_size"}
-    if stage in ("unilateral", "resnet18", "resnet34", "ensemble"):
-        unused |= {"condition"}
-    if stage in ("resnet18", "resnet34"):
-        unused |= {"backbone"}
-    if stage == "ensemble":  # pool members are trained by the unilateral stage
-        unused |= {"augment"}
-    cond = d.condition if "condition" in unused else cfg.condition
-    if cond not in ("C", "D"):
-        unused |= {"kwta_k", "kwta_k_batch", "kwta_eval_batch"}
-    return dataclasses.replace(cfg, **{k: getattr(d, k) for k in unused})
+    return plan.stage_config(cfg, stage)
 
 
 def run_name(stage: str, cfg: C.Config) -> str:
-    if stage == "hemisphere":
-        return f"{cfg.backbone}-{cfg.condition}-{cfg.side}"
-    if stage in ("bilateral", "bilateral_unspecialised"):
-        return f"{cfg.backbone}-{cfg.condition}"
-    if stage == "unilateral":
-        return f"{cfg.backbone}-m{cfg.member}"
-    if stage == "ensemble":
-        return f"{cfg.backbone}-k{cfg.ensemble_size}"
-    if stage in callosum.STAGES:
-        return callosum.run_name(stage, cfg)
-    return stage  # resnet18, resnet34
+    return plan.spec(stage).run_name(cfg)
 
 
 def run_seed(stage: str, name: str, seed: int) -> int:
     """A distinct, stable torch seed per run: pool members and the two hemispheres of a seed
     must not start from the same weights by accident."""
-    return zlib.crc32(f"{stage}/{name}/{seed}".encode())
-
-
-def train_command(stage, cfg, seed, params="params/<preset>.yaml") -> str:
-    sets = {"hemisphere": f" --set condition={cfg.condition} --set side={cfg.side}",
-            "unilateral": f" --set member={cfg.member}"}.get(stage, "")
-    return f"python -m bilateral train {stage} --params {params} --seed {seed}{sets}"
+    return derive_seed(seed, "run", stage, name)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -102,12 +65,17 @@ def loaders(cfg, device, batch_size, seed, augment):
 
 # ---------------------------------------------------------------------------------- models
 
-def hemisphere_backbone(cfg: C.Config, side: str) -> torch.nn.Module:
+def hemisphere_arch(cfg: C.Config, side: str) -> tuple[str, bool]:
+    """(backbone name, k-WTA on?) of a hemisphere: conditions B and D give the left the
+    pyramid, C and D put k-WTA into both."""
     name = "resnet9_pyramid" if side == "left" and cfg.condition in ("B", "D") else cfg.backbone
-    kwta = {}
-    if cfg.condition in ("C", "D"):
-        kwta = dict(k=cfg.kwta_k, k_batch=cfg.kwta_k_batch, kwta_eval_batch=cfg.kwta_eval_batch)
-    return models.build_backbone(name, cfg.width, bn_momentum=cfg.bn_momentum, **kwta)
+    return name, cfg.condition in ("C", "D")
+
+
+def hemisphere_backbone(cfg: C.Config, side: str) -> torch.nn.Module:
+    name, kwta = hemisphere_arch(cfg, side)
+    kw = dict(k=cfg.kwta_k, k_batch=cfg.kwta_k_batch, kwta_eval=cfg.kwta_eval) if kwta else {}
+    return models.build_backbone(name, cfg.width, bn_momentum=cfg.bn_momentum, **kw)
 
 
 def hemisphere_model(cfg, side, hier) -> models.Unilateral:
@@ -116,44 +84,27 @@ def hemisphere_model(cfg, side, hier) -> models.Unilateral:
                              heads=heads, dropout=cfg.dropout)
 
 
-def build_model(stage, cfg, hier):
-    n = dict(n_fine=hier.n_fine, n_coarse=hier.n_coarse)
-    if stage == "hemisphere":
-        return hemisphere_model(cfg, cfg.side, hier)
-    if stage == "bilateral_unspecialised":
-        return models.Bilateral(hemisphere_backbone(cfg, "left"), hemisphere_backbone(cfg, "right"),
-                                dropout=cfg.dropout, **n)
-    if stage == "unilateral":
-        bb = models.build_backbone(cfg.backbone, cfg.width, bn_momentum=cfg.bn_momentum)
-        return models.Unilateral(bb, dropout=cfg.dropout, **n)
-    if stage in ("resnet18", "resnet34"):
-        bb = models.build_backbone(stage, cfg.width, bn_momentum=cfg.bn_momentum)
-        return models.Unilateral(bb, dropout=cfg.dropout, **n)
-    if stage == "callosal_unspecialised":
-        return callosum.build_unspecialised(cfg, hier)
-    raise ValueError(f"stage {stage!r} has no model of its own to build")
+def unspecialised_model(cfg, hier) -> models.Bilateral:
+    return models.Bilateral(hemisphere_backbone(cfg, "left"), hemisphere_backbone(cfg, "right"),
+                            hier.n_fine, hier.n_coarse, dropout=cfg.dropout)
+
+
+def dual_head_model(backbone: str, cfg, hier) -> models.Unilateral:
+    bb = models.build_backbone(backbone, cfg.width, bn_momentum=cfg.bn_momentum)
+    return models.Unilateral(bb, hier.n_fine, hier.n_coarse, dropout=cfg.dropout)
+
+
+def build_model(stage, cfg, hier, seed=0):
+    """A stage's untrained model (the bilateral one: the hemispheres of `seed`, frozen)."""
+    build = plan.spec(stage).build
+    if build is None:
+        raise ValueError(f"stage {stage!r} has no model of its own to build")
+    return build(plan.stage_config(cfg, stage), hier, seed)
 
 
 def load_run_model(stage, cfg, seed, hier, device="cpu"):
     """The trained model of a finished run, rebuilt from its config and loaded strictly."""
-    cfg = stage_config(cfg, stage)
-    path = runs.run_dir(cfg, stage, run_name(stage, cfg), seed)
-    if not runs.finished(path):
-        raise FileNotFoundError(f"{stage} run {path} is missing or unfinished; make it with:\n  "
-                                f"{train_command(stage, cfg, seed)}")
-    model = upstream_model(stage, cfg, seed, hier)
-    state = runs.load_torch(path / "model.pt")
-    models.load_state_strict(model, state, what=f"{stage} run {path}")
-    return model.to(device).eval()
-
-
-def upstream_model(stage, cfg, seed, hier):
-    """The model a run trains, built on its upstream runs where it has any."""
-    if stage == "bilateral":
-        return load_bilateral(cfg, seed, hier)
-    if stage == "callosal":
-        return callosum.load_callosal(cfg, seed, hier)
-    return build_model(stage, cfg, hier)
+    return plan.Run(stage, cfg, seed).load_model(hier, device)
 
 
 def load_hemisphere(cfg, side, seed, hier):
@@ -170,20 +121,26 @@ def load_bilateral(cfg, seed, hier):
 
 # --------------------------------------------------------------------------------- running
 
-def heads_of(stage, cfg):
-    if stage == "hemisphere":
-        return ("fine",) if cfg.side == "left" else ("coarse",)
-    return ("fine", "coarse")
-
-
 def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=print) -> dict:
     """Train (or, if already finished with the same config, just read) one run; return its
-    metrics."""
-    cfg = stage_config(C.validate(cfg), stage)
-    name = run_name(stage, cfg)
-    path = runs.run_dir(cfg, stage, name, seed)
-    tag = f"[{stage} {name} seed={seed}]"
-    status = runs.prepare(path, C.identity(cfg), force)
+    metrics. A run whose upstream runs were retrained since it was built is refused (stale),
+    unless `force`, which retrains it. Bad data stops before the run folder is claimed; a second
+    process asking for a run in progress refuses (runs.RunLocked)."""
+    run = plan.Run(stage, C.validate(cfg), seed)
+    data.check_splits(load_splits(run.cfg))  # bad data stops before the run folder is claimed
+    C.check_device(run.cfg.device)
+    with runs.claim(run.path):
+        return _run_claimed(run, force, log)
+
+
+def _run_claimed(run, force, log):
+    cfg, name, path = run.cfg, run.name, run.path
+    tag = f"[{run.stage} {name} seed={run.seed}]"
+    status = runs.prepare(path, C.identity(cfg), force, rebuild=run.command())  # checks the records
+    changed = run.changed_upstream() if status != "new" else []  # force has cleared a stale run
+    if changed:
+        raise runs.RunConflict(f"{run.key} is stale: it was built on {', '.join(changed)}, "
+                               f"retrained or removed since; use --force to retrain it")
     if status == "done":
         log(f"{tag} already finished with the same config: {path}")
         return runs.read_json(path / "metrics.json")
@@ -191,45 +148,47 @@ def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=pri
         torch.set_num_threads(cfg.threads)
     device = train.pick_device(cfg.device)
     t0 = time.perf_counter()
-    if stage == "ensemble":
-        metrics = _ensemble(cfg, seed, device, path, log=lambda m: log(f"{tag} {m}"))
-    else:
-        metrics = _train(stage, cfg, seed, device, path, status, log=lambda m: log(f"{tag} {m}"))
+    say = lambda m: log(f"{tag} {m}")  # noqa: E731
+    metrics = _train(run, device, say) if run.spec.build else _ensemble(run, device, say)
     metrics["wall_s"] = time.perf_counter() - t0
-    runs.write_json(path / "metrics.json", metrics)
-    (path / "checkpoint.pt").unlink(missing_ok=True)
+    runs.finish(path, metrics)
     log(f"{tag} done in {metrics['wall_s']:.0f}s: " + ", ".join(
         f"test {k} {v:.2%}" for k, v in metrics["test"].items()))
     return metrics
 
 
-def _record(path, cfg, stage, seed, device, extra):
-    rec = {"config": C.identity(cfg), "resolved": dataclasses.asdict(cfg), "stage": stage,
-           "seed": seed, **runs.provenance(device), **extra}
-    runs.write_json(path / "config.json", rec)
+def _record(run, device, extra):
+    """config.json: the config, provenance, and the sha256 of every upstream model.pt."""
+    rec = {"config": C.identity(run.cfg), "resolved": dataclasses.asdict(run.cfg),
+           "stage": run.stage, "seed": run.seed, "upstream": plan.upstream_hashes(run),
+           **runs.provenance(device), **extra}
+    runs.write_json(run.path / "config.json", rec)
 
 
-def _train(stage, cfg, seed, device, path, status, log):
+def _train(run, device, log):
+    stage, cfg, seed, path = run.stage, run.cfg, run.seed, run.path
     hp = train.hyper(cfg, stage)
-    rseed = run_seed(stage, run_name(stage, cfg), seed)
+    rseed = run_seed(stage, run.name, seed)
     torch.manual_seed(rseed)
-    heads = heads_of(stage, cfg)
-    cached = stage == "bilateral" and not cfg.head_augment
-    augment = cfg.head_augment if stage in ("bilateral", "callosal") else cfg.augment
+    heads = run.heads
+    heads_only = run.spec.heads_only
+    cached = heads_only and not cfg.head_augment
+    # head_augment: the stages built on frozen hemispheres (bilateral, callosal)
+    augment = cfg.head_augment if "head_augment" in run.spec.uses else cfg.augment
     train_dl, val_dl, test_dl, hier = loaders(cfg, device, hp.batch_size, rseed, augment)
-    model = upstream_model(stage, cfg, seed, hier).to(device)
+    model = run.spec.build(cfg, hier, seed).to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     forward = model
-    if stage == "bilateral":
+    if heads_only:
         forward, train_dl, val_dl, test_dl = bilateral_forward(model, train_dl, val_dl, test_dl,
                                                                cached, hp, rseed, device, cfg.amp)
     if cfg.compile:
         forward = torch.compile(forward)
-    _record(path, cfg, stage, seed, device, {
-        "name": run_name(stage, cfg), "run_seed": rseed, "hyper": dataclasses.asdict(hp),
-        "trainable_params": models.count_trainable(model), "cached_features": cached,
-        "n_train": train_dl.n})
+    _record(run, device, {
+        "name": run.name, "run_seed": rseed, "hyper": dataclasses.asdict(hp),
+        "trainable_params": models.count_trainable(model), "total_params": models.count_total(model),
+        "cached_features": cached, "n_train": train_dl.n, "n_val": val_dl.n})
     history, best = train.fit(
         model, forward, train_dl, val_dl, heads=heads, hp=hp, device=device,
         fine_to_coarse=hier.fine_to_coarse, ckpt_path=path / "checkpoint.pt", amp=cfg.amp,
@@ -243,10 +202,27 @@ def _train(stage, cfg, seed, device, path, status, log):
     if cfg.report_epoch == "last":
         model.load_state_dict(last_state)
     runs.save_torch(path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+    # not the bilateral heads: they were trained on features made under one rule (and cached)
+    kwta = kwta_test_metrics(model, ev, test_dl) if stage != "bilateral" else {}
     return {"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
             "test_best": out["test_best"], "val": out["val"][cfg.report_epoch], "val_all": out["val"],
             "best_epoch": best["epoch"], "epochs": hp.epochs, "report": cfg.report_epoch,
-            "heads": list(heads)}
+            "heads": list(heads), **kwta}
+
+
+def kwta_test_metrics(model, ev, test_dl) -> dict:
+    """The reported model's test metrics under every k-WTA evaluation rule (conditions C, D):
+    the rule changes evaluation only, so one trained run shows them all side by side
+    ({"test_kwta_threshold": {...}, "test_kwta_map_only": ..., "test_kwta_batch": ...})."""
+    own = models.set_kwta_eval(model, "threshold")
+    if own is None:
+        return {}
+    out = {}
+    for rule in models.KWTA.EVAL_RULES:
+        models.set_kwta_eval(model, rule)
+        out[f"test_kwta_{rule}"] = ev(test_dl)
+    models.set_kwta_eval(model, own)
+    return out
 
 
 def bilateral_forward(model, train_dl, val_dl, test_dl, cached, hp, seed, device, amp):
@@ -281,22 +257,17 @@ def cache_features(model, loader, device, amp=True):
 
 def pool_metrics(cfg, seed):
     """Validation metrics of every unilateral run in the ensemble pool of this seed."""
-    found, missing = {}, []
-    for m in range(cfg.pool_size):
-        c = stage_config(dataclasses.replace(cfg, member=m), "unilateral")
-        p = runs.run_dir(c, "unilateral", run_name("unilateral", c), seed)
-        if runs.finished(p):
-            found[m] = runs.read_json(p / "metrics.json")
-        else:
-            missing.append(train_command("unilateral", c, seed))
+    pool = plan.Run("ensemble", cfg, seed).upstream()
+    missing = [r.command() for r in pool if r.status() != "finished"]
     if missing:
         raise FileNotFoundError(f"the ensemble needs {len(missing)} more unilateral runs of seed "
                                 f"{seed}; make them with:\n  " + "\n  ".join(missing))
-    return found
+    return {r.cfg.member: r.metrics() for r in pool}
 
 
-def _ensemble(cfg, seed, device, path, log):
+def _ensemble(run, device, log):
     """Top-k unilateral runs by validation accuracy (never test), logits averaged per head."""
+    cfg, seed = run.cfg, run.seed
     pool = pool_metrics(cfg, seed)
     ranked = sorted(pool, key=lambda m: -train.score(pool[m]["val"], ("fine", "coarse")))
     chosen = sorted(ranked[:cfg.ensemble_size])
@@ -304,9 +275,9 @@ def _ensemble(cfg, seed, device, path, log):
     members = [load_run_model("unilateral", dataclasses.replace(cfg, member=m), seed, hier, device)
                for m in chosen]
     model = models.Ensemble(members).to(device).eval()
-    _record(path, cfg, stage="ensemble", seed=seed, device=device, extra={
-        "name": run_name("ensemble", cfg), "members": chosen,
-        "trainable_params": models.count_trainable(model)})
+    _record(run, device, extra={"name": run.name, "members": chosen,
+                                "trainable_params": models.count_trainable(model),
+                                "total_params": models.count_total(model)})
     f2c = hier.fine_to_coarse
     val = train.evaluate(model, val_dl, device, f2c, cfg.amp)
     test = train.evaluate(model, test_dl, device, f2c, cfg.amp)

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from . import runs
+from .seeds import derive_seed
 
-# weight_decay is (hemispheres, everything else): the original regularised hemispheres harder.
+# weight_decay is (recipe group "hemisphere", everything else; see plan.Stage.recipe): the
+# original regularised hemispheres harder.
 RECIPES = {
     "original": dict(optimizer="adam", lr=1e-4, batch_size=256, epochs=180,
                      weight_decay=(1e-3, 1e-5), label_smoothing=0.0, schedule="constant"),
@@ -35,8 +37,12 @@ class Hyper:
 
 def hyper(cfg, stage: str) -> Hyper:
     r = dict(RECIPES[cfg.recipe])
-    r["weight_decay"] = r["weight_decay"][0 if stage == "hemisphere" else 1]
-    for key in ("lr", "batch_size", "epochs", "weight_decay", "label_smoothing"):
+    from .plan import spec  # the stage's recipe group; a late import: plan builds on this module
+    # weight_decay_equal: the ablation that gives every stage the hemispheres' value
+    group = 0 if spec(stage).recipe == "hemisphere" or cfg.weight_decay_equal else 1
+    r["weight_decay"] = r["weight_decay"][group]
+    r["epochs"] = cfg.stage_epochs.get(stage, cfg.epochs or r["epochs"])
+    for key in ("lr", "batch_size", "weight_decay", "label_smoothing"):
         if getattr(cfg, key) is not None:
             r[key] = getattr(cfg, key)
     return Hyper(**r)
@@ -105,7 +111,7 @@ class FeatureLoader:
     def __iter__(self):
         n = len(self.x)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "feature loader", self.epoch))
             order = torch.randperm(n, generator=g).to(self.x.device)
         else:
             order = torch.arange(n, device=self.x.device)

@@ -1,8 +1,6 @@
-"""`python -m bilateral run`: the notebook chain per seed, its failure handling and summary, the
-results table and its statistics, and the whole smoke chain through papermill for 2 seeds."""
+"""`python -m bilateral run`: the notebook chain per seed, its failure handling and summary, and
+the whole smoke chain through papermill for 2 seeds (the results table: tests/test_results.py)."""
 import dataclasses
-import json
-import math
 import os
 import subprocess
 import sys
@@ -16,7 +14,7 @@ import torch
 from papermill.exceptions import PapermillExecutionError
 
 from bilateral import config as C
-from bilateral import outcomes, pipeline, results, runs, stages
+from bilateral import pipeline, plan, results
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -146,92 +144,7 @@ def test_a_real_notebook_failure_through_papermill(tmp_path):
     assert Path(res[1].output).exists()  # the executed copy shows the traceback
 
 
-# --------------------------------------------------------------------------------- results
-
-def fake_run(exp, stage, name, seed, test, cfg=None, params=100):
-    d = exp / stage / name / f"seed={seed}"
-    d.mkdir(parents=True)
-    (d / "metrics.json").write_text(json.dumps({"test": test, "val": test, "wall_s": 1.0,
-                                                "epochs": 2, "best_epoch": 2}))
-    (d / "config.json").write_text(json.dumps({"trainable_params": params, "resolved": {
-        "condition": "A", "backbone": "resnet9", "dataset": "synthetic", **(cfg or {})}}))
-
-
-def test_report_statistics(tmp_path):
-    exp = tmp_path / "exp"
-    bil = {0: (0.70, 0.80), 1: (0.72, 0.83), 2: (0.71, 0.81)}
-    uni = {0: (0.60, 0.75), 1: (0.65, 0.74), 2: (0.61, 0.79)}
-    for s in bil:
-        fake_run(exp, "bilateral", "resnet9-A", s, {"fine_acc": bil[s][0], "coarse_acc": bil[s][1]})
-        for m in (0, 1):  # two pool members: averaged per seed
-            fake_run(exp, "unilateral", f"resnet9-m{m}", s,
-                     {"fine_acc": uni[s][0] + 0.01 * m, "coarse_acc": uni[s][1]})
-        fake_run(exp, "hemisphere", "resnet9-A-left", s, {"fine_acc": 0.66, "fine_as_coarse_acc": 0.76})
-    fake_run(exp, "resnet18", "resnet18", 0, {"fine_acc": 0.5, "coarse_acc": 0.6})
-    for s, v in ((0, 0.6), (5, 0.7)):  # Welch: other seeds than the bilateral model's
-        fake_run(exp, "resnet34", "resnet34", s, {"fine_acc": v, "coarse_acc": v})
-    a = exp / "analysis" / "B" / "seed=1"
-    a.mkdir(parents=True)
-    (a / "metrics.json").write_text(json.dumps({"probe.left": 0.5, "nested": {"x": 2}}))
-    b = exp / "analysis" / "custom"
-    b.mkdir(parents=True)
-    (b / "metrics.json").write_text(json.dumps({"probe.left": 0.7}))
-    (b / "meta.json").write_text(json.dumps({"condition": "C", "seed": 4}))
-
-    rep = results.report(exp)
-    df = pd.read_csv(exp / "results.csv")
-    assert list(df.columns) == results.COLUMNS
-    assert len(df[(df.stage == "unilateral") & (df.split == "test")]) == 3 * 2 * 2
-    an = df[df.stage == "analysis"].sort_values("seed")
-    assert an[["condition", "seed", "metric", "value"]].values.tolist() == [
-        ["B", 1, "probe.left", 0.5], ["B", 1, "nested.x", 2.0], ["C", 4, "probe.left", 0.7]]
-    assert set(df[df.stage == "unilateral"].condition.fillna("")) == {""}
-
-    summ = rep["summary"].set_index("model")
-    f = [bil[s][0] for s in bil]
-    assert summ.loc["bilateral/resnet9-A", "fine_acc_mean"] == pytest.approx(sum(f) / 3)
-    assert summ.loc["bilateral/resnet9-A", "fine_acc_sd"] == pytest.approx(pd.Series(f).std(ddof=1))
-    assert summ.loc["unilateral/resnet9", "fine_acc_n"] == 3  # seeds, not pool members
-    comp = rep["comparison"].set_index("model")
-    d = pd.Series([bil[s][0] - (uni[s][0] + 0.005) for s in bil])  # pool mean per seed
-    half = 4.302652729749464 * d.std(ddof=1) / math.sqrt(3)       # t(0.975, 2)
-    row = comp.loc["unilateral/resnet9"]
-    assert row.fine_acc_method == "paired"
-    assert (row.fine_acc_diff, row.fine_acc_lo, row.fine_acc_hi) == pytest.approx(
-        (d.mean(), d.mean() - half, d.mean() + half))
-    assert comp.loc["resnet34", "fine_acc_method"] == "Welch"
-    assert math.isnan(comp.loc["resnet18", "fine_acc_lo"])
-    assert math.isnan(comp.loc["hemisphere/resnet9-A-left", "coarse_acc_diff"])
-
-    md = (exp / "results.md").read_text()
-    assert "sample standard deviation" in md and "95% confidence interval" in md
-    assert f"{100 * sum(f) / 3:.1f} ± {100 * pd.Series(f).std(ddof=1):.1f} (3)" in md
-    assert "[n/a (1 seed)]" in md and "(Welch)" in md and "(paired)" in md
-    assert "Data: **synthetic**" in md
-
-
-def test_report_cli_and_an_empty_folder(tmp_path):
-    r = cli("report", str(tmp_path))
-    assert r.returncode == 2 and "no finished runs" in r.stderr
-
-
-@pytest.mark.parametrize("df, q", [(1, 12.7062047), (2, 4.3026527), (5, 2.5705818), (30, 2.0422725),
-                                   (7.5, 2.3330396)])
-def test_t_quantile(df, q):
-    assert results.t_quantile(0.975, df) == pytest.approx(q, abs=2e-4)
-
-
-def test_outcome_table_counts_every_image_once():
-    t, f = True, False
-    preds = {k: torch.tensor(v) for k, v in dict(
-        left=[t, t, f, f, t], right=[t, f, t, f, t],
-        bilateral_fine=[t, t, f, f, f], bilateral_coarse=[t, f, t, f, t]).items()}
-    tab = outcomes.table(preds, margins=True)
-    assert tab.loc["L✓R✓", "F✓C✓"] == 1 and tab.loc["L✓R✓", "F✗C✓"] == 1
-    assert tab.loc["L✗R✗", "F✗C✗"] == 1 and tab.loc["total", "total"] == 5
-    assert list(tab.index[:4]) == list(outcomes.HEMISPHERE_OUTCOMES)
-    assert outcomes.scenario_labels(preds)[0][1] == "L✓R✗"
-
+# ----------------------------------------------------------------- results: tests/test_results.py
 
 # ------------------------------------------------------------------- the whole smoke chain
 
@@ -267,12 +180,8 @@ def test_smoke_results_hold_every_model_condition_and_seed(smoke):
     df = pd.read_csv(exp / "results.csv", keep_default_na=False)
     cfg = C.load(SMOKE, {"out_dir": str(out)})
     have = set(zip(df.stage, df.model, df.condition, df.seed.astype(str), df.split))
-    want = []
-    for nb in ("02_hemispheres", "03_bilateral", "04_baselines"):
-        for _, stage, c in pipeline.runs_of(cfg, nb):
-            c = stages.stage_config(c, stage)
-            cond = c.condition if stage in results.CONDITION_STAGES else ""
-            want += [(stage, stages.run_name(stage, c), cond, str(s), "test") for s in (0, 1)]
+    want = [(r.stage, r.name, r.cfg.condition if "condition" in r.spec.uses else "", str(r.seed), "test")
+            for r in plan.plan(cfg, [0, 1])]
     assert len(want) == 2 * (8 + 4 + 1 + 5 + 2 + 2)
     assert set(want) <= have, sorted(set(want) - have)
     assert {s for s, *_ in want} == set(C.STAGES)            # every stage of the study
@@ -283,21 +192,3 @@ def test_smoke_results_hold_every_model_condition_and_seed(smoke):
     assert r.returncode == 0, r.stderr
     assert (exp / "results.csv").read_bytes() == before
     assert "n/a (1 seed)" not in (exp / "results.md").read_text()
-
-
-def test_outcomes_agree_with_the_recorded_accuracies(smoke):
-    out, _ = smoke
-    cfg = dataclasses.replace(C.load(SMOKE, {"out_dir": str(out), "device": "cpu"}), condition="B")
-    p = outcomes.predictions(cfg, 1)
-    assert set(p) == set(outcomes.KEYS) and all(v.dtype == torch.bool for v in p.values())
-    rec = lambda stage, c: runs.read_json(runs.run_dir(  # noqa: E731
-        stages.stage_config(c, stage), stage, stages.run_name(stage, stages.stage_config(c, stage)), 1)
-        / "metrics.json")["test"]
-    left = rec("hemisphere", dataclasses.replace(cfg, side="left"))
-    right = rec("hemisphere", dataclasses.replace(cfg, side="right"))
-    bil = rec("bilateral", cfg)
-    assert p["left"].float().mean().item() == pytest.approx(left["fine_acc"], abs=1e-6)
-    assert p["right"].float().mean().item() == pytest.approx(right["coarse_acc"], abs=1e-6)
-    assert p["bilateral_fine"].float().mean().item() == pytest.approx(bil["fine_acc"], abs=1e-6)
-    assert p["bilateral_coarse"].float().mean().item() == pytest.approx(bil["coarse_acc"], abs=1e-6)
-    assert outcomes.table(p).values.sum() == len(p["left"])
