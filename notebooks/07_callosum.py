@@ -65,8 +65,8 @@ if "google.colab" in sys.modules:  # on Colab: fetch the repository and install 
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/bilateral-brain"], check=True)
     os.chdir("/content/bilateral-brain")
 
-import dataclasses
-from bilateral import pipeline, train, data, stages, callosum, callosum_study, results, figures
+import pandas as pd
+from bilateral import pipeline, plan, train, data, stages, callosum, callosum_study, results, figures
 cfg = pipeline.notebook_config(params_file, overrides, experiment, condition)
 device = train.pick_device(cfg.device)
 figures_dir = pipeline.figure_dir(cfg, seed)
@@ -81,22 +81,31 @@ print(f"callosal kinds {cfg.callosum_kinds or 'none (set callosum_kinds)'} at "
 # hemispheres: with frozen hemispheres they and the heads are all that trains.
 
 # %%
-from IPython.display import Markdown
-Markdown(callosum.params_table())
+pd.DataFrame(callosum.params_rows(), columns=["model", "total parameters", "trainable parameters"])
 
 # %% [markdown]
-# The callosal runs of this preset need the hemispheres (notebook 02) and, for the comparison,
-# the bilateral model (notebook 03) of each condition; both are trained here if missing.
+# The runs of this phase: every kind of `callosum_kinds` on every condition, built on the two
+# hemispheres of that condition (notebook 02), and the unspecialised model of each kind.
+# `status`: *finished* (trained with these parameters: it is read back, not trained again),
+# *missing* (not trained yet), *in_progress* (started, interrupted) or *stale* (its folder holds
+# another config, or a run it is built on was retrained: training it needs `force=True`).
 
 # %%
-planned = callosum.runs_of(cfg)
-for label, stage, c in planned:
-    for side in ("left", "right"):
-        stages.run_stage("hemisphere", dataclasses.replace(c, side=side), seed)
-    if stage == "callosal":
-        stages.run_stage("bilateral", c, seed)
-callosal = {label: stages.run_stage(stage, c, seed) for label, stage, c in planned}
-bilateral = pipeline.read_runs(cfg, "03_bilateral", seed)
+callosal_runs = plan.phase_runs(cfg, "callosum", seed)
+bilateral_runs = plan.phase_runs(cfg, "bilateral", seed)
+pd.DataFrame([{"label": r.label, "key": r.key, "status": r.status(),
+               "built on": ", ".join(u.label for u in r.upstream())} for r in callosal_runs])
+
+# %% [markdown]
+# Train each callosal run, and for the comparison the bilateral model of each condition; the
+# hemispheres they are built on (notebook 02) are trained first where missing, and every
+# finished run is read back.
+
+# %%
+for r in plan.order(callosal_runs + bilateral_runs):
+    r.train()
+callosal = {r.label: r.metrics() for r in callosal_runs}
+bilateral = {r.label: r.metrics() for r in bilateral_runs}
 
 # %% [markdown]
 # **Identity at initialisation**, checked on test images: an untrained callosal model, given the
@@ -104,11 +113,12 @@ bilateral = pipeline.read_runs(cfg, "03_bilateral", seed)
 
 # %%
 import torch
-if planned:
-    c = next(c for _, s, c in planned if s == "callosal")
+specialised = [r for r in callosal_runs if r.stage == "callosal"]
+if specialised:
+    c = specialised[0].cfg
     _, _, test_split = stages.load_splits(cfg)
     hier = test_split.hierarchy
-    bil = stages.load_run_model("bilateral", c, seed, hier, device)
+    bil = plan.Run("bilateral", c, seed).load_model(hier, device)
     fresh = callosum.load_callosal(c, seed, hier).to(device).eval()
     fresh.heads.load_state_dict(bil.heads.state_dict())
     x = next(iter(data.DeviceLoader(test_split, 256, device=device, shuffle=False,
@@ -132,6 +142,7 @@ frame.round(4)
 # percentage points, with a 95% interval over seeds (one seed gives none).
 
 # %%
+from IPython.display import Markdown
 df = results.collect(pipeline.experiment_dir(cfg))
 Markdown("\n".join(callosum_study.markdown_section(df)) or "no callosal runs yet")
 
@@ -144,10 +155,7 @@ Markdown("\n".join(callosum_study.markdown_section(df)) or "no callosal runs yet
 # values shows whether channels are open (near 1), closed (near 0) or undecided.
 
 # %%
-traffic = {}
-for label, stage, c in planned:
-    if stage == "callosal":
-        traffic[label] = callosum_study.analyse(c, seed, show=True)
+traffic = {r.label: callosum_study.analyse(r.cfg, seed, show=True) for r in specialised}
 
 # %% [markdown]
 # **Reading it.** The links start silent, so a ratio well above zero means the training found
@@ -159,5 +167,4 @@ for label, stage, c in planned:
 # is better asked on CIFAR-100 (`callosum_kinds` in `params/quick.yaml`).
 
 # %%
-import pandas as pd
 pd.DataFrame(traffic).T.filter(regex=r"ratio\.mean|left_share|gate\.mean").round(4)
