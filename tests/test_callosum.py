@@ -229,3 +229,25 @@ def test_params_rows_count_links_and_heads():
     bn = 2 * (2 * 128 + 2 * 512)  # each direction's BatchNorm: scale and shift
     heads, links = 1024 * 120 + 120, 2 * 128 * 128 + 2 * 512 * 512 + bn
     assert trainable == heads + links and total == 2 * 6_568_000 + heads + links
+
+
+def test_the_plan_holds_the_callosal_runs_after_their_hemispheres_only_when_kinds_are_set():
+    from bilateral import plan
+    base = dict(dataset="synthetic", conditions=["A", "B"], baselines=[])
+    assert not [r for r in plan.plan(C.from_dict(base), [0]) if r.phase == "callosum"]
+    cfg = C.from_dict({**base, "callosum_kinds": ["add", "gate"]})
+    runs = plan.plan(cfg, [0])
+    keys = [r.key for r in runs]
+    ours = [r for r in runs if r.phase == "callosum"]
+    assert [r.key for r in ours] == [
+        f"{s}/resnet9-{c}-{k}-layer1+layer3/seed=0"
+        for s, pairs in (("callosal", [(c, k) for k in ("add", "gate") for c in "AB"]),
+                         ("callosal_unspecialised", [("A", "add"), ("A", "gate")]))
+        for c, k in pairs]
+    for r in ours[:4]:  # each callosal run waits for the two hemispheres of its condition
+        ups = [u.key for u in r.upstream()]
+        assert ups == [f"hemisphere/resnet9-{r.cfg.condition}-{s}/seed=0" for s in ("left", "right")]
+        assert all(keys.index(u) < keys.index(r.key) for u in ups)
+    assert ours[4].upstream() == []
+    assert plan.phase_runs(cfg, "07_callosum", 0) == ours
+    assert "callosal" in C.STAGES and "callosal_unspecialised" in C.STAGES
