@@ -141,8 +141,8 @@ def _batch_maps(bil, left_head, right_head, xb, layers, pred) -> dict:
         for m in mods:
             m.eval()
         with torch.enable_grad():
-            fl, fr = bil.left(xb), bil.right(xb)
-            out = bil.classify(torch.cat([fl, fr], 1))
+            out = bil(xb, return_features=True)  # not left(x), right(x): a callosal model mixes them
+            fl, fr = out["left"], out["right"]
             lh, rh = left_head(fl), right_head(fr)
             pick = lambda logits, cls: logits.gather(1, cls.to(logits.device)[:, None]).sum()  # noqa: E731
             targets = {  # each hemisphere head reaches only its own hemisphere's layers

@@ -22,6 +22,9 @@ KWTA_EVAL = ("threshold", "map_only", "batch")
 DATASETS = ("cifar100", "fashion_mnist", "synthetic")
 BACKBONE_CHOICES = ("resnet9", "vgg11")  # the study's backbones; the pyramid comes with condition B
 BASELINES = ("bilateral_unspecialised", "unilateral", "resnet18", "resnet34", "ensemble")
+CALLOSUM_KINDS = ("add", "gate", "concat")
+CALLOSUM_DEPTHS = ("prep", "layer1", "layer2", "layer3")  # ResNet-9 depths, see callosum.py
+CALLOSUM_TRAIN = ("connections", "all")
 
 
 def __getattr__(name):
@@ -54,6 +57,12 @@ class Config:
     kwta_k_batch: float = 0.9          # ... and per channel across the batch
     bn_momentum: float | None = None   # None: PyTorch's default; 0.9 is the original's
     dropout: float = 0.6
+    # callosal connections between the hemispheres (bilateral/callosum.py)
+    callosum: str = "add"              # connection kind of a callosal run
+    callosum_at: list[str] = field(default_factory=lambda: ["layer1", "layer3"])  # depths joined
+    callosum_train: str = "connections"  # connections: hemispheres frozen; all: fine-tuned too
+    backbone_lr_scale: float = 0.1     # callosum_train all: hemispheres' lr = lr x this
+    callosum_kinds: list[str] = field(default_factory=list)  # the study's callosal runs; [] = none
     # training; None takes the recipe's value
     recipe: str = "fast"
     epochs: int | None = None
@@ -91,13 +100,15 @@ class Config:
 CHOICES = {
     "dataset": DATASETS, "backbone": BACKBONE_CHOICES, "condition": CONDITIONS,
     "recipe": RECIPES, "side": SIDES, "report_epoch": REPORTS, "kwta_eval": KWTA_EVAL,
+    "callosum": CALLOSUM_KINDS, "callosum_train": CALLOSUM_TRAIN,
 }
-LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES}
+LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES,
+                "callosum_at": CALLOSUM_DEPTHS, "callosum_kinds": CALLOSUM_KINDS}
 
 # Keys that do not change what a run computes, so a finished run with other values is the
 # same run (a different device is allowed to pick up where another left off).
 NOT_IDENTITY = {"out_dir", "data_dir", "progress", "conditions", "baselines", "device", "slurm", "grid",
-                "threads", "ensemble_sizes", "pool_size"}
+                "threads", "ensemble_sizes", "pool_size", "callosum_kinds"}
 
 
 class ConfigError(ValueError):
@@ -154,7 +165,7 @@ def validate(cfg: Config) -> Config:
         for v in getattr(cfg, key):
             if v not in allowed:
                 raise ConfigError(f"{key}: unknown value {v!r}; allowed: {', '.join(allowed)}")
-    positive = ["width", "synthetic_size", "pool_size", "ensemble_size"] + [
+    positive = ["width", "synthetic_size", "pool_size", "ensemble_size", "backbone_lr_scale"] + [
         k for k in ("epochs", "batch_size", "lr", "subset_per_class", "threads") if getattr(cfg, k) is not None]
     for key in positive:
         if getattr(cfg, key) <= 0:
@@ -177,6 +188,7 @@ def validate(cfg: Config) -> Config:
     for k in [cfg.ensemble_size, *cfg.ensemble_sizes]:
         if k > cfg.pool_size:
             raise ConfigError(f"ensemble_size: {k} members cannot be chosen from a pool of {cfg.pool_size}")
+    _check_callosum(cfg)
     if not 0 <= cfg.member < cfg.pool_size:
         raise ConfigError(f"member: must be in 0..{cfg.pool_size - 1}, got {cfg.member}")
     if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
@@ -185,6 +197,17 @@ def validate(cfg: Config) -> Config:
     _check_slurm(cfg.slurm)
     _check_grid(cfg.grid)
     return cfg
+
+
+def _check_callosum(cfg):
+    at = cfg.callosum_at
+    if not at or len(set(at)) != len(at):
+        raise ConfigError(f"callosum_at: expected one or more distinct depths, got {at!r}; "
+                          f"allowed: {', '.join(CALLOSUM_DEPTHS)}")
+    cfg.callosum_at = sorted(at, key=CALLOSUM_DEPTHS.index)  # one order, one run identity
+    if cfg.callosum_kinds and cfg.backbone != "resnet9":
+        raise ConfigError(f"callosum_kinds: callosal connections are defined for ResNet-9 "
+                          f"hemispheres only, not backbone {cfg.backbone!r}; set callosum_kinds: []")
 
 
 def _check_name(name):
@@ -322,13 +345,10 @@ def identity(cfg: Config) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
 
 
-def diff(old: dict, new: dict) -> list[str]:
-    """The keys whose values differ between a recorded identity and a new one. A key the record
-    lacks counts as its default: fields added to Config later must not orphan earlier runs."""
-    default = identity(Config())
-    old = dict(old)
-    for k in set(new) - set(old):
-        if k in default:
-            old[k] = default[k]
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+def diff(a: dict, b: dict) -> list[str]:
+    # a key missing on one side reads as its default: a field added after a run was recorded,
+    # left at its default, does not make that run a different one
+    defaults = dataclasses.asdict(Config())
+    get = lambda d, k: d[k] if k in d else defaults.get(k)  # noqa: E731
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: {get(a, k)!r} -> {get(b, k)!r}" for k in keys if get(a, k) != get(b, k)]

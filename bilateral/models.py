@@ -410,5 +410,7 @@ def params_table(n_fine=100, n_coarse=20) -> str:
     with torch.device("meta"):  # no memory, no init cost: counting only
         models = [(label, make()) for label, make in rows]
         lines = [f"| {label} | {count_total(m):,} | {count_trainable(m):,} |" for label, m in models]
+    from . import callosum  # late: callosum builds on this module
+    lines += [f"| {label} | {t:,} | {tr:,} |" for label, t, tr in callosum.params_rows(n_fine, n_coarse)]
     return "\n".join(["| model | total parameters | trainable parameters |", "|---|---:|---:|",
                       *lines])

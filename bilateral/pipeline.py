@@ -20,9 +20,10 @@ from pathlib import Path
 
 from . import config as C
 
-PER_SEED = ("01_data", "02_hemispheres", "03_bilateral", "04_baselines", "05_analysis")
+PER_SEED = ("01_data", "02_hemispheres", "03_bilateral", "04_baselines", "05_analysis",
+            "07_callosum")  # 07 goes beyond the paper; 06 gathers every seed, so it runs last
 FINAL = "06_results"
-NOTEBOOKS = PER_SEED + (FINAL,)
+NOTEBOOKS = tuple(sorted(PER_SEED + (FINAL,)))
 KERNEL = "python3"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 

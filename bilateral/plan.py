@@ -33,14 +33,14 @@ from typing import Callable
 from . import config as C
 from . import runs, stages, train
 
-PHASES = ("hemispheres", "bilateral", "baselines")
+PHASES = ("hemispheres", "bilateral", "baselines", "callosum")  # callosum: bilateral/callosum.py
 STATUSES = ("finished", "in_progress", "stale", "missing")
 
 # Fields only some stages use. A stage's config resets the ones it does not use to their
 # defaults, so they neither appear in its record nor make two identical runs look different.
 OPTIONAL = ("condition", "side", "backbone", "augment", "head_augment", "member", "ensemble_size")
 KWTA_FIELDS = ("kwta_k", "kwta_k_batch", "kwta_eval")  # used under conditions C and D only
-VARIANT_FIELDS = ("condition", "side", "member", "ensemble_size")  # what `--set` picks a run by
+VARIANT_FIELDS = ("condition", "side", "member", "ensemble_size", "callosum")  # what `--set` picks a run by
 
 # Relative training cost per epoch, measured on CPU at width 1 (ResNet-9 = 1), see README.
 # VGG-11: 0.83 per step at batch 64 (one measurement on a shared CPU; its FLOPs ratio is 0.72).
@@ -312,7 +312,7 @@ class Run:
     def command(self, params="params/<preset>.yaml") -> str:
         """The command line that trains this run alone."""
         sets = "".join(f" --set {k}={getattr(self.cfg, k)}" for k in VARIANT_FIELDS
-                       if k in self.spec.uses)
+                       if k in self.spec.uses + self.spec.owns)
         return f"python -m bilateral train {self.stage} --params {params} --seed {self.seed}{sets}"
 
     def check_finished(self):
@@ -517,3 +517,6 @@ def describe(runs_: list[Run]) -> str:
               f"on CPU at width 1): {t['cost']:,.1f} in all{per}, {t['todo_cost']:,.1f} "
               f"still to train ({t['todo']} runs)"]
     return "\n".join(lines)
+
+
+from . import callosum  # noqa: E402,F401  registers the callosal stages (it builds on this module)

@@ -413,6 +413,8 @@ def markdown(exp: Path, df: pd.DataFrame, problems=()) -> str:
         describe(exp, df), summary_table(df), comparison_table(df), kwta_table(df),
         analysis_table(df) if len(an) else None, n_analysis=an.metric.nunique(),
         forest=(exp / results_md.FOREST).exists(), rising_z=RISING_Z)
+    from .callosum_study import markdown_section  # late: callosum_study builds on this module
+    text += "".join(f"{line}\n" for line in markdown_section(df))
     if not problems:
         return text
     title, rest = text.split("\n", 1)  # the unreadable records come right under the title

@@ -173,7 +173,8 @@ def _train(run, device, log):
     heads = run.heads
     heads_only = run.spec.heads_only
     cached = heads_only and not cfg.head_augment
-    augment = cfg.head_augment if heads_only else cfg.augment
+    # head_augment: the stages built on frozen hemispheres (bilateral, callosal)
+    augment = cfg.head_augment if "head_augment" in run.spec.uses else cfg.augment
     train_dl, val_dl, test_dl, hier = loaders(cfg, device, hp.batch_size, rseed, augment)
     model = run.spec.build(cfg, hier, seed).to(device)
     if device.type == "cuda" and cfg.channels_last:

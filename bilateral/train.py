@@ -58,10 +58,16 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 
 
 def make_optimizer(params, hp: Hyper):
-    params = [p for p in params if p.requires_grad]
+    """params: parameters, or param groups (dicts) whose `lr_scale` multiplies the lr."""
+    groups = list(params)
+    if not groups or not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad],
+               "lr_scale": g.get("lr_scale", 1.0)} for g in groups]
+    groups = [dict(g, lr=hp.lr * g["lr_scale"]) for g in groups if g["params"]]
     if hp.optimizer == "adam":
-        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-    return torch.optim.SGD(params, lr=hp.lr, momentum=0.9, nesterov=True,
+        return torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+    return torch.optim.SGD(groups, lr=hp.lr, momentum=0.9, nesterov=True,
                            weight_decay=hp.weight_decay)
 
 
@@ -162,7 +168,7 @@ def fit(model, forward, train_loader, val_loader, *, heads, hp: Hyper, device, f
     killed at any moment resumes from its last finished epoch and, on CPU, ends bit-identical
     to an uninterrupted one: the loaders derive their order from (seed, epoch).
     """
-    opt = make_optimizer(model.parameters(), hp)
+    opt = make_optimizer(getattr(model, "param_groups", model.parameters)(), hp)
     ctx, dtype = autocast(device, amp)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     start, history, best = 0, [], None
@@ -185,7 +191,7 @@ def fit(model, forward, train_loader, val_loader, *, heads, hp: Hyper, device, f
         bar = _bar(train_loader, progress, f"epoch {epoch + 1}/{hp.epochs}")
         for batch in bar:
             for g in opt.param_groups:
-                g["lr"] = hp.lr * lr_factor(hp.schedule, step, total)
+                g["lr"] = hp.lr * g["lr_scale"] * lr_factor(hp.schedule, step, total)
             with ctx:
                 loss = loss_fn(forward(batch["x"]), batch, heads, hp.label_smoothing)
             opt.zero_grad(set_to_none=True)

@@ -50,7 +50,7 @@ def test_a_failing_notebook_stops_only_its_seed(tmp_path, capsys):
     status = {(r.notebook, r.seed): r.status for r in res}
     for seed in (0, 2):
         assert all(status[(nb, seed)] == "ok" for nb in pipeline.PER_SEED)
-    assert [status[(nb, 1)] for nb in pipeline.PER_SEED] == ["ok", "ok", "failed", "skipped", "skipped"]
+    assert [status[(nb, 1)] for nb in pipeline.PER_SEED] == ["ok", "ok", "failed", "skipped", "skipped", "skipped"]
     assert status[("06_results", None)] == "ok"
     assert ("04_baselines", 1) not in [(n, s) for n, s, _ in fake.calls]
     # parameters: the params file, overrides and seed; 06 gets every seed
@@ -63,7 +63,7 @@ def test_a_failing_notebook_stops_only_its_seed(tmp_path, capsys):
     for text in (out, summary):
         assert "cell [3] raised RuntimeError: out of memory" in text
         assert str(tmp_path / "smoke" / "notebooks" / "seed=1" / "03_bilateral.ipynb") in text
-        assert "13 of 16 notebooks ran; 1 failed, 2 skipped" in text
+        assert "15 of 19 notebooks ran; 1 failed, 3 skipped" in text
 
 
 def test_only_restricts_the_notebooks(tmp_path):
@@ -81,8 +81,8 @@ def test_select(only, ok):
 
 
 def test_unknown_notebook_lists_the_notebooks():
-    with pytest.raises(C.ConfigError, match="unknown notebook '07'.*01_data, 02_hemispheres"):
-        pipeline.select(["07"])
+    with pytest.raises(C.ConfigError, match="unknown notebook '08'.*01_data, 02_hemispheres"):
+        pipeline.select(["08"])
 
 
 @pytest.mark.parametrize("args, words", [
@@ -153,7 +153,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
     t0 = time.perf_counter()
     r = cli("run", str(SMOKE), "--seeds", "0", "1", "--jobs", "2", "--set", f"out_dir={out}",
-            timeout=900)
+            "--set", "callosum_kinds=[add]", timeout=900)  # notebook 07 with one callosal kind
     print(f"smoke chain, 2 seeds, --jobs 2: {time.perf_counter() - t0:.0f}s")
     return out, r
 
@@ -161,7 +161,7 @@ def smoke(tmp_path_factory):
 def test_smoke_chain_runs_every_notebook_for_two_seeds(smoke):
     out, r = smoke
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "11 of 11 notebooks ran" in r.stdout
+    assert "13 of 13 notebooks ran" in r.stdout
     exp = out / "smoke"
     for seed in (0, 1):
         for nb in pipeline.PER_SEED:
@@ -170,7 +170,10 @@ def test_smoke_chain_runs_every_notebook_for_two_seeds(smoke):
                         if o.get("output_type") == "error"]
         figs = {p.name for p in (exp / "figures" / f"seed={seed}").iterdir()}
         assert {"01_samples.png", "01_hierarchy.png", "02_learning_curves.png",
-                "03_bilateral_vs_hemispheres.png", "04_baselines.png", "05_outcomes.png", "05_outcomes_A.csv", "05_outcomes_D.csv"} <= figs
+                "03_bilateral_vs_hemispheres.png", "04_baselines.png", "05_outcomes.png", "05_outcomes_A.csv", "05_outcomes_D.csv",
+                "07_callosal_vs_bilateral.png"} <= figs
+        assert (exp / "analysis" / "callosal" / "resnet9-D-add-layer1+layer3" / f"seed={seed}"
+                / "traffic.png").exists()
     assert (exp / "notebooks" / "06_results.ipynb").exists() and (exp / "results.png").exists()
 
 
@@ -178,11 +181,11 @@ def test_smoke_results_hold_every_model_condition_and_seed(smoke):
     out, _ = smoke
     exp = out / "smoke"
     df = pd.read_csv(exp / "results.csv", keep_default_na=False)
-    cfg = C.load(SMOKE, {"out_dir": str(out)})
+    cfg = C.load(SMOKE, {"out_dir": str(out), "callosum_kinds": ["add"]})
     have = set(zip(df.stage, df.model, df.condition, df.seed.astype(str), df.split))
     want = [(r.stage, r.name, r.cfg.condition if "condition" in r.spec.uses else "", str(r.seed), "test")
             for r in plan.plan(cfg, [0, 1])]
-    assert len(want) == 2 * (8 + 4 + 1 + 5 + 2 + 2)
+    assert len(want) == 2 * (8 + 4 + 1 + 5 + 2 + 2 + 4 + 1)  # ... + callosal: 4 conditions, 1 from scratch
     assert set(want) <= have, sorted(set(want) - have)
     assert {s for s, *_ in want} == set(C.STAGES)            # every stage of the study
     assert {c for *_, c, _, _ in want} >= {"A", "B", "C", "D"}
@@ -192,3 +195,4 @@ def test_smoke_results_hold_every_model_condition_and_seed(smoke):
     assert r.returncode == 0, r.stderr
     assert (exp / "results.csv").read_bytes() == before
     assert "n/a (1 seed)" not in (exp / "results.md").read_text()
+    assert "## Callosal models against the bilateral model" in (exp / "results.md").read_text()

@@ -181,7 +181,8 @@ def normalised(split, idx, device):
 def features(bil):
     """forward for train.predict: each hemisphere's features of a bilateral model."""
     def fn(x):
-        return {"left_feat": bil.left(x).float(), "right_feat": bil.right(x).float()}
+        o = bil(x, return_features=True)  # a callosal model's sides exchange maps on the way
+        return {"left_feat": o["left"].float(), "right_feat": o["right"].float()}
     return fn
 
 
@@ -189,7 +190,8 @@ def outputs(bil, left_head=None, right_head=None):
     """forward for train.predict: features and heads of a bilateral model, and the hemisphere
     models' own heads on the same features (the hemispheres are the same frozen networks)."""
     def fn(x):
-        fl, fr = bil.left(x).float(), bil.right(x).float()
+        o = bil(x, return_features=True)
+        fl, fr = o["left"].float(), o["right"].float()
         out = {"left_feat": fl, "right_feat": fr, **bil.classify(torch.cat([fl, fr], 1))}
         if left_head is not None:
             out["left_logits"] = left_head(fl)
