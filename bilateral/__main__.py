@@ -75,6 +75,10 @@ def main(argv=None):
 
     rep = sub.add_parser("report", help="rebuild results.csv and results.md from run records")
     rep.add_argument("experiment_dir")
+    rep.add_argument("--publish", metavar="DIR", help="then copy the report and PROVENANCE.md into "
+                     "DIR (a tracked folder such as results/fashion_mnist)")
+    rep.add_argument("--command", help="the command that ran the study, for PROVENANCE.md "
+                     "(default: the one the last sweep recorded)")
 
     b = sub.add_parser("bench", help="fast path against the conventional pipeline")
     b.add_argument("--device", default="auto")
@@ -153,6 +157,10 @@ def dispatch(a):
     if a.cmd == "report":
         from . import results
         results.report(a.experiment_dir)
+        if a.publish:
+            from . import publish
+            for path in publish.publish(a.experiment_dir, a.publish, a.command):
+                print(f"published {path}")
         return 0
     if a.cmd == "bench":
         from . import bench

@@ -132,6 +132,16 @@ def git_revision() -> str | None:
         return None
 
 
+def cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def provenance(device) -> dict:
     versions = {}
     for pkg in ("torch", "torchvision", "numpy"):
@@ -143,7 +153,7 @@ def provenance(device) -> dict:
     if torch.device(device).type == "cuda":
         dev += f" ({torch.cuda.get_device_name(torch.device(device))})"
     return {"versions": versions, "python": platform.python_version(), "git": git_revision(),
-            "device": dev, "host": platform.node()}
+            "device": dev, "host": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count()}
 
 
 def prepare(path: Path, identity: dict, force: bool = False, rebuild: str | None = None) -> str:

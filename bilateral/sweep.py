@@ -21,7 +21,9 @@ import dataclasses
 import itertools
 import multiprocessing
 import os
+import shlex
 import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -295,7 +297,7 @@ def announce(cfg, seeds, workers: int = 1, log=say):
 
 
 def sweep(params, seeds=(0,), executor="local", jobs=1, slurm=None, overrides=None, grid=None,
-          force=False, log=say) -> tuple[int, list[Outcome]]:
+          force=False, log=say, command=None) -> tuple[int, list[Outcome]]:
     """Everything `python -m bilateral sweep` does; (exit code, outcomes)."""
     from . import pipeline, plan
     from . import slurm as slurm_executor
@@ -323,6 +325,8 @@ def sweep(params, seeds=(0,), executor="local", jobs=1, slurm=None, overrides=No
     outcomes = (run_local(todo, retrain, jobs, log) if executor == "local"
                 else slurm_executor.run_slurm(todo, retrain, options, log))
     text = summary(outcomes) + f"\nwall time {time.perf_counter() - t0:.0f}s" if todo else "nothing to do"
+    if command:
+        text = f"command: {command}\n{text}"
     from .runs import atomic_write_bytes
     for cfg, _ in points:
         atomic_write_bytes(Path(cfg.out_dir) / cfg.experiment / "jobs" / "summary.txt", (text + "\n").encode())
@@ -354,5 +358,6 @@ def _mem_gb(text: str) -> float:
 
 def main(a) -> int:
     code, _ = sweep(a.params, seeds=a.seeds, executor=a.executor, jobs=a.jobs,
-                    slurm=slurm_options(a), overrides=a.overrides, grid=a.grid, force=a.force)
+                    slurm=slurm_options(a), overrides=a.overrides, grid=a.grid, force=a.force,
+                    command="python -m bilateral " + shlex.join(sys.argv[1:]))
     return code

@@ -196,3 +196,16 @@ def test_smoke_results_hold_every_model_condition_and_seed(smoke):
     assert (exp / "results.csv").read_bytes() == before
     assert "n/a (1 seed)" not in (exp / "results.md").read_text()
     assert "## Callosal models against the bilateral model" in (exp / "results.md").read_text()
+
+
+def test_publish_copies_the_report_with_its_provenance(smoke, tmp_path):
+    out, _ = smoke
+    exp, pub = out / "smoke", tmp_path / "results" / "smoke"
+    r = cli("report", str(exp), "--publish", str(pub), "--command", "make run PARAMS=params/smoke.yaml")
+    assert r.returncode == 0, r.stderr
+    for name in ("results.csv", "results.md"):
+        assert (pub / name).read_bytes() == (exp / name).read_bytes()
+    prov = (pub / "PROVENANCE.md").read_text()
+    assert "`make run PARAMS=params/smoke.yaml`" in prov
+    assert "seeds 0, 1" in prov and "seed 0: " in prov and "seed 1: " in prov
+    assert "torch" in prov and "null" not in prov.split("CPU:")[1].splitlines()[0]
