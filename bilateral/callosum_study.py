@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import cam, callosum, figures, results, results_md, runs, stages, train
+from . import cam, callosum, figures, results, results_md, runs, stages, stats, train
 from .analysis import condition, measures, plots
 from .seeds import derive_seed
 
@@ -214,7 +214,7 @@ def _reference(key: str) -> str:
 
 def comparison(df: pd.DataFrame) -> pd.DataFrame:
     """Each callosal model minus the bilateral model of its condition, per test accuracy, with
-    results.difference's 95% interval over seeds: paired for a callosal model (it is built on
+    stats.difference's 95% interval over seeds: paired for a callosal model (it is built on
     the same hemispheres as its reference), Welch's for one trained from scratch."""
     vals, rows = results.per_seed(df), []
     for key in sorted(k for k in vals if k.split("/")[0] in callosum.STAGES):
@@ -222,7 +222,7 @@ def comparison(df: pd.DataFrame) -> pd.DataFrame:
         row = dict(model=key, reference=ref)
         for metric in ("fine_acc", "coarse_acc"):
             a, b = vals[key].get(metric, {}), vals.get(ref, {}).get(metric, {})
-            d = results.difference(a, b, key.startswith("callosal/")) if a and b else dict(diff=float("nan"), lo=float("nan"),
+            d = stats.difference(a, b, key.startswith("callosal/")) if a and b else dict(diff=float("nan"), lo=float("nan"),
                                                               hi=float("nan"), method="")
             row.update({f"{metric}_{k}": v for k, v in d.items()})
         rows.append(row)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bilateral import results, results_md
+from bilateral import results, results_md, stats
 
 ROOT = Path(__file__).parents[1]
 
@@ -26,35 +26,35 @@ def as_seeds(values, start=0):
 
 
 def test_paired_interval_matches_the_textbook():
-    d = results.paired(as_seeds(SLEEP_1), as_seeds(SLEEP_2))
+    d = stats.paired(as_seeds(SLEEP_1), as_seeds(SLEEP_2))
     assert d["method"] == "paired" and d["n_a"] == 10
     assert (d["diff"], d["lo"], d["hi"]) == pytest.approx((-1.58, -2.4598858, -0.7001142), abs=1e-6)
 
 
 def test_welch_interval_matches_the_textbook():
-    d = results.welch(as_seeds(SLEEP_1), as_seeds(SLEEP_2, start=100))
+    d = stats.welch(as_seeds(SLEEP_1), as_seeds(SLEEP_2, start=100))
     assert d["method"] == "Welch" and (d["n_a"], d["n_b"]) == (10, 10)
     assert (d["diff"], d["lo"], d["hi"]) == pytest.approx((-1.58, -3.3654832, 0.2054832), abs=1e-6)
 
 
 def test_paired_uses_the_common_seeds_and_degenerate_cases_give_no_false_interval():
     a, b = {0: 0.7, 1: 0.8, 2: 0.75, 7: 0.1}, {0: 0.6, 1: 0.7, 2: 0.7, 9: 0.9}
-    d = results.paired(a, b)
+    d = stats.paired(a, b)
     assert d["n_a"] == 3 and d["diff"] == pytest.approx((0.1 + 0.1 + 0.05) / 3)
     assert d["lo"] < d["diff"] < d["hi"]
-    one = results.welch({0: 0.7}, {1: 0.6, 2: 0.5})
+    one = stats.welch({0: 0.7}, {1: 0.6, 2: 0.5})
     assert one["diff"] == pytest.approx(0.15) and math.isnan(one["lo"])
-    same = results.paired({0: 0.7, 1: 0.8}, {0: 0.6, 1: 0.7})  # identical differences
+    same = stats.paired({0: 0.7, 1: 0.8}, {0: 0.6, 1: 0.7})  # identical differences
     assert (same["lo"], same["hi"]) == pytest.approx((0.1, 0.1))
 
 
 def test_only_a_bilateral_model_and_its_own_hemispheres_are_paired():
     ref = "bilateral/resnet9-A"
-    assert results.shares_runs(ref, "hemisphere/resnet9-A-left")
-    assert results.shares_runs(ref, "hemisphere/resnet9-A-right")
+    assert stats.shares_runs(ref, "hemisphere/resnet9-A-left")
+    assert stats.shares_runs(ref, "hemisphere/resnet9-A-right")
     for other in ("hemisphere/resnet9-C-left", "bilateral/resnet9-B", "unilateral/resnet9",
                   "ensemble/resnet9-k2", "bilateral_unspecialised/resnet9-A", "resnet34"):
-        assert not results.shares_runs(ref, other)
+        assert not stats.shares_runs(ref, other)
 
 
 # ------------------------------------------------------------------------- the convergence flag
@@ -184,7 +184,7 @@ def test_comparisons_are_labelled_by_what_they_share(study):
     assert uni.fine_acc_method == "Welch"
     bil = [BIL[s][0] for s in BIL]
     pool = [UNI[s][0] + 0.005 for s in UNI]
-    ref = results.welch(as_seeds(bil), as_seeds(pool, start=10))
+    ref = stats.welch(as_seeds(bil), as_seeds(pool, start=10))
     assert (uni.fine_acc_diff, uni.fine_acc_lo, uni.fine_acc_hi) == pytest.approx(
         (ref["diff"], ref["lo"], ref["hi"]))
     assert comp.loc["resnet34", "fine_acc_method"] == "Welch"
