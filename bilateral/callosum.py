@@ -119,25 +119,21 @@ class Link(nn.Module):
         return self.to_left(left, right, rec("to_left")), self.to_right(right, left, rec("to_right"))
 
 
-class Callosal(models.FreezeAware):
+class Callosal(models.Bilateral):
     """Two ResNet-9 hemispheres joined by callosal links, then models.Bilateral's two heads.
 
-    Same `left`, `right`, `heads` (and state-dict keys) as models.Bilateral plus `links`, and
-    the same `features` / `classify` / `forward`, so analyses and Grad-CAM (targets
+    A models.Bilateral (same `left`, `right`, `heads`, state-dict keys, `features`, `classify`,
+    `forward`) plus `links`, exchanged on the way in `sides`; so analyses and Grad-CAM (targets
     `left.res1`, `left.res2`, ...) treat both alike.
     """
 
     def __init__(self, left, right, n_fine, n_coarse, kind="add", at=("layer1", "layer3"),
                  dropout=0.6, backbone_lr_scale=1.0):
-        super().__init__()
         bad = [d for d in at if d not in DEPTHS]
         if bad or not at:
             raise ValueError(f"callosum_at: unknown depth(s) {bad or at}; allowed: {', '.join(DEPTHS)}")
+        super().__init__(left, right, n_fine, n_coarse, dropout)
         wl, wr = depth_widths(left), depth_widths(right)
-        self.left, self.right = left, right
-        d = left.out_features + right.out_features
-        self.heads = nn.ModuleDict(dict(fine=models.Head(d, n_fine, dropout),
-                                        coarse=models.Head(d, n_coarse, dropout)))
         self.links = nn.ModuleDict({k: Link(kind, wl[k], wr[k]) for k in DEPTHS if k in at})
         self.kind, self.backbone_lr_scale = kind, backbone_lr_scale
 
@@ -151,20 +147,6 @@ class Callosal(models.FreezeAware):
                 rec = None if record is None else record.setdefault(depth, {})
                 left, right = self.links[depth](left, right, rec)
         return self.left.pool(left), self.right.pool(right)
-
-    def features(self, x):
-        return torch.cat(self.sides(x), 1)
-
-    def classify(self, feats):
-        return {h: head(feats) for h, head in self.heads.items()}
-
-    def forward(self, x, return_features=False):
-        left, right = self.sides(x)
-        feats = torch.cat([left, right], 1)
-        out = self.classify(feats)
-        if return_features:
-            out.update(features=feats, left=left, right=right)
-        return out
 
     def param_groups(self):
         """For train.make_optimizer: the hemispheres learn at lr x backbone_lr_scale (frozen

@@ -304,14 +304,18 @@ class Bilateral(FreezeAware):
         d = _out_features(left) + _out_features(right)
         self.heads = nn.ModuleDict(dict(fine=Head(d, n_fine, dropout), coarse=Head(d, n_coarse, dropout)))
 
+    def sides(self, x):
+        """The left and the right features (a callosal model exchanges maps on the way)."""
+        return self.left(x), self.right(x)
+
     def features(self, x):
-        return torch.cat([self.left(x), self.right(x)], 1)
+        return torch.cat(self.sides(x), 1)
 
     def classify(self, feats):
         return {h: head(feats) for h, head in self.heads.items()}
 
     def forward(self, x, return_features=False):
-        left, right = self.left(x), self.right(x)
+        left, right = self.sides(x)
         feats = torch.cat([left, right], 1)
         out = self.classify(feats)
         if return_features:
