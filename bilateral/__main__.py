@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -14,6 +15,21 @@ def stage_help() -> str:
 
 
 SEEDS_HELP = "seeds as 0-4, 0 1 2 or 0,2"
+
+
+def add_executor_args(p, jobs_help):
+    """--executor, --jobs and the SLURM job options (also the `slurm:` keys of a params file)."""
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local worker processes, or SLURM jobs through submitit")
+    p.add_argument("--jobs", type=int, default=1, help=jobs_help)
+    g = p.add_argument_group("SLURM job options (--executor slurm; override the params "
+                             "file's slurm: section)")
+    g.add_argument("--partition")
+    g.add_argument("--time", type=int, metavar="MINUTES", help="time limit per job (default 1440)")
+    g.add_argument("--gpus", type=int, help="GPUs per job (default 0)")
+    g.add_argument("--cpus", type=int, help="CPUs per job (default 1)")
+    g.add_argument("--mem", help="memory per job, e.g. 16G")
+    g.add_argument("--max-parallel", type=int, help="jobs of one array running at once")
 
 
 def main(argv=None):
@@ -37,9 +53,19 @@ def main(argv=None):
     r.add_argument("params")
     r.add_argument("--seeds", nargs="+", default=["0"], help=SEEDS_HELP)
     r.add_argument("--only", nargs="+", default=None, metavar="NOTEBOOK")
-    r.add_argument("--jobs", type=int, default=1)
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--download", action="store_true", help="fetch CIFAR-100 when missing")
+    add_executor_args(r, "local: seeds run in N processes; slurm: unused")
+
+    sw = sub.add_parser("sweep", help="train every unfinished run of the plan: local workers "
+                                      "or SLURM jobs, dependants after their upstream runs")
+    sw.add_argument("params")
+    sw.add_argument("--seeds", nargs="+", default=["0"], help=SEEDS_HELP)
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="one experiment per combination (repeatable)")
+    sw.add_argument("--force", action="store_true", help="retrain stale runs and their dependants")
+    add_executor_args(sw, "local worker processes (each its share of the CPU threads or its own GPU)")
 
     pl = sub.add_parser("plan", help="every run of the study: status, dependencies, cost; "
                                      "trains nothing")
@@ -49,13 +75,17 @@ def main(argv=None):
 
     rep = sub.add_parser("report", help="rebuild results.csv and results.md from run records")
     rep.add_argument("experiment_dir")
+    rep.add_argument("--publish", metavar="DIR", help="then copy the report and PROVENANCE.md into "
+                     "DIR (a tracked folder such as results/fashion_mnist)")
+    rep.add_argument("--command", help="the command that ran the study, for PROVENANCE.md "
+                     "(default: the one the last sweep recorded)")
 
     b = sub.add_parser("bench", help="fast path against the conventional pipeline")
     b.add_argument("--device", default="auto")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default=None, help="JSON file for the figures")
 
-    sub.add_parser("params-table", help="trainable parameters of every model of the study")
+    sub.add_parser("params-table", help="total and trainable parameters of every model of the study")
 
     d = sub.add_parser("download", help="fetch a dataset into --data-dir")
     d.add_argument("dataset", choices=["cifar100"])
@@ -64,15 +94,33 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         return dispatch(a)
-    except (C.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted (train, run again, resumes from the last finished epoch)",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - anticipated failures get one line, others a traceback
+        code = exit_code(e)
+        if code is None:
+            raise
+        hint = ("; check that path, or set out_dir/data_dir to another place"
+                if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else "")
+        print("error: " + " ".join(str(e).split()) + hint, file=sys.stderr)
+        return code
+
+
+def exit_code(e: BaseException) -> int | None:
+    """2 for a problem the user can fix (params, data, records, files), 3 for a refusal (the
+    run is another config's or another process's), None for a bug: its traceback is shown."""
+    from .data import DataError
+    from .runs import RecordError, RunConflict
+    if isinstance(e, RunConflict):
+        return 3
+    if isinstance(e, (C.ConfigError, DataError, RecordError, FileNotFoundError,
+                      PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)):
         return 2
-    except Exception as e:  # noqa: BLE001 - a RunConflict and friends get the same plain line
-        from .runs import RunConflict
-        if isinstance(e, RunConflict):
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-        raise
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG):
+        return 2
+    return None
 
 
 def dispatch(a):
@@ -93,9 +141,11 @@ def dispatch(a):
         print(f"{a.dataset} is in {a.data_dir}")
         return 0
     if a.cmd == "run":
-        from . import pipeline, plan
-        a.seeds = plan.parse_seeds(a.seeds)
+        from . import pipeline
         return pipeline.main(a)
+    if a.cmd == "sweep":
+        from . import sweep
+        return sweep.main(a)
     if a.cmd == "plan":
         from . import plan
         seeds = plan.parse_seeds(a.seeds)
@@ -107,6 +157,10 @@ def dispatch(a):
     if a.cmd == "report":
         from . import results
         results.report(a.experiment_dir)
+        if a.publish:
+            from . import publish
+            for path in publish.publish(a.experiment_dir, a.publish, a.command):
+                print(f"published {path}")
         return 0
     if a.cmd == "bench":
         from . import bench

@@ -6,6 +6,7 @@ params file stops the run in the first second rather than after an hour of train
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,9 +18,13 @@ CONDITIONS = ("A", "B", "C", "D")
 RECIPES = ("original", "fast")
 SIDES = ("left", "right")
 REPORTS = ("last", "best")
+KWTA_EVAL = ("threshold", "map_only", "batch")
 DATASETS = ("cifar100", "fashion_mnist", "synthetic")
 BACKBONE_CHOICES = ("resnet9", "vgg11")  # the study's backbones; the pyramid comes with condition B
 BASELINES = ("bilateral_unspecialised", "unilateral", "resnet18", "resnet34", "ensemble")
+CALLOSUM_KINDS = ("add", "gate", "concat")
+CALLOSUM_DEPTHS = ("prep", "layer1", "layer2", "layer3")  # ResNet-9 depths, see callosum.py
+CALLOSUM_TRAIN = ("connections", "all")
 
 
 def __getattr__(name):
@@ -50,9 +55,14 @@ class Config:
     side: str = "left"                 # hemisphere stage: left = fine, right = coarse
     kwta_k: float = 0.9                # k-WTA (conditions C and D): fraction kept per map
     kwta_k_batch: float = 0.9          # ... and per channel across the batch
-    kwta_eval_batch: bool = False      # True: the original's batch-dependent test predictions
     bn_momentum: float | None = None   # None: PyTorch's default; 0.9 is the original's
     dropout: float = 0.6
+    # callosal connections between the hemispheres (bilateral/callosum.py)
+    callosum: str = "add"              # connection kind of a callosal run
+    callosum_at: list[str] = field(default_factory=lambda: ["layer1", "layer3"])  # depths joined
+    callosum_train: str = "connections"  # connections: hemispheres frozen; all: fine-tuned too
+    backbone_lr_scale: float = 0.1     # callosum_train all: hemispheres' lr = lr x this
+    callosum_kinds: list[str] = field(default_factory=list)  # the study's callosal runs; [] = none
     # training; None takes the recipe's value
     recipe: str = "fast"
     epochs: int | None = None
@@ -61,6 +71,13 @@ class Config:
     weight_decay: float | None = None
     label_smoothing: float | None = None
     report_epoch: str = "last"         # which epoch's test metrics tables report
+    # epochs per stage, over `epochs` (e.g. {resnet34: 12}): deep baselines converge slower
+    stage_epochs: dict[str, int] = field(default_factory=dict)
+    weight_decay_equal: bool = False   # True: the hemispheres' weight decay for every stage
+    # k-WTA at evaluation: threshold = per-channel thresholds tracked in training (keeps the
+    # training sparsity, batch-independent); map_only = the per-map stage only; batch = both
+    # stages on the test batch (the original's batch-dependent predictions)
+    kwta_eval: str = "threshold"
     # unilateral pool and ensembles
     member: int = 0                    # index of a unilateral run in the ensemble pool
     pool_size: int = 10
@@ -69,6 +86,8 @@ class Config:
     # what the pipeline runs
     conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    slurm: dict = field(default_factory=dict)  # sweep --executor slurm: job options (SLURM_KEYS)
+    grid: dict = field(default_factory=dict)   # {key: [values]}: one experiment per combination
     # engine
     device: str = "auto"
     amp: bool = True                   # CUDA only: bf16 (or fp16 with a scaler)
@@ -81,14 +100,16 @@ class Config:
 
 CHOICES = {
     "dataset": DATASETS, "backbone": BACKBONE_CHOICES, "condition": CONDITIONS,
-    "recipe": RECIPES, "side": SIDES, "report_epoch": REPORTS, "pack": ("auto", "off"),
+    "recipe": RECIPES, "side": SIDES, "report_epoch": REPORTS, "kwta_eval": KWTA_EVAL,
+    "callosum": CALLOSUM_KINDS, "callosum_train": CALLOSUM_TRAIN, "pack": ("auto", "off"),
 }
-LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES}
+LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES,
+                "callosum_at": CALLOSUM_DEPTHS, "callosum_kinds": CALLOSUM_KINDS}
 
 # Keys that do not change what a run computes, so a finished run with other values is the
 # same run (a different device is allowed to pick up where another left off).
-NOT_IDENTITY = {"out_dir", "data_dir", "progress", "conditions", "baselines", "device",
-                "threads", "ensemble_sizes", "pool_size", "pack"}
+NOT_IDENTITY = {"out_dir", "data_dir", "progress", "conditions", "baselines", "device", "slurm", "grid",
+                "threads", "ensemble_sizes", "pool_size", "callosum_kinds", "pack"}
 
 
 class ConfigError(ValueError):
@@ -113,8 +134,19 @@ def _check_type(key, value, tp):
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}{_hint(key)}")
         return [_check_type(key, v, args[0]) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_check_type(key, k, args[0]): _check_type(key, v, args[1]) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
             or not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}"
@@ -134,11 +166,19 @@ def validate(cfg: Config) -> Config:
         for v in getattr(cfg, key):
             if v not in allowed:
                 raise ConfigError(f"{key}: unknown value {v!r}; allowed: {', '.join(allowed)}")
-    positive = ["width", "synthetic_size", "pool_size", "ensemble_size"] + [
-        k for k in ("epochs", "batch_size", "lr", "subset_per_class") if getattr(cfg, k) is not None]
+    positive = ["width", "synthetic_size", "pool_size", "ensemble_size", "backbone_lr_scale"] + [
+        k for k in ("epochs", "batch_size", "lr", "subset_per_class", "threads") if getattr(cfg, k) is not None]
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
+    from . import plan  # the registry of stages; imported late, as plan builds on this module
+    trained = [s for s, spec in plan.STAGES.items() if spec.build]  # an ensemble trains nothing
+    for stage, n in cfg.stage_epochs.items():
+        if stage not in trained:
+            raise ConfigError(f"stage_epochs: unknown stage {stage!r}; "
+                              f"allowed: {', '.join(trained)}")
+        if n <= 0:
+            raise ConfigError(f"stage_epochs: {stage} must be positive, got {n}")
     for key in ("kwta_k", "kwta_k_batch", "dropout"):
         v = getattr(cfg, key)
         if not (0 < v <= 1 or key == "dropout" and v == 0):
@@ -149,11 +189,75 @@ def validate(cfg: Config) -> Config:
     for k in [cfg.ensemble_size, *cfg.ensemble_sizes]:
         if k > cfg.pool_size:
             raise ConfigError(f"ensemble_size: {k} members cannot be chosen from a pool of {cfg.pool_size}")
+    _check_callosum(cfg)
     if not 0 <= cfg.member < cfg.pool_size:
         raise ConfigError(f"member: must be in 0..{cfg.pool_size - 1}, got {cfg.member}")
     if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: unknown value {cfg.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    _check_name(cfg.experiment)
+    _check_slurm(cfg.slurm)
+    _check_grid(cfg.grid)
     return cfg
+
+
+def _check_callosum(cfg):
+    at = cfg.callosum_at
+    if not at or len(set(at)) != len(at):
+        raise ConfigError(f"callosum_at: expected one or more distinct depths, got {at!r}; "
+                          f"allowed: {', '.join(CALLOSUM_DEPTHS)}")
+    cfg.callosum_at = sorted(at, key=CALLOSUM_DEPTHS.index)  # one order, one run identity
+    if cfg.callosum_kinds and cfg.backbone != "resnet9":
+        raise ConfigError(f"callosum_kinds: callosal connections are defined for ResNet-9 "
+                          f"hemispheres only, not backbone {cfg.backbone!r}; set callosum_kinds: []")
+
+
+def _check_name(name):
+    """The experiment is one folder under out_dir: no separators, no '..', nothing invisible."""
+    bad = (name in ("", ".", "..") or "/" in name or "\\" in name or name != name.strip()
+           or any(not ch.isprintable() for ch in name) or len(name.encode()) > 200)
+    if bad:
+        raise ConfigError(f"experiment: {name!r} is not a folder name; use letters, digits, "
+                          f"'-', '_' or '.', without '/', '\\' or a bare '..', at most 200 bytes")
+
+
+def check_device(name: str):
+    """At run time (not in validate: a config may be checked on one machine and run on another),
+    a device this machine has, or a ConfigError saying which devices it has."""
+    import torch
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    index = int(name.split(":", 1)[1]) if name.startswith("cuda:") and name[5:].isdigit() else 0
+    if name.startswith("cuda") and index >= cuda or name == "mps" and not mps:
+        have = ["cpu"] + [f"cuda:{i}" for i in range(cuda)] + (["mps"] if mps else [])
+        raise ConfigError(f"device: {name!r} is not available on this machine (it has "
+                          f"{', '.join(have)}); set device=auto or device=cpu")
+
+
+# `slurm:` in a params file (or --partition ... on the command line): per-job options of
+# `sweep --executor slurm`; time in minutes, mem_gb per job, setup: shell lines run first.
+SLURM_KEYS = {"partition": str, "account": str, "qos": str, "constraint": str, "time": int,
+              "gpus": int, "cpus": int, "mem_gb": float, "max_parallel": int, "setup": list[str]}
+GRID_EXCLUDED = ("experiment", "out_dir", "slurm", "grid")
+
+
+def _check_slurm(options: dict):
+    for key, value in options.items():
+        if key not in SLURM_KEYS:
+            raise ConfigError(f"slurm.{key}: unknown option; allowed: {', '.join(SLURM_KEYS)}")
+        value = _check_type(f"slurm.{key}", value, SLURM_KEYS[key])
+        if key in ("time", "gpus", "cpus", "mem_gb", "max_parallel") and value < (key != "gpus"):
+            raise ConfigError(f"slurm.{key}: must be {'>= 0' if key == 'gpus' else 'positive'}, got {value}")
+
+
+def _check_grid(grid: dict):
+    for key, values in grid.items():
+        if key not in FIELD_TYPES or key in GRID_EXCLUDED:
+            allowed = [k for k in FIELD_TYPES if k not in GRID_EXCLUDED]
+            raise ConfigError(f"grid.{key}: not a parameter a grid can vary; allowed: {', '.join(allowed)}")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+        for v in values:
+            _check_type(f"grid.{key}", v, _HINTS[key])
 
 
 def from_dict(values: dict) -> Config:
@@ -174,19 +278,62 @@ def parse_overrides(items) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_why(e)}); "
+                              f"write it as YAML, in quotes if it is text") from None
     return out
+
+
+def _yaml_why(e) -> str:
+    """A YAML error in one line: what, and where (1-based line and column)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (getattr(e, "problem", None) or str(e).splitlines()[0])
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error (PyYAML keeps the last one
+    silently, so `epochs: 1` further down a file would quietly win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_params(path) -> dict:
+    """A params file as a dict; every way it can be wrong is a ConfigError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"params file {path} is a directory; give a YAML file such as "
+                          f"params/smoke.yaml")
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        values = yaml.load(path.read_text(), Loader=_UniqueKeys)  # safe: a SafeLoader
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_why(e)}); fix the file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as text ({e})") from None
+    if values is None:  # an empty file is more likely a mistake than a wish for every default
+        raise ConfigError(f"{path} is empty; write the parameters in it (see params/smoke.yaml), "
+                          f"or write {{}} to run every default on purpose")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of parameters, got {type(values).__name__}")
+    return values
 
 
 def load(path=None, overrides=None) -> Config:
     values = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"params file not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of parameters, got {type(values).__name__}")
+        values = read_params(path)
     values.update(parse_overrides(overrides))
     try:
         return from_dict(values)
@@ -200,5 +347,9 @@ def identity(cfg: Config) -> dict:
 
 
 def diff(a: dict, b: dict) -> list[str]:
+    # a key missing on one side reads as its default: a field added after a run was recorded,
+    # left at its default, does not make that run a different one
+    defaults = dataclasses.asdict(Config())
+    get = lambda d, k: d[k] if k in d else defaults.get(k)  # noqa: E731
     keys = sorted(set(a) | set(b))
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    return [f"{k}: {get(a, k)!r} -> {get(b, k)!r}" for k in keys if get(a, k) != get(b, k)]

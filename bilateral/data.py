@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from zlib import error as zlib_error
+
+from .seeds import derive_seed
 
 DATASETS = ("cifar100", "fashion_mnist", "synthetic")
 SPLITS = ("train", "val", "test")
@@ -23,6 +26,10 @@ STATS = {
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+# md5 and image count of each published file (torchvision's CIFAR100 lists the same sums)
+CIFAR100_FILES = {"train": ("16019d7e3df5f24257cddd939b257f8d", 50000),
+                  "test": ("f0ef6b0ae62326f3e7ffdfab6717acfc", 10000),
+                  "meta": ("7973b15100ade9c7d40fb424638fde48", None)}
 # Official fine -> coarse map (fine ids in meta order). Pickles are checked against it, so a
 # small file holding only some classes still gets the full 100/20 hierarchy.
 CIFAR100_FINE_TO_COARSE = (
@@ -43,6 +50,10 @@ SYN_SHAPES = ("disc", "square", "cross", "ring")
 SYN_TEXTURES = ("horizontal", "vertical", "diagonal")
 SYN_N_COARSE, SYN_N_FINE = len(SYN_SHAPES), len(SYN_SHAPES) * len(SYN_TEXTURES)
 SYN_DEFAULT_SIZE = 2000  # train pool (train + val); the test split has size // 4 images
+
+
+class DataError(ValueError):
+    """A data file or split that cannot be used as it is (corrupt, truncated, too small)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,19 @@ def load_dataset(name, split, data_dir=None, download=False, *, val_size=None, s
     return Split(images, fine, hier.coarse_of(fine), hier, name)
 
 
+def check_splits(splits):
+    """Every split a run uses must hold images: val chooses the best epoch and the ensemble
+    members, test gives the reported figures."""
+    for s, role in zip(splits, ("train", "val", "test")):
+        if len(s) == 0:
+            n = s.hierarchy.n_fine
+            hint = {"val": f"set val_size to at least {n} (one image per fine class)",
+                    "test": "raise synthetic_size (the test split has synthetic_size // 4 images)"
+                    }.get(role, "lower val_size")
+            raise DataError(f"the {role} split of {s.name} is empty; {hint}")
+    return splits
+
+
 def _rank_in_class(labels):
     """Position of each example among the examples of its class, in the given order."""
     order = torch.argsort(labels, stable=True)
@@ -134,16 +158,18 @@ def _rank_in_class(labels):
 def _val_mask(fine, n_fine, val_size, split_seed):
     """val_size // n_fine random examples of every fine class; a class needs one more to keep any for train."""
     if val_size < 0:
-        raise ValueError(f"val_size must be >= 0, got {val_size}")
+        raise DataError(f"val_size must be >= 0, got {val_size}")
     per = val_size // n_fine
     if per == 0:
         return torch.zeros(len(fine), dtype=torch.bool)
     counts = torch.bincount(fine, minlength=n_fine)
     short = (counts <= per).nonzero().flatten().tolist()
     if short:
-        raise ValueError(f"val_size={val_size} takes {per} per fine class, but fine classes {short[:10]}"
-                         f"{'...' if len(short) > 10 else ''} have <= {per} training images; lower val_size")
-    perm = torch.randperm(len(fine), generator=torch.Generator().manual_seed(split_seed))
+        most = n_fine * (int(counts.min()) - 1)
+        raise DataError(f"val_size={val_size} takes {per} per fine class, but fine classes {short[:10]}"
+                        f"{'...' if len(short) > 10 else ''} have <= {per} training images; lower val_size "
+                        f"(at most {most} here)")
+    perm = torch.randperm(len(fine), generator=torch.Generator().manual_seed(derive_seed(split_seed, "val split")))
     mask = torch.zeros(len(fine), dtype=torch.bool)
     mask[perm[_rank_in_class(fine[perm]) < per]] = True
     return mask
@@ -174,8 +200,8 @@ def _cifar100(official, data_dir, download):
     fine_names = tuple(_text(s) for s in meta.get("fine_label_names", ()))
     coarse_names = tuple(_text(s) for s in meta.get("coarse_label_names", ()))
     if (len(fine_names), len(coarse_names)) != (100, 20):
-        raise ValueError(f"{folder / 'meta'}: {len(fine_names)} fine and {len(coarse_names)} coarse label names, "
-                         f"expected 100 and 20")
+        raise DataError(f"{folder / 'meta'}: {len(fine_names)} fine and {len(coarse_names)} coarse label names, "
+                        f"expected 100 and 20")
     hier = Hierarchy(fine_names, coarse_names, CIFAR100_FINE_TO_COARSE)
     data, fine = _cifar_arrays(*_file_key(folder / official))
     return torch.from_numpy(data).view(-1, 3, 32, 32), torch.from_numpy(fine), hier
@@ -184,16 +210,48 @@ def _cifar100(official, data_dir, download):
 def _text(s): return s.decode() if isinstance(s, bytes) else str(s)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what the CIFAR-100 pickles hold (dicts, lists, bytes, ints and uint8 numpy
+    arrays): a crafted file in data_dir cannot name a function to run."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how Python 3 writes bytes at protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-100 file holds "
+                                         f"only lists, bytes, numbers and numpy arrays")
+        return super().find_class(module, name)
+
+
 def _unpickle(path):
+    """A CIFAR-100 pickle, through the restricted unpickler; a file that claims to be the
+    published one (its name, and the published image count) must also match the published md5."""
+    path = Path(path)
+    md5, count = CIFAR100_FILES.get(path.name, (None, None))
+    official = md5 is not None and _md5(path) == md5
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+            d = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as e:  # UnpicklingError, EOFError, ValueError... all mean a bad file
-        raise ValueError(f"{path}: not a readable CIFAR-100 pickle, corrupt or truncated ({e!r}); "
-                         f"delete the folder and download again") from e
+        raise DataError(f"{path}: not a readable CIFAR-100 pickle, corrupt, truncated or crafted "
+                        f"({e}); delete {path.parent} and download it again") from e
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a dict, got {type(d).__name__}")
-    return {_text(k): v for k, v in d.items()}
+        raise DataError(f"{path}: expected a dict, got {type(d).__name__}; delete {path.parent} "
+                        f"and download it again")
+    d = {_text(k): v for k, v in d.items()}
+    if count is not None and not official and len(d.get("fine_labels", ())) == count:
+        raise DataError(f"{path}: {count} images like the published file, but not its md5 {md5} "
+                        f"(corrupt); delete {path.parent} and download it again")
+    return d
+
+
+def _md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=4)
@@ -203,22 +261,25 @@ def _cifar_arrays(path, mtime, nbytes):
         data = np.asarray(d["data"], dtype=np.uint8)
         fine = np.asarray(d["fine_labels"], dtype=np.int64)
         coarse = np.asarray(d["coarse_labels"], dtype=np.int64)
-    except KeyError as e:
-        raise ValueError(f"{path}: missing key {e}") from e
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: not a CIFAR-100 batch ({e!r}); delete {path.parent} and "
+                        f"download it again") from e
     if data.ndim != 2 or data.shape[1] != 3072 or not len(data) == len(fine) == len(coarse):
-        raise ValueError(f"{path}: data {data.shape}, {len(fine)} fine and {len(coarse)} coarse labels; "
-                         f"expected (N, 3072) and N of each")
+        raise DataError(f"{path}: data {data.shape}, {len(fine)} fine and {len(coarse)} coarse labels; "
+                        f"expected (N, 3072) and N of each")
     if len(fine) and (fine.min() < 0 or fine.max() >= 100):
-        raise ValueError(f"{path}: fine labels outside 0..99")
+        raise DataError(f"{path}: fine labels outside 0..99")
     wrong = np.nonzero(np.asarray(CIFAR100_FINE_TO_COARSE)[fine] != coarse)[0]
     if len(wrong):  # labels are taken from the pairs in the file, so a mismatch is a bad file
         i = wrong[0]
-        raise ValueError(f"{path}: {len(wrong)} images pair fine and coarse labels unlike the official map, "
-                         f"first at row {i}: fine {fine[i]} with coarse {coarse[i]}")
+        raise DataError(f"{path}: {len(wrong)} images pair fine and coarse labels unlike the official map, "
+                        f"first at row {i}: fine {fine[i]} with coarse {coarse[i]}")
     return data, fine
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
+FMNIST_FIX = ("; replace it with a good copy, or remove it to use the system copy "
+              "(apt-get install dataset-fashion-mnist)")
 FMNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                 "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
@@ -239,8 +300,8 @@ def _fashion_mnist(official, data_dir):  # no download: offline use is its point
 def _fmnist_arrays(images_key, labels_key):
     images, labels = _idx_array(images_key[0]), _idx_array(labels_key[0])
     if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels) or (len(labels) and labels.max() > 9):
-        raise ValueError(f"{images_key[0]}, {labels_key[0]}: images {images.shape} and labels {labels.shape} "
-                         f"(max {labels.max()}) do not form a Fashion-MNIST split")
+        raise DataError(f"{images_key[0]}, {labels_key[0]}: images {images.shape} and labels {labels.shape} "
+                        f"(max {labels.max()}) do not form a Fashion-MNIST split")
     x = np.zeros((len(images), 3, 32, 32), dtype=np.uint8)  # 2 px of zeros each side: 28 -> 32
     x[:, :, 2:30, 2:30] = images[:, None]                     # grey repeated to 3 channels
     return torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64))
@@ -251,18 +312,18 @@ def _idx_array(path):
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: corrupt or truncated gzip ({e})") from e
+    except (OSError, EOFError, zlib_error) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip ({e}){FMNIST_FIX}") from e
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if magic not in (2049, 2051):
-        raise ValueError(f"{path}: IDX magic number {magic}, expected 2049 (labels) or 2051 (images)")
+        raise DataError(f"{path}: IDX magic number {magic}, expected 2049 (labels) or 2051 (images){FMNIST_FIX}")
     ndim = 1 if magic == 2049 else 3
     if len(raw) < 4 + 4 * ndim:
-        raise ValueError(f"{path}: truncated IDX header")
+        raise DataError(f"{path}: truncated IDX header{FMNIST_FIX}")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     body = raw[4 + 4 * ndim:]
     if len(body) != math.prod(shape):
-        raise ValueError(f"{path}: header says {shape} = {math.prod(shape)} bytes, file holds {len(body)}")
+        raise DataError(f"{path}: header says {shape} = {math.prod(shape)} bytes, file holds {len(body)}{FMNIST_FIX}")
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
@@ -272,7 +333,7 @@ def _synthetic(n, seed, stream):
     """n images whose coarse class is a big shape and fine class the stripe orientation inside it.
     Colours, position, size, stripe period/phase/angle, background gradient and noise are random
     and independent of the labels, so neither level can be read off a single pixel statistic."""
-    g = torch.Generator().manual_seed(_mix(seed, stream))
+    g = torch.Generator().manual_seed(derive_seed(seed, stream))  # purpose: the official split, "train" or "test"
     u = lambda *shape: torch.rand(*shape, generator=g)
     fine = (torch.arange(n) % SYN_N_FINE)[torch.randperm(n, generator=g)]  # balanced classes
     shape_id, tex_id = fine // len(SYN_TEXTURES), fine % len(SYN_TEXTURES)
@@ -304,11 +365,6 @@ def _synthetic(n, seed, stream):
     names = tuple(f"{s}_{t}" for s in SYN_SHAPES for t in SYN_TEXTURES)
     f2c = tuple(i // len(SYN_TEXTURES) for i in range(SYN_N_FINE))
     return images, fine, Hierarchy(names, SYN_SHAPES, f2c)
-
-
-def _mix(*ints):
-    """A 63-bit seed from ints and strings, stable across runs and platforms (unlike hash())."""
-    return int.from_bytes(hashlib.sha256(repr(ints).encode()).digest()[:8], "little") >> 1
 
 
 # ---------------------------------------------------------------- loader
@@ -343,7 +399,7 @@ class DeviceLoader:
     def set_epoch(self, epoch): self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "device loader", self.epoch))
         self.epoch += 1
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         shifts = torch.randint(0, 9, (self.n, 2), generator=g)  # crop offsets in the 40x40 padded image

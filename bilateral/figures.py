@@ -1,6 +1,9 @@
-"""Figures of the notebooks: each function returns a matplotlib Figure; `save` writes it."""
+"""Figures of the notebooks: each function returns a matplotlib Figure; `save` writes it (the
+one way every figure of the package is written: atomically, and shown once in a notebook). The
+analyses' figures are in analysis/plots.py."""
 from __future__ import annotations
 
+import io
 import math
 import textwrap
 from pathlib import Path
@@ -9,18 +12,45 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from . import plan
+from . import plan, runs
+from .seeds import derive_seed
 
 ACC_LABELS = {"fine_acc": "fine", "coarse_acc": "coarse", "fine_as_coarse_acc": "fine→coarse"}
 
 
-def save(fig, folder, name: str) -> None:
-    """Write fig as folder/name.png (the notebook still shows it inline)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    print(f"saved {path}")
+def save(fig, folder, name: str, *, dpi: int = 120, tight: bool = True, show: bool = True,
+         log=print) -> Path:
+    """Write fig as folder/name.png, atomically (a reader never sees half a file), and show it
+    inline when running in a notebook, once: the figure is closed, so pyplot's inline backend
+    does not show it a second time. Every figure of the package is saved through here."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
+    path = Path(folder) / f"{name}.png"
+    runs.atomic_write_bytes(path, buf.getvalue())
+    plt.close(fig)  # a no-op for a Figure made without pyplot
+    if show and in_notebook():
+        from IPython.display import Image
+        display(Image(data=buf.getvalue()))
+    if log:
+        log(f"saved {path}")
+    return path
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, Colab, papermill), False in a terminal."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and type(ip).__name__ != "TerminalInteractiveShell"
+
+
+def display(obj):
+    """IPython's display in a notebook; nothing elsewhere."""
+    if in_notebook():
+        from IPython.display import display as show
+        show(obj)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -33,7 +63,7 @@ def _show(ax, img: torch.Tensor):
 
 def sample_grid(split, n: int = 16, seed: int = 0, cols: int = 8):
     """n random images of a split, each titled with its fine and (coarse) label."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(derive_seed(seed, "sample grid"))
     idx = torch.randperm(len(split), generator=g)[:n]
     rows = math.ceil(len(idx) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.95 * rows), squeeze=False,
@@ -137,8 +167,8 @@ def accuracy_bars(frame: pd.DataFrame, err: pd.DataFrame | None = None, title: s
 def bilateral_vs_hemispheres(hemispheres: dict, bilateral: dict):
     """Per condition: left (fine), right (coarse) and the bilateral model's two heads.
 
-    Labels as the plan's runs have them (plan.Stage.label): hemispheres {"A left": metrics, "A right": ...},
-    bilateral {"A bilateral": metrics, ...}."""
+    Labels as the plan's runs have them (plan.Stage.label): hemispheres {"A left": metrics,
+    "A right": ...}, bilateral {"A bilateral": metrics, ...}."""
     rows = {}
     for label, m in bilateral.items():
         cond = label.split()[0]
@@ -161,23 +191,3 @@ def results_bars(summary: pd.DataFrame):
     n = s[[f"{m}_n" for m in cols]].max(axis=1)
     seeds = f"{n.max()} seeds" if n.min() == n.max() else f"{n.min()}-{n.max()} seeds"
     return accuracy_bars(mean, err=sd, title=f"test accuracy, mean ± sample SD over {seeds}")
-
-
-def outcome_heatmaps(tables: dict, title: str = ""):
-    """The 4x4 outcome-scenario counts of each condition ({condition: table}) as heatmaps."""
-    fig, axes = plt.subplots(1, len(tables), figsize=(4.6 * len(tables), 4.2), squeeze=False)
-    for ax, (cond, table) in zip(axes.flat, tables.items()):
-        t = table.drop(index="total", columns="total", errors="ignore")
-        ax.imshow(t.values, cmap="Blues")
-        ax.set_xticks(range(t.shape[1]), t.columns)
-        ax.set_yticks(range(t.shape[0]), t.index)
-        ax.set(xlabel="bilateral: fine, coarse head", title=f"condition {cond}")
-        for i in range(t.shape[0]):
-            for j in range(t.shape[1]):
-                v = t.values[i, j]
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
-                        color="white" if v > t.values.max() / 2 else "black")
-    axes.flat[0].set_ylabel("hemispheres: left (fine), right (coarse)")
-    fig.suptitle(title or "test images per outcome scenario (✓ right, ✗ wrong)")
-    fig.tight_layout()
-    return fig

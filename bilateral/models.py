@@ -41,33 +41,61 @@ class KWTA(nn.Module):
 
     Stage 1: per sample and channel keep the top ceil(k*H*W) positions.
     Stage 2: per channel, across the batch, keep the top ceil(k_batch*ceil(k*H*W)*B) stage-1
-    winners. Stage 2 couples the samples of a batch, so it runs in eval only if eval_batch.
-    Unlike the original code, stage-1 losers (zeros) cannot outrank negative winners in stage 2,
-    so that many winners survive (about k*k_batch of all activations; more only on exact ties).
+    winners. Unlike the original code, stage-1 losers (zeros) cannot outrank negative winners in
+    stage 2, so that many winners survive (about k*k_batch of all activations; more only on
+    exact ties).
+
+    Stage 2 couples the samples of a batch, so evaluation follows `eval_rule`:
+    - "threshold": stage 1, then each channel's running stage-2 threshold, tracked in training
+      like BatchNorm's running mean (momentum); keeps the training sparsity, so the next
+      BatchNorm sees at test the distribution it was trained on, and no sample depends on
+      another. The threshold starts at -inf (an untrained module acts as "map_only").
+    - "map_only": stage 1 only (more activations survive than in training: about k, not
+      k*k_batch).
+    - "batch": both stages on the test batch (the original's; predictions depend on the batch).
     """
 
-    def __init__(self, k: float, k_batch: float | None = None, eval_batch: bool = False):
+    EVAL_RULES = ("threshold", "map_only", "batch")
+
+    def __init__(self, k: float, k_batch: float | None = None, eval_rule: str = "threshold", *,
+                 channels: int, momentum: float = 0.1):
         super().__init__()
         k_batch = k if k_batch is None else k_batch
-        for name, v in (("k", k), ("k_batch", k_batch)):
+        for name, v in (("k", k), ("k_batch", k_batch), ("momentum", momentum)):
             if not 0 < v <= 1:
                 raise ValueError(f"k-WTA {name} must be in (0, 1], got {v}")
-        self.k, self.k_batch, self.eval_batch = k, k_batch, eval_batch
+        if eval_rule not in self.EVAL_RULES:
+            raise ValueError(f"k-WTA eval_rule: unknown value {eval_rule!r}; "
+                             f"allowed: {', '.join(self.EVAL_RULES)}")
+        self.k, self.k_batch, self.eval_rule, self.momentum = k, k_batch, eval_rule, momentum
+        self.register_buffer("running_threshold", torch.full((channels,), float("-inf")))
 
     def extra_repr(self):
-        return f"k={self.k}, k_batch={self.k_batch}, eval_batch={self.eval_batch}"
+        return (f"channels={len(self.running_threshold)}, k={self.k}, k_batch={self.k_batch}, "
+                f"eval_rule={self.eval_rule}")
 
     def forward(self, x):
         B, C, H, W = x.shape
+        if C != len(self.running_threshold):
+            raise ValueError(f"k-WTA built for {len(self.running_threshold)} channels got {C}")
         with torch.no_grad():
             flat = x.detach().flatten(2)  # (B, C, HW)
             n1 = _ceil(self.k * H * W)
             mask = flat >= _kth_largest(flat, n1)
-            if self.training or self.eval_batch:
+            if self.training or self.eval_rule == "batch":
                 n2 = _ceil(self.k_batch * n1 * B)
                 score = flat.masked_fill(~mask, float("-inf")).transpose(0, 1).reshape(C, -1)
-                mask = (score >= _kth_largest(score, n2)).view(C, B, H * W).transpose(0, 1)
+                t = _kth_largest(score, n2)  # (C, 1): finite, as n2 <= the n1*B stage-1 winners
+                mask = (score >= t).view(C, B, H * W).transpose(0, 1)
+                if self.training:
+                    self._track(t.reshape(C).float())
+            elif self.eval_rule == "threshold":
+                mask &= flat >= self.running_threshold.view(1, C, 1)
         return x * mask.reshape(B, C, H, W)
+
+    def _track(self, t):
+        rt = self.running_threshold
+        rt.copy_(torch.where(torch.isfinite(rt), torch.lerp(rt, t, self.momentum), t))
 
 
 def _kth_largest(v, k):
@@ -83,8 +111,9 @@ def _bn(c, momentum):
 
 
 def conv_block(cin, cout, *, kwta=None, bn_momentum=None, pool=False):
-    # Identity in the k-WTA slot keeps state-dict keys the same with and without sparsity
-    layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), kwta() if kwta else nn.Identity(),
+    # Identity in the k-WTA slot keeps the other modules' indices the same with and without
+    # sparsity; k-WTA adds only its running thresholds (`<block>.1.running_threshold`)
+    layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), kwta(cout) if kwta else nn.Identity(),
               _bn(cout, bn_momentum), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
 
@@ -205,17 +234,32 @@ def resnet34(width=1.0, *, kwta=None, bn_momentum=None):
     return CifarResNet([3, 4, 6, 3], width, bn_momentum=bn_momentum)
 
 
-def build_backbone(name, width=1.0, *, k=None, k_batch=None, kwta_eval_batch=False,
+def build_backbone(name, width=1.0, *, k=None, k_batch=None, kwta_eval="threshold",
                    bn_momentum=None) -> nn.Module:
-    """k-WTA is on when k is given (k_batch defaults to k); kwta_eval_batch alone is a no-op."""
+    """k-WTA is on when k is given (k_batch defaults to k); kwta_eval (KWTA.EVAL_RULES) alone
+    is a no-op."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
     if (k is not None or k_batch is not None) and name not in KWTA_BACKBONES:
         raise ValueError(f"k-WTA is only implemented for {', '.join(KWTA_BACKBONES)}, not {name!r}")
     if k is None and k_batch is not None:
         raise ValueError("k_batch given without k")
-    kwta = None if k is None else lambda: KWTA(k, k_batch, kwta_eval_batch)
+    if kwta_eval not in KWTA.EVAL_RULES:
+        raise ValueError(f"kwta_eval: unknown value {kwta_eval!r}; allowed: {', '.join(KWTA.EVAL_RULES)}")
+    kwta = None if k is None else lambda c: KWTA(k, k_batch, kwta_eval, channels=c)
     return BACKBONES[name](width, kwta=kwta, bn_momentum=bn_momentum)
+
+
+def set_kwta_eval(module: nn.Module, rule: str) -> str | None:
+    """Set the evaluation rule of every k-WTA in module; return the previous one (None: none).
+    The rule acts in eval mode only, so one trained model can be evaluated every way."""
+    kws = [m for m in module.modules() if isinstance(m, KWTA)]
+    if rule not in KWTA.EVAL_RULES:
+        raise ValueError(f"kwta_eval: unknown value {rule!r}; allowed: {', '.join(KWTA.EVAL_RULES)}")
+    before = kws[0].eval_rule if kws else None
+    for m in kws:
+        m.eval_rule = rule
+    return before
 
 
 # -------------------------------------------------------------------------------- models
@@ -260,14 +304,18 @@ class Bilateral(FreezeAware):
         d = _out_features(left) + _out_features(right)
         self.heads = nn.ModuleDict(dict(fine=Head(d, n_fine, dropout), coarse=Head(d, n_coarse, dropout)))
 
+    def sides(self, x):
+        """The left and the right features (a callosal model exchanges maps on the way)."""
+        return self.left(x), self.right(x)
+
     def features(self, x):
-        return torch.cat([self.left(x), self.right(x)], 1)
+        return torch.cat(self.sides(x), 1)
 
     def classify(self, feats):
         return {h: head(feats) for h, head in self.heads.items()}
 
     def forward(self, x, return_features=False):
-        left, right = self.left(x), self.right(x)
+        left, right = self.sides(x)
         feats = torch.cat([left, right], 1)
         out = self.classify(feats)
         if return_features:
@@ -323,10 +371,17 @@ def count_trainable(module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def params_table(n_fine=100, n_coarse=20) -> str:
-    """Markdown table of trainable parameters of every model of the study (width 1).
+def count_total(module) -> int:
+    """Every parameter, frozen ones included: the capacity a model brings to its task."""
+    return sum(p.numel() for p in module.parameters())
 
-    k-WTA adds no parameters, so conditions C and D count as A and B.
+
+def params_table(n_fine=100, n_coarse=20) -> str:
+    """Markdown table of the total and trainable parameters of every model of the study
+    (width 1). The specialised bilateral model trains only its heads but holds its frozen
+    hemispheres too; the study's argument is about total capacity.
+
+    k-WTA adds no parameters (only running thresholds), so conditions C and D count as A and B.
     """
     uni = lambda name, heads=HEAD_NAMES: Unilateral(build_backbone(name), n_fine, n_coarse, heads)
     frz = lambda m, on: freeze(m) if on else m
@@ -357,5 +412,9 @@ def params_table(n_fine=100, n_coarse=20) -> str:
         rows += [(f"Ensemble of {k} unilateral dual-head {label}",
                   lambda n=name, k=k: Ensemble([uni(n) for _ in range(k)])) for k in (2, 5)]
     with torch.device("meta"):  # no memory, no init cost: counting only
-        lines = [f"| {label} | {count_trainable(make()):,} |" for label, make in rows]
-    return "\n".join(["| model | trainable parameters |", "|---|---:|", *lines])
+        models = [(label, make()) for label, make in rows]
+        lines = [f"| {label} | {count_total(m):,} | {count_trainable(m):,} |" for label, m in models]
+    from . import callosum  # late: callosum builds on this module
+    lines += [f"| {label} | {t:,} | {tr:,} |" for label, t, tr in callosum.params_rows(n_fine, n_coarse)]
+    return "\n".join(["| model | total parameters | trainable parameters |", "|---|---:|---:|",
+                      *lines])

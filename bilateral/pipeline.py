@@ -20,9 +20,10 @@ from pathlib import Path
 
 from . import config as C
 
-PER_SEED = ("01_data", "02_hemispheres", "03_bilateral", "04_baselines", "05_analysis")
+PER_SEED = ("01_data", "02_hemispheres", "03_bilateral", "04_baselines", "05_analysis",
+            "07_callosum")  # 07 goes beyond the paper; 06 gathers every seed, so it runs last
 FINAL = "06_results"
-NOTEBOOKS = PER_SEED + (FINAL,)
+NOTEBOOKS = tuple(sorted(PER_SEED + (FINAL,)))
 KERNEL = "python3"
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,13 +251,16 @@ def check_data(cfg: C.Config, download: bool = False):
 
 
 def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, execute=None,
-        nb_dir=None, log=say) -> tuple[int, list[Result]]:
-    """Everything `python -m bilateral run` does; returns (exit code, results)."""
+        nb_dir=None, log=say, executor="local", slurm=None) -> tuple[int, list[Result]]:
+    """Everything `python -m bilateral run` does; returns (exit code, results).
+    executor="slurm": the plan's trainings as SLURM jobs first (bilateral.sweep), then each
+    seed's notebooks as a SLURM job (they find every run finished and only analyse), then 06."""
     params = Path(params).resolve()
     overrides = C.parse_overrides(overrides)
     cfg = C.load(params, overrides)                     # bad params stop before anything runs
     notebooks = select(only)
-    seeds = list(dict.fromkeys(seeds))
+    from .plan import parse_seeds
+    seeds = parse_seeds(seeds)                          # 0-4, [0, 1, 2], "0,2": each once, in order
     if jobs < 1:
         raise C.ConfigError(f"--jobs must be at least 1, got {jobs}")
     nb_dir = Path(nb_dir) if nb_dir else find_root() / "notebooks"
@@ -268,9 +272,19 @@ def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, e
     # out_dir and data_dir mean the same as on this command line although the kernels run
     # from the repository root
     for key in ("out_dir", "data_dir"):
-        if not Path(getattr(cfg, key)).is_absolute() and Path.cwd().resolve() != root:
+        if not Path(getattr(cfg, key)).is_absolute() and (Path.cwd().resolve() != root
+                                                          or executor == "slurm"):
             overrides[key] = str(Path(getattr(cfg, key)).resolve())
     cfg = C.load(params, overrides)
+    from . import sweep
+    options = {**cfg.slurm, **(slurm or {})}
+    if executor == "slurm" and any(n in notebooks for n in PER_SEED[1:4]):
+        code, _ = sweep.sweep(params, seeds, "slurm", slurm=options, overrides=overrides, log=log)
+        if code:
+            log("some trainings failed on SLURM (summary above); the notebooks were not run")
+            return code, []
+    else:
+        sweep.announce(cfg, seeds, jobs, log)
     exp_dir = Path(cfg.out_dir) / cfg.experiment
     parameters = dict(params_file=str(params), overrides=overrides)
     per_seed = [n for n in notebooks if n in PER_SEED]
@@ -284,7 +298,7 @@ def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, e
     pin_kernel(kernel_dir.name)
     try:
         results = _run_all(seeds, per_seed, notebooks, jobs, nb_dir, root, parameters, exp_dir,
-                           execute, log)
+                           execute, log, options if executor == "slurm" else None)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -296,14 +310,18 @@ def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, e
     return (0 if all(r.status == "ok" for r in results) else 1), results
 
 
-def _run_all(seeds, per_seed, notebooks, jobs, nb_dir, root, parameters, exp_dir, execute, log):
+def _run_all(seeds, per_seed, notebooks, jobs, nb_dir, root, parameters, exp_dir, execute, log,
+             slurm=None):
     results: list[Result] = []
     if per_seed:
         jobs_kw = [dict(seed=s, notebooks=per_seed, nb_dir=nb_dir, cwd=root, parameters=parameters,
                         out_dir=exp_dir / "notebooks" / f"seed={s}", env=seed_env(i, jobs),
                         execute=execute)
                    for i, s in enumerate(seeds)]
-        if jobs == 1:
+        if slurm is not None:  # one SLURM job per seed
+            from .slurm import run_chains_slurm
+            results += run_chains_slurm(jobs_kw, slurm, exp_dir / "jobs" / "notebooks", log)
+        elif jobs == 1:
             for kw in jobs_kw:
                 results += run_chain(**kw, log=log)
         else:
@@ -318,8 +336,10 @@ def _run_all(seeds, per_seed, notebooks, jobs, nb_dir, root, parameters, exp_dir
 
 
 def main(args) -> int:
+    from .sweep import slurm_options
     code, _ = run(args.params, seeds=args.seeds, only=args.only, jobs=args.jobs,
-                  overrides=args.overrides, download=args.download)
+                  overrides=args.overrides, download=args.download, executor=args.executor,
+                  slurm=slurm_options(args))
     return code
 
 

@@ -14,12 +14,17 @@ Read top to bottom:
 
 Statuses: missing (no record), in_progress (started, not finished), finished, stale (a record is
 there but it is not the run the plan asks for: the folder holds another config, or an upstream
-model.pt is not the one it was built on). Training a stale run refuses without --force.
+model.pt is not the one it was built on). Training a stale run or loading its model refuses
+(without --force), and the notebooks (read_runs) and the report leave it out. `plan` prints a
+stale run's status with the reason and counts it, and every run downstream of a run still to
+train, as still to train. A retraining that writes the same model.pt again (training is
+deterministic on a CPU) leaves its dependants current.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +33,14 @@ from typing import Callable
 from . import config as C
 from . import runs, stages, train
 
-PHASES = ("hemispheres", "bilateral", "baselines")
+PHASES = ("hemispheres", "bilateral", "baselines", "callosum")  # callosum: bilateral/callosum.py
+STATUSES = ("finished", "in_progress", "stale", "missing")
 
 # Fields only some stages use. A stage's config resets the ones it does not use to their
 # defaults, so they neither appear in its record nor make two identical runs look different.
 OPTIONAL = ("condition", "side", "backbone", "augment", "head_augment", "member", "ensemble_size")
-KWTA_FIELDS = ("kwta_k", "kwta_k_batch", "kwta_eval_batch")  # used under conditions C and D only
-VARIANT_FIELDS = ("condition", "side", "member", "ensemble_size")  # what `--set` picks a run by
+KWTA_FIELDS = ("kwta_k", "kwta_k_batch", "kwta_eval")  # used under conditions C and D only
+VARIANT_FIELDS = ("condition", "side", "member", "ensemble_size", "callosum")  # what `--set` picks a run by
 
 # Relative training cost per epoch, measured on CPU at width 1 (ResNet-9 = 1), see README.
 # VGG-11: 0.83 per step at batch 64 (one measurement on a shared CPU; its FLOPs ratio is 0.72).
@@ -95,7 +101,10 @@ def stage_config(cfg: C.Config, stage: str) -> C.Config:
     cond = cfg.condition if "condition" in s.uses else d.condition
     if cond not in ("C", "D"):
         unused |= set(KWTA_FIELDS)
-    return dataclasses.replace(cfg, **{k: getattr(d, k) for k in unused})
+    if s.recipe == "hemisphere" or not s.build:  # hemispheres have the larger decay either way
+        unused |= {"weight_decay_equal"}
+    own_epochs = {k: v for k, v in cfg.stage_epochs.items() if k == stage}  # not others' budgets
+    return dataclasses.replace(cfg, stage_epochs=own_epochs, **{k: getattr(d, k) for k in unused})
 
 
 def hemisphere_cost(cfg: C.Config, side: str) -> float:
@@ -203,6 +212,11 @@ class Run:
     def __repr__(self):
         return f"Run({self.key})"
 
+    def __reduce__(self):
+        # a worker process that unpickles a run of a stage registered by another module
+        # (bilateral/callosum.py, say) imports that module first
+        return _unpickle_run, (self.stage, self.cfg, self.seed, self.spec.variants.__module__)
+
     @property
     def spec(self) -> Stage:
         return spec(self.stage)
@@ -298,7 +312,7 @@ class Run:
     def command(self, params="params/<preset>.yaml") -> str:
         """The command line that trains this run alone."""
         sets = "".join(f" --set {k}={getattr(self.cfg, k)}" for k in VARIANT_FIELDS
-                       if k in self.spec.uses)
+                       if k in self.spec.uses + self.spec.owns)
         return f"python -m bilateral train {self.stage} --params {params} --seed {self.seed}{sets}"
 
     def check_finished(self):
@@ -329,6 +343,12 @@ class Run:
         return stages.run_stage(self.stage, self.cfg, self.seed, force=force, log=log)
 
 
+def _unpickle_run(stage, cfg, seed, module):
+    if stage not in STAGES:
+        importlib.import_module(module)
+    return Run(stage, cfg, seed)
+
+
 # ---------------------------------------------------------------------------- 3. provenance
 
 _HASHES: dict[tuple, str] = {}
@@ -353,6 +373,13 @@ def file_hash(path) -> str | None:
 def upstream_hashes(run: Run) -> dict[str, str | None]:
     """{upstream key: sha256 of its model.pt}: what a run records, and what is checked later."""
     return {u.key: file_hash(u.path / "model.pt") for u in run.upstream()}
+
+
+def changed_in(experiment_dir, record: dict) -> list[str]:
+    """The recorded upstream runs whose model.pt in experiment_dir changed since: for readers
+    that have a folder of records rather than a config (the report). A key is a relative path."""
+    return sorted(k for k, h in record.get("upstream", {}).items()
+                  if file_hash(Path(experiment_dir) / k / "model.pt") != h)
 
 
 # ---------------------------------------------------------------------------------- 4. plans
@@ -435,6 +462,18 @@ def pending(runs_: list[Run]) -> list[Run]:
     return [r for r in runs_ if r in todo]
 
 
+def totals(runs_: list[Run]) -> dict:
+    """Counts and costs of a plan: runs per status, cost in all and still to train (in
+    ResNet-9 epochs), and that cost in ResNet-9 trainings when every run has the same epochs."""
+    status = [r.status() for r in runs_]
+    todo = pending(runs_)
+    epochs = {r.epochs() for r in runs_ if r.epochs()}
+    return dict(runs=len(runs_), **{k: status.count(k) for k in STATUSES},
+                cost=sum(r.cost() for r in runs_), todo=len(todo),
+                todo_cost=sum(r.cost() for r in todo),
+                epochs=epochs.pop() if len(epochs) == 1 else None)
+
+
 # ------------------------------------------------------------------------------ 5. printing
 
 def _ranges(numbers) -> str:
@@ -454,7 +493,6 @@ def describe(runs_: list[Run]) -> str:
     still to train count as still to train."""
     index = {r: i + 1 for i, r in enumerate(runs_)}
     status = {r: r.status() for r in runs_}
-    todo = set(pending(runs_))
     w = max([len(r.key) for r in runs_] + [3])
     lines = [f"{'#':>4}  {'run':<{w}}  {'status':<11}  {'epochs':>6}  {'cost':>8}  after"]
     for r in runs_:
@@ -465,20 +503,20 @@ def describe(runs_: list[Run]) -> str:
     if stale:
         lines += ["", "stale (training refuses them without --force):"]
         lines += [f"  {r.key}: {'; '.join(r.stale_reasons())}" for r in stale]
-    lines += ["", f"{'stage':<24} {'runs':>5} {'cost':>10}"]
+    lines += ["", f"{'stage':<24} {'runs':>5} {'cost':>10}  model"]
     for s in dict.fromkeys(r.stage for r in runs_):
         rs = [r for r in runs_ if r.stage == s]
-        lines.append(f"{s:<24} {len(rs):>5} {sum(r.cost() for r in rs):>10,.1f}")
-    total = sum(r.cost() for r in runs_)
-    counts = ", ".join(f"{sum(v == k for v in status.values())} {k.replace('_', ' ')}"
-                       for k in ("finished", "in_progress", "stale", "missing"))
-    epochs = {r.epochs() for r in runs_ if r.epochs()}
-    e = max(epochs | {1})
-    per = f" (= {total / e:,.1f} ResNet-9 trainings of {e} epoch{'s' * (e != 1)})" \
-        if len(epochs) == 1 else ""
-    lines += [f"{'total':<24} {len(runs_):>5} {total:>10,.1f}",
-              "", f"{len(runs_)} runs: {counts}",
+        lines.append(f"{s:<24} {len(rs):>5} {sum(r.cost() for r in rs):>10,.1f}  {spec(s).title}")
+    t = totals(runs_)
+    counts = ", ".join(f"{t[k]} {k.replace('_', ' ')}" for k in STATUSES)
+    e = t["epochs"]
+    per = f" (= {t['cost'] / e:,.1f} ResNet-9 trainings of {e} epoch{'s' * (e != 1)})" if e else ""
+    lines += [f"{'total':<24} {t['runs']:>5} {t['cost']:>10,.1f}",
+              "", f"{t['runs']} runs: {counts}",
               f"cost in ResNet-9 epochs (epochs x cost per epoch relative to ResNet-9, measured "
-              f"on CPU at width 1): {total:,.1f} in all{per}, {sum(r.cost() for r in todo):,.1f} "
-              f"still to train ({len(todo)} runs)"]
+              f"on CPU at width 1): {t['cost']:,.1f} in all{per}, {t['todo_cost']:,.1f} "
+              f"still to train ({t['todo']} runs)"]
     return "\n".join(lines)
+
+
+from . import callosum  # noqa: E402,F401  registers the callosal stages (it builds on this module)

@@ -1,12 +1,18 @@
-"""results.csv and results.md of an experiment, rebuilt from its run records alone.
+"""results.csv, results.md and the forest plot of an experiment, rebuilt from its run records.
 
 `python -m bilateral report outputs/<experiment>` (or `report(dir)`) reads every finished run
-(outputs/<experiment>/<stage>/<name>/seed=<k>/metrics.json and config.json) and every analysis
-record (outputs/<experiment>/analysis/**/metrics.json), and writes
+(outputs/<experiment>/<stage>/<name>/seed=<k>/metrics.json, config.json, history.csv) and every
+analysis record (outputs/<experiment>/analysis/**/metrics.json), and writes
 - results.csv: one tidy row per (stage, model, condition, backbone, seed, split, metric);
-- results.md: per model, fine and coarse test accuracy as mean ± sample standard deviation over
-  seeds, and the bilateral (specialised) model against every other model: the difference of
-  means with a 95% confidence interval over seeds.
+- results_forest.png: the bilateral model (condition A) minus every other model, fine and
+  coarse, with 95% confidence intervals;
+- results.md: that figure, then per model the test accuracies (mean ± sample SD over seeds),
+  total and trainable parameters, epochs and whether validation accuracy was still rising,
+  weight decay; the differences with their intervals; k-WTA's evaluation rules; the analyses.
+
+Intervals come from scipy.stats: paired (`ttest_rel`) only where the two models share runs
+(the bilateral model and its own hemispheres, seed by seed); every other pair of models was
+trained from independent seeds, so Welch's interval (`ttest_ind(equal_var=False)`).
 """
 from __future__ import annotations
 
@@ -15,25 +21,41 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-
 from . import config as C
-from . import plan
+from . import plan, results_md
+from .stats import difference, mean_sd, paired, shares_runs
 from .runs import atomic_write_bytes
 
 COLUMNS = ["stage", "model", "condition", "backbone", "seed", "split", "metric", "value"]
 ACC = ("fine_acc", "coarse_acc", "fine_as_coarse_acc")
 TRAIN_KEYS = ("wall_s", "best_epoch", "epochs")  # from metrics.json, reported with split "train"
+RECORD_KEYS = ("trainable_params", "total_params")  # from config.json, split "train"
+KWTA_SPLIT = "test_kwta_"  # metrics.json test_kwta_<rule>: one model evaluated every way
 ANALYSIS_HIDDEN = {"median", "q25", "q75", "std", "n", "n_pairs", "n_used", "wall_s"}
+RISING_Z = 2.0           # still rising: the gain over the last epochs exceeds 2 noise SEs
+DEFAULT_N_VAL = 1000     # validation size assumed by records that do not hold one
 
 
 # ---------------------------------------------------------------------------------- reading
 
-def _read(path: Path) -> dict:
+def _read(path: Path, problems: list | None = None) -> dict:
+    """A JSON record, or {} when missing; a record that exists but cannot be read is noted in
+    `problems` as (path, why), so the report lists it instead of dropping it quietly."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as e:
+        if problems is not None:
+            problems.append((str(path), f"{type(e).__name__}: {e}"))
+        return {}
+    if not isinstance(d, dict):
+        if problems is not None:
+            problems.append((str(path), f"holds a {type(d).__name__}, not a mapping"))
+        return {}
+    return d
 
 
 def _seed_of(path: Path) -> int | None:
@@ -52,42 +74,106 @@ def _flat(d: dict, prefix="") -> dict:
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(_flat(v, key + "."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[key] = float(v)
-        elif isinstance(v, bool):
+        elif isinstance(v, (int, float)) and math.isfinite(v):  # bools are ints: 0.0 / 1.0
             out[key] = float(v)
     return out
 
 
-def run_rows(exp: Path) -> list[dict]:
+def still_rising(scores, n_val: int, z: float = RISING_Z) -> bool | None:
+    """Was validation accuracy still rising at the last epoch? None: too short to tell.
+
+    The gain over the last w = max(4, ceil(epochs / 4)) epochs, read off a least-squares line
+    (so one lucky epoch does not decide), against the noise of one validation accuracy on
+    n_val images, sqrt(p(1 - p) / n_val): rising when the gain exceeds z of those. A schedule
+    that decays the learning rate to zero ends on a small annealing gain even when converged;
+    that stays under the noise, a model that has not reached its plateau does not.
+    """
+    s = np.asarray(scores, dtype=float)
+    if len(s) < 4:
+        return None
+    w = max(4, math.ceil(len(s) / 4))
+    slope = np.polyfit(np.arange(w), s[-w:], 1)[0]
+    p = min(max(s[-1], 1e-3), 1 - 1e-3)
+    return bool(slope * (w - 1) > z * math.sqrt(p * (1 - p) / n_val))
+
+
+def history_rising(run: Path, heads, n_val: int) -> bool | None:
+    try:
+        h = pd.read_csv(run / "history.csv")
+        scores = h[[f"val_{x}_acc" for x in heads]].mean(axis=1)
+    except (OSError, ValueError, KeyError, pd.errors.EmptyDataError):
+        return None
+    return still_rising(scores, n_val)
+
+
+def _train_extras(run: Path, metrics: dict, rec: dict) -> dict:
+    """The run's scalars filed under split "train": budget, time, parameters, convergence."""
+    extra = {k: metrics[k] for k in TRAIN_KEYS if isinstance(metrics.get(k), (int, float))}
+    extra.update({k: rec[k] for k in RECORD_KEYS if isinstance(rec.get(k), (int, float))})
+    wd = (rec.get("hyper") or {}).get("weight_decay")
+    if isinstance(wd, (int, float)):
+        extra["weight_decay"] = wd
+    rising = history_rising(run, metrics.get("heads") or ("fine", "coarse"),
+                            rec.get("n_val") or DEFAULT_N_VAL)
+    if rising is not None:
+        extra["still_rising"] = rising
+    return extra
+
+
+def run_rows(exp: Path, problems: list | None = None) -> list[dict]:
     rows = []
     for stage, spec in plan.STAGES.items():
         for mfile in sorted((exp / stage).glob("*/seed=*/metrics.json")):
             run = mfile.parent
-            metrics, rec = _read(mfile), _read(run / "config.json")
+            seen = len(problems) if problems is not None else 0
+            metrics, rec = _read(mfile, problems), _read(run / "config.json", problems)
+            if problems is not None and len(problems) == seen and not isinstance(metrics.get("test"), dict):
+                problems.append((str(mfile), "holds no test metrics"))
+            if problems is not None and len(problems) > seen:
+                continue  # half a record would give rows without their condition or seed
+            changed = plan.changed_in(exp, rec)
+            if changed:  # built on runs retrained since: its numbers are not the study's
+                why = (f"stale, built on {', '.join(changed)} before they were retrained "
+                       f"(retrain it with --force)")
+                if problems is None:
+                    print(f"left out {run.relative_to(exp)}: {why}")
+                else:
+                    problems.append((str(mfile), why))
+                continue
             resolved = rec.get("resolved", {})
-            # a stage that fixes its backbone (ResNet-18/34) is named after it
-            base = dict(stage=stage, model=run.parent.name,
-                        condition=resolved.get("condition", "") if "condition" in spec.uses else "",
-                        backbone=resolved.get("backbone", "") if "backbone" in spec.uses else stage,
-                        seed=_seed_of(run))
-            for split in ("test", "val"):
-                for metric, value in (metrics.get(split) or {}).items():
-                    rows.append(dict(base, split=split, metric=metric, value=float(value)))
-            extra = {k: metrics[k] for k in TRAIN_KEYS if isinstance(metrics.get(k), (int, float))}
-            if "trainable_params" in rec:
-                extra["trainable_params"] = rec["trainable_params"]
-            rows += [dict(base, split="train", metric=k, value=float(v)) for k, v in extra.items()]
+            try:
+                rows += _run_rows(stage, run, metrics, rec, resolved)
+            except (TypeError, ValueError, AttributeError) as e:
+                if problems is None:
+                    raise
+                problems.append((str(mfile), f"a value that is not a number ({e})"))
     return rows
 
 
-def analysis_rows(exp: Path) -> list[dict]:
+def _run_rows(stage, run, metrics, rec, resolved) -> list[dict]:
+    """The rows of one run; a value that is not a number raises (ValueError, TypeError)."""
+    rows, spec = [], plan.STAGES[stage]
+    # a stage that fixes its backbone (ResNet-18/34) is named after it
+    base = dict(stage=stage, model=run.parent.name,
+                condition=resolved.get("condition", "") if "condition" in spec.uses else "",
+                backbone=resolved.get("backbone", "") if "backbone" in spec.uses else stage,
+                seed=_seed_of(run))
+    splits = ["test", "val", *sorted(k for k in metrics if k.startswith(KWTA_SPLIT))]
+    for split in splits:
+        for metric, value in (metrics.get(split) or {}).items():
+            rows.append(dict(base, split=split, metric=metric, value=float(value)))
+    rows += [dict(base, split="train", metric=k, value=float(v))
+             for k, v in _train_extras(run, metrics, rec).items()]
+    return rows
+
+
+def analysis_rows(exp: Path, problems: list | None = None) -> list[dict]:
     """Flat {metric: value} records of the analysis module; condition and seed from a sibling
     meta.json, else from the path analysis/<condition>/seed=<k>/metrics.json."""
     rows = []
     root = exp / "analysis"
     for mfile in sorted(root.glob("**/metrics.json")):
-        meta = _read(mfile.parent / "meta.json")
+        meta = _read(mfile.parent / "meta.json", problems)
         rel = [p for p in mfile.parent.relative_to(root).parts if not p.startswith("seed=")]
         condition = meta.get("condition") or next((p for p in rel if p in C.CONDITIONS), "")
         seed = meta.get("seed", _seed_of(mfile.parent))
@@ -95,77 +181,17 @@ def analysis_rows(exp: Path) -> list[dict]:
                                                  or "analysis"),
                     condition=condition, backbone=meta.get("backbone", ""),
                     seed=None if seed is None else int(seed))
-        for metric, value in _flat(_read(mfile)).items():
+        for metric, value in _flat(_read(mfile, problems)).items():
             rows.append(dict(base, split=meta.get("split", "test"), metric=metric, value=value))
     return rows
 
 
-def collect(experiment_dir) -> pd.DataFrame:
+def collect(experiment_dir, problems: list | None = None) -> pd.DataFrame:
+    """Every row of every readable record; pass a list as `problems` to get the unreadable ones."""
     exp = Path(experiment_dir)
-    df = pd.DataFrame(run_rows(exp) + analysis_rows(exp), columns=COLUMNS)
+    df = pd.DataFrame(run_rows(exp, problems) + analysis_rows(exp, problems), columns=COLUMNS)
     df["seed"] = df["seed"].astype("Int64")
     return df
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t (p > 0.5), by bisection on its CDF (Simpson's rule); no SciPy."""
-    if df <= 0:
-        raise ValueError(f"degrees of freedom must be positive, got {df}")
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    pdf = lambda t: c * (1 + t * t / df) ** (-(df + 1) / 2)  # noqa: E731
-
-    def cdf(x, n=2000):
-        h = x / n
-        s = pdf(0) + pdf(x) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, n))
-        return 0.5 + s * h / 3
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def mean_sd(values) -> tuple[float, float, int]:
-    s = pd.Series(values, dtype=float).dropna()
-    return float(s.mean()), (float(s.std(ddof=1)) if len(s) > 1 else float("nan")), len(s)
-
-
-def difference(a: dict, b: dict, level=0.95) -> dict:
-    """Difference of means a - b with a `level` CI over seeds.
-
-    Paired (t-interval of the per-seed differences) when both cover the same seeds, else
-    Welch's interval. a and b map seed -> value.
-    """
-    paired = sorted(a) == sorted(b)
-    out = dict(diff=float("nan"), lo=float("nan"), hi=float("nan"),
-               method="paired" if paired else "Welch", n_a=len(a), n_b=len(b))
-    q = 1 - (1 - level) / 2
-    if paired:
-        d = [a[s] - b[s] for s in sorted(a)]
-        m, sd, n = mean_sd(d)
-        out["diff"] = m
-        if n >= 2:
-            half = t_quantile(q, n - 1) * sd / math.sqrt(n)
-            out.update(lo=m - half, hi=m + half)
-        return out
-    ma, sa, na = mean_sd(list(a.values()))
-    mb, sb, nb = mean_sd(list(b.values()))
-    out["diff"] = ma - mb
-    if na >= 2 and nb >= 2:
-        va, vb = sa ** 2 / na, sb ** 2 / nb
-        se = math.sqrt(va + vb)
-        if se == 0:
-            out.update(lo=ma - mb, hi=ma - mb)
-        else:
-            dof = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
-            half = t_quantile(q, dof) * se
-            out.update(lo=ma - mb - half, hi=ma - mb + half)
-    return out
 
 
 # ------------------------------------------------------------------------------- summaries
@@ -177,36 +203,71 @@ def model_key(stage: str, model: str) -> str:
     return stage if model == stage else f"{stage}/{model}"
 
 
+def _keyed(df: pd.DataFrame) -> pd.DataFrame:
+    df = df[df.stage != "analysis"].copy()
+    df["key"] = [model_key(s, m) for s, m in zip(df.stage, df.model)]
+    return df
+
+
 def per_seed(df: pd.DataFrame, split="test") -> dict:
     """{model key: {metric: {seed: value}}} of the accuracies; the unilateral pool members are
     averaged per seed (each seed's pool is one unilateral result)."""
-    acc = df[(df.stage != "analysis") & (df.split == split) & df.metric.isin(ACC)].copy()
-    acc["key"] = [model_key(s, m) for s, m in zip(acc.stage, acc.model)]
+    acc = _keyed(df[(df.split == split) & df.metric.isin(ACC)])
     out = {}
     for (key, metric, seed), v in acc.groupby(["key", "metric", "seed"], sort=False).value:
         out.setdefault(key, {}).setdefault(metric, {})[int(seed)] = float(v.mean())
     return out
 
 
-def _order(keys, df):
+def _order(keys):
     stage_rank = {s: i for i, s in enumerate(C.STAGES)}
     return sorted(keys, key=lambda k: (stage_rank.get(k.split("/")[0], 99), k))
 
 
+def _span(values) -> str:
+    v = sorted({int(x) for x in values})
+    return "—" if not v else str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"
+
+
+def decay_source(key: str) -> str:
+    """The model whose training set the weight decay that matters for `key`: a bilateral
+    model's capacity is in its hemispheres, an ensemble's in its unilateral members."""
+    stage, _, name = key.partition("/")
+    if stage == "bilateral":
+        return f"hemisphere/{name}-left"
+    if stage == "ensemble":
+        return f"unilateral/{name.rsplit('-k', 1)[0]}"
+    return key
+
+
+def run_facts(df: pd.DataFrame) -> dict:
+    """{model key: facts of its runs}: parameters, epochs, still-rising count, weight decay."""
+    tr = _keyed(df[df.split == "train"])
+    out = {}
+    for key, g in tr.groupby("key"):
+        val = lambda m: g[g.metric == m].value  # noqa: E731
+        rising = val("still_rising")
+        out[key] = dict(
+            trainable_params=int(val("trainable_params").iloc[0]) if len(val("trainable_params")) else None,
+            total_params=int(val("total_params").iloc[0]) if len(val("total_params")) else None,
+            epochs=_span(val("epochs")), rising=int(rising.sum()), judged=len(rising),
+            weight_decay=sorted(set(val("weight_decay"))))
+    return out
+
+
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per model: mean, sample SD and n of each test accuracy, and trainable params."""
-    vals = per_seed(df)
-    params = df[(df.split == "train") & (df.metric == "trainable_params")].copy()
-    params["key"] = [model_key(s, m) for s, m in zip(params.stage, params.model)]
+    """One row per model: mean, sample SD and n of each test accuracy, and its run facts."""
+    vals, facts = per_seed(df), run_facts(df)
     rows = []
-    for key in _order(vals, df):
-        stage = key.split("/")[0]
-        row = dict(model=key, stage=stage)
+    for key in _order(vals):
+        row = dict(model=key, stage=key.split("/")[0])
         for metric in ACC:
             m, sd, n = mean_sd(list(vals[key].get(metric, {}).values()))
             row.update({f"{metric}_mean": m, f"{metric}_sd": sd, f"{metric}_n": n})
-        p = params[params.key == key].value
-        row["trainable_params"] = int(p.iloc[0]) if len(p) else None
+        f = facts.get(key, {})
+        row.update({k: f.get(k) for k in ("trainable_params", "total_params", "epochs")},
+                   rising=f.get("rising", 0), judged=f.get("judged", 0),
+                   weight_decay=facts.get(decay_source(key), {}).get("weight_decay", []))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -223,134 +284,152 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     if ref is None:
         return pd.DataFrame(rows)
-    for key in _order(vals, df):
+    for key in _order(vals):
         if key == ref:
             continue
         row = dict(reference=ref, model=key)
         for metric in ("fine_acc", "coarse_acc"):
             a, b = vals[ref].get(metric, {}), vals[key].get(metric, {})
-            d = difference(a, b) if a and b else dict(diff=float("nan"), lo=float("nan"),
-                                                      hi=float("nan"), method="", n_a=len(a), n_b=len(b))
+            d = (difference(a, b, shares_runs(ref, key)) if a and b else
+                 dict(diff=float("nan"), lo=float("nan"), hi=float("nan"), method="",
+                      n_a=len(a), n_b=len(b)))
             row.update({f"{metric}_{k}": v for k, v in d.items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------------- writing
-
-def _pct(x):
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
-
-
-def _cell(row, metric):
-    n = row[f"{metric}_n"]
-    if not n:
-        return "—"
-    sd = row[f"{metric}_sd"]
-    return f"{_pct(row[f'{metric}_mean'])} ± {_pct(sd) if n > 1 else 'n/a'} ({n})"
-
-
-def _ci_cell(row, metric):
-    d = row[f"{metric}_diff"]
-    if isinstance(d, float) and math.isnan(d):
-        return "—"
-    sign = lambda x: f"{round(100 * x, 1) + 0.0:+.1f}"  # noqa: E731 (+ 0.0: no "-0.0")
-    lo, hi = row[f"{metric}_lo"], row[f"{metric}_hi"]
-    if math.isnan(lo):
-        return f"{sign(d)} [n/a (1 seed)]"
-    return f"{sign(d)} [{sign(lo)}, {sign(hi)}] ({row[f'{metric}_method']})"
+def kwta_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Every model evaluated under each k-WTA rule, and the tracked threshold minus the
+    per-map rule (paired: the same trained runs evaluated two ways)."""
+    rules = sorted(s[len(KWTA_SPLIT):] for s in df.split.unique() if str(s).startswith(KWTA_SPLIT))
+    by_rule = {r: per_seed(df, KWTA_SPLIT + r) for r in rules}
+    rows = []
+    for key in _order(by_rule.get("threshold", {})):
+        for metric in ("fine_acc", "coarse_acc"):
+            got = {r: by_rule[r].get(key, {}).get(metric) for r in rules}
+            if not got.get("threshold"):
+                continue
+            row = dict(model=key, metric=metric)
+            row.update({r: mean_sd(list(v.values())) for r, v in got.items() if v})
+            if got.get("map_only"):
+                row["threshold_minus_map_only"] = paired(got["threshold"], got["map_only"])
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
-def _md_table(header, rows) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
+# ------------------------------------------------------------------ what results.md shows
 
-
-def _describe(exp: Path, df: pd.DataFrame) -> list[str]:
+def describe(exp: Path, df: pd.DataFrame) -> dict:
+    """The experiment's name, data, recipe and seeds, from its first run record."""
     recs = [_read(p) for p in sorted(exp.glob("*/*/seed=*/config.json"))[:1]]
     res = recs[0].get("resolved", {}) if recs else {}
-    seeds = sorted({int(s) for s in df.seed.dropna()})
-    lines = [f"# Results: {exp.name}", ""]
-    if res:
-        data = res.get("dataset")
-        lines.append(f"Data: **{data}**" + (
-            " (synthetic images: these numbers check the code, they say nothing about the study)"
-            if data == "synthetic" else "") +
-            f"; recipe {res.get('recipe')}, epochs {res.get('epochs')}, width {res.get('width')}, "
-            f"backbone {res.get('backbone')}.")
-    lines += [f"Seeds: {', '.join(map(str, seeds))}. Rebuild with "
-              f"`python -m bilateral report {exp}`.", ""]
-    return lines
+    return dict(name=exp.name, path=str(exp), seeds=sorted({int(s) for s in df.seed.dropna()}),
+                **{k: res.get(k) for k in ("dataset", "recipe", "width", "backbone")})
 
 
-def markdown(exp: Path, df: pd.DataFrame) -> str:
-    summ, comp = summary_table(df), comparison_table(df)
-    lines = _describe(exp, df)
-    lines += ["## Test accuracy per model", "",
-              "Accuracy in % as mean ± sample standard deviation (n-1 denominator) over seeds, "
-              "with the number of seeds in brackets. `fine→coarse` is the fine prediction mapped "
-              "to its superclass. The unilateral row averages each seed's pool members first. "
-              "Trainable parameters are those the run itself trained: the specialised bilateral "
-              "model trains only its two heads on frozen hemispheres (trained in their own runs).",
-              ""]
-    rows = [[r["model"], _cell(r, "fine_acc"), _cell(r, "coarse_acc"),
-             _cell(r, "fine_as_coarse_acc"),
-             "—" if pd.isna(r["trainable_params"]) else f"{int(r['trainable_params']):,}"]
-            for _, r in summ.iterrows()]
-    lines += _md_table(["model", "fine", "coarse", "fine→coarse", "trainable params"], rows)
-    if len(comp):
-        ref = comp.reference.iloc[0]
-        lines += ["", f"## {ref} against every other model", "",
-                  f"Difference of mean test accuracy ({ref} minus the model), percentage points, "
-                  "with a 95% confidence interval over seeds: a t-interval of the per-seed "
-                  "differences when both cover the same seeds (paired), else Welch's interval. "
-                  "One seed gives no interval.", ""]
-        rows = [[r["model"], _ci_cell(r, "fine_acc"), _ci_cell(r, "coarse_acc")]
-                for _, r in comp.iterrows()]
-        lines += _md_table(["model", "Δ fine [95% CI]", "Δ coarse [95% CI]"], rows)
+def analysis_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± SD (n) of every analysis metric (rows) per condition (columns), as text."""
     an = df[df.stage == "analysis"]
-    if len(an):
-        last = an.metric.str.rsplit(".", n=1).str[-1]
-        shown = an[~last.isin(ANALYSIS_HIDDEN)]
-        conds = sorted(shown.condition.unique())
-        lines += ["", "## Analyses", "",
-                  f"Mean ± sample standard deviation over seeds (n) of the analysis records "
-                  f"(`bilateral.analysis`); spreads, quantiles and counts are left out here: "
-                  f"results.csv holds all {an.metric.nunique()} metrics (stage `analysis`).", ""]
-        cells = {}
-        for (metric, cond), g in shown.groupby(["metric", "condition"]):
-            m, sd, n = mean_sd(g.value)
-            cells.setdefault(metric, {})[cond] = f"{m:.4g} ± {'n/a' if n < 2 else f'{sd:.2g}'} ({n})"
-        rows = [[metric, *(cells[metric].get(c, "—") for c in conds)] for metric in sorted(cells)]
-        lines += _md_table(["metric", *(f"condition {c}" if c else "—" for c in conds)], rows)
-    return "\n".join(lines) + "\n"
+    last = an.metric.str.rsplit(".", n=1).str[-1]
+    cells = {}
+    for (metric, cond), g in an[~last.isin(ANALYSIS_HIDDEN)].groupby(["metric", "condition"]):
+        m, sd, n = mean_sd(g.value)
+        cells.setdefault(cond, {})[metric] = f"{m:.4g} ± {'n/a' if n < 2 else f'{sd:.2g}'} ({n})"
+    out = pd.DataFrame(cells).sort_index()
+    return out[sorted(out.columns)].fillna("—").rename_axis("metric")
+
+
+def unreadable_lines(problems) -> list[str]:
+    if not problems:
+        return []
+    return ["## Records that could not be read", "",
+            f"{len(problems)} record(s) could not be read and are left out of every table below; "
+            "rebuild each run with its train command and `--force`.", "",
+            *(f"- `{path}`: {why}" for path, why in problems), ""]
+
+
+def markdown(exp: Path, df: pd.DataFrame, problems=()) -> str:
+    an = df[df.stage == "analysis"]
+    text = results_md.markdown(
+        describe(exp, df), summary_table(df), comparison_table(df), kwta_table(df),
+        analysis_table(df) if len(an) else None, n_analysis=an.metric.nunique(),
+        forest=(exp / results_md.FOREST).exists(), rising_z=RISING_Z)
+    from .callosum_study import markdown_section  # late: callosum_study builds on this module
+    text += "".join(f"{line}\n" for line in markdown_section(df))
+    if not problems:
+        return text
+    title, rest = text.split("\n", 1)  # the unreadable records come right under the title
+    return "\n".join([title, "", *unreadable_lines(problems)]) + rest
 
 
 def report(experiment_dir) -> dict:
-    """Rebuild results.csv and results.md of an experiment; return the tables."""
+    """Rebuild results.csv, the forest plot and results.md of an experiment; return the tables."""
     exp = Path(experiment_dir)
     if not exp.is_dir():
         raise FileNotFoundError(f"no experiment folder {exp}")
-    df = collect(exp)
+    problems = []
+    df = collect(exp, problems)
     if df.empty:
+        from .runs import RecordError
+        if problems:
+            raise RecordError(f"none of the records under {exp} could be read: " + "; ".join(
+                f"{p} ({why})" for p, why in problems) + "; rebuild the runs with --force")
         raise FileNotFoundError(f"no finished runs under {exp} (looked for "
                                 f"<stage>/<name>/seed=<k>/metrics.json)")
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     atomic_write_bytes(exp / "results.csv", buf.getvalue().encode())
-    atomic_write_bytes(exp / "results.md", markdown(exp, df).encode())
-    print(f"wrote {exp / 'results.csv'} ({len(df)} rows) and {exp / 'results.md'}")
-    return dict(rows=df, summary=summary_table(df), comparison=comparison_table(df),
-                csv=exp / "results.csv", md=exp / "results.md")
+    comp = comparison_table(df)
+    forest = results_md.save_forest(exp, comp)
+    if forest is None:
+        (exp / results_md.FOREST).unlink(missing_ok=True)  # no stale figure from an earlier report
+    atomic_write_bytes(exp / "results.md", markdown(exp, df, problems).encode())
+    for path, why in problems:
+        print(f"could not read {path}: {why}; left out of the results")
+    print(f"wrote {exp / 'results.csv'} ({len(df)} rows), {exp / 'results.md'}"
+          + (f" and {forest}" if forest else "")
+          + (f"; {len(problems)} unreadable record(s) listed there" if problems else ""))
+    return dict(rows=df, summary=summary_table(df), comparison=comp, kwta=kwta_table(df),
+                csv=exp / "results.csv", md=exp / "results.md", forest=forest,
+                unreadable=problems)
+
+
+def grid_report(points, out_dir) -> pd.DataFrame:
+    """One table across the points of a grid (bilateral.sweep --grid): every experiment's
+    summary table (report() is rebuilt first) with a column per grid key, as results.csv and
+    results.md in out_dir. points: [(experiment dir, {grid key: value})]."""
+    frames = []
+    for exp, point in points:
+        t = summary_table(report(exp)["rows"])
+        for i, (k, v) in enumerate(point.items()):
+            t.insert(i, k, ",".join(map(str, v)) if isinstance(v, list) else v)
+        frames.append(t)
+    df = pd.concat(frames, ignore_index=True)
+    out = Path(out_dir)
+    keys = list(points[0][1])
+    md = results_md.grid_markdown(df, keys)
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "results.md", md.encode())
+    print(f"wrote {out / 'results.csv'} and {out / 'results.md'} ({len(points)} grid points)")
+    return df
 
 
 def trainable_params(experiment_dir, seed=None) -> pd.DataFrame:
-    """Trainable parameters each run recorded in its config.json (at the experiment's width)."""
+    """Trainable and total parameters each run recorded in its config.json (at the
+    experiment's width)."""
     df = collect(experiment_dir)
-    df = df[(df.split == "train") & (df.metric == "trainable_params")]
+    df = df[(df.split == "train") & df.metric.isin(RECORD_KEYS)]
     if seed is not None:
         df = df[df.seed == seed]
-    out = df[["stage", "model", "condition", "seed", "value"]].rename(
-        columns={"value": "trainable_params"})
-    out["trainable_params"] = out["trainable_params"].astype(int)
-    return out.reset_index(drop=True)
+    out = df.pivot_table(index=["stage", "model", "condition", "seed"], columns="metric",
+                         values="value", aggfunc="first").reset_index()
+    out.columns.name = None
+    for k in RECORD_KEYS:
+        if k in out:
+            out[k] = out[k].astype("Int64")
+    rank = {s: i for i, s in enumerate(C.STAGES)}
+    out = out.sort_values(["stage", "model", "seed"], key=lambda c: c.map(rank) if c.name == "stage" else c)
+    return out[[c for c in out if c not in RECORD_KEYS] + [k for k in RECORD_KEYS if k in out]] \
+        .reset_index(drop=True)

@@ -1,20 +1,22 @@
 """Every stage of the study as one function call: `run_stage(stage, cfg, seed)`.
 
-A stage builds its model from the config, trains it with `train.fit` and records the run under
-outputs/<experiment>/<stage>/<name>/seed=<k>/. The bilateral stage and the ensembles read the
-runs they build on from those records, so the stages can run in separate processes.
+What each stage is (its fields, name, heads, builder, upstream runs) is declared in plan.py;
+this module builds the models and trains. A stage trains its model with `train.fit` and records
+the run under outputs/<experiment>/<stage>/<name>/seed=<k>/, with the sha256 of every upstream
+model.pt it was built on. The bilateral stage and the ensembles read the runs they build on from
+those records, so the stages can run in separate processes.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import time
-import zlib
 
 import torch
 
 from . import config as C
 from . import data, models, plan, runs, train
+from .seeds import derive_seed
 
 
 # ---------------------------------------------------------------------------- configs and names
@@ -31,11 +33,7 @@ def run_name(stage: str, cfg: C.Config) -> str:
 def run_seed(stage: str, name: str, seed: int) -> int:
     """A distinct, stable torch seed per run: pool members and the two hemispheres of a seed
     must not start from the same weights by accident."""
-    return zlib.crc32(f"{stage}/{name}/{seed}".encode())
-
-
-def train_command(stage, cfg, seed, params="params/<preset>.yaml") -> str:
-    return plan.Run(stage, cfg, seed).command(params)
+    return derive_seed(seed, "run", stage, name)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -76,7 +74,7 @@ def hemisphere_arch(cfg: C.Config, side: str) -> tuple[str, bool]:
 
 def hemisphere_backbone(cfg: C.Config, side: str) -> torch.nn.Module:
     name, kwta = hemisphere_arch(cfg, side)
-    kw = dict(k=cfg.kwta_k, k_batch=cfg.kwta_k_batch, kwta_eval_batch=cfg.kwta_eval_batch) if kwta else {}
+    kw = dict(k=cfg.kwta_k, k_batch=cfg.kwta_k_batch, kwta_eval=cfg.kwta_eval) if kwta else {}
     return models.build_backbone(name, cfg.width, bn_momentum=cfg.bn_momentum, **kw)
 
 
@@ -123,22 +121,26 @@ def load_bilateral(cfg, seed, hier):
 
 # --------------------------------------------------------------------------------- running
 
-def heads_of(stage, cfg):
-    return plan.spec(stage).heads(cfg)
-
-
 def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=print) -> dict:
     """Train (or, if already finished with the same config, just read) one run; return its
     metrics. A run whose upstream runs were retrained since it was built is refused (stale),
-    unless `force`, which retrains it."""
+    unless `force`, which retrains it. Bad data stops before the run folder is claimed; a second
+    process asking for a run in progress refuses (runs.RunLocked)."""
     run = plan.Run(stage, C.validate(cfg), seed)
+    data.check_splits(load_splits(run.cfg))  # bad data stops before the run folder is claimed
+    C.check_device(run.cfg.device)
+    with runs.claim(run.path):
+        return _run_claimed(run, force, log)
+
+
+def _run_claimed(run, force, log):
     cfg, name, path = run.cfg, run.name, run.path
-    tag = f"[{stage} {name} seed={seed}]"
-    changed = run.changed_upstream()
-    if changed and not force:
+    tag = f"[{run.stage} {name} seed={run.seed}]"
+    status = runs.prepare(path, C.identity(cfg), force, rebuild=run.command())  # checks the records
+    changed = run.changed_upstream() if status != "new" else []  # force has cleared a stale run
+    if changed:
         raise runs.RunConflict(f"{run.key} is stale: it was built on {', '.join(changed)}, "
                                f"retrained or removed since; use --force to retrain it")
-    status = runs.prepare(path, C.identity(cfg), force)
     if status == "done":
         log(f"{tag} already finished with the same config: {path}")
         return runs.read_json(path / "metrics.json")
@@ -149,8 +151,7 @@ def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=pri
     say = lambda m: log(f"{tag} {m}")  # noqa: E731
     metrics = _train(run, device, say) if run.spec.build else _ensemble(run, device, say)
     metrics["wall_s"] = time.perf_counter() - t0
-    runs.write_json(path / "metrics.json", metrics)
-    (path / "checkpoint.pt").unlink(missing_ok=True)
+    runs.finish(path, metrics)
     log(f"{tag} done in {metrics['wall_s']:.0f}s: " + ", ".join(
         f"test {k} {v:.2%}" for k, v in metrics["test"].items()))
     return metrics
@@ -172,7 +173,8 @@ def _train(run, device, log):
     heads = run.heads
     heads_only = run.spec.heads_only
     cached = heads_only and not cfg.head_augment
-    augment = cfg.head_augment if heads_only else cfg.augment
+    # head_augment: the stages built on frozen hemispheres (bilateral, callosal)
+    augment = cfg.head_augment if "head_augment" in run.spec.uses else cfg.augment
     train_dl, val_dl, test_dl, hier = loaders(cfg, device, hp.batch_size, rseed, augment)
     model = run.spec.build(cfg, hier, seed).to(device)
     if device.type == "cuda" and cfg.channels_last:
@@ -185,8 +187,8 @@ def _train(run, device, log):
         forward = torch.compile(forward)
     _record(run, device, {
         "name": run.name, "run_seed": rseed, "hyper": dataclasses.asdict(hp),
-        "trainable_params": models.count_trainable(model), "cached_features": cached,
-        "n_train": train_dl.n})
+        "trainable_params": models.count_trainable(model), "total_params": models.count_total(model),
+        "cached_features": cached, "n_train": train_dl.n, "n_val": val_dl.n})
     history, best = train.fit(
         model, forward, train_dl, val_dl, heads=heads, hp=hp, device=device,
         fine_to_coarse=hier.fine_to_coarse, ckpt_path=path / "checkpoint.pt", amp=cfg.amp,
@@ -200,10 +202,27 @@ def _train(run, device, log):
     if cfg.report_epoch == "last":
         model.load_state_dict(last_state)
     runs.save_torch(path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+    # not the bilateral heads: they were trained on features made under one rule (and cached)
+    kwta = kwta_test_metrics(model, ev, test_dl) if stage != "bilateral" else {}
     return {"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
             "test_best": out["test_best"], "val": out["val"][cfg.report_epoch], "val_all": out["val"],
             "best_epoch": best["epoch"], "epochs": hp.epochs, "report": cfg.report_epoch,
-            "heads": list(heads)}
+            "heads": list(heads), **kwta}
+
+
+def kwta_test_metrics(model, ev, test_dl) -> dict:
+    """The reported model's test metrics under every k-WTA evaluation rule (conditions C, D):
+    the rule changes evaluation only, so one trained run shows them all side by side
+    ({"test_kwta_threshold": {...}, "test_kwta_map_only": ..., "test_kwta_batch": ...})."""
+    own = models.set_kwta_eval(model, "threshold")
+    if own is None:
+        return {}
+    out = {}
+    for rule in models.KWTA.EVAL_RULES:
+        models.set_kwta_eval(model, rule)
+        out[f"test_kwta_{rule}"] = ev(test_dl)
+    models.set_kwta_eval(model, own)
+    return out
 
 
 def bilateral_forward(model, train_dl, val_dl, test_dl, cached, hp, seed, device, amp):
@@ -257,7 +276,8 @@ def _ensemble(run, device, log):
                for m in chosen]
     model = models.Ensemble(members).to(device).eval()
     _record(run, device, extra={"name": run.name, "members": chosen,
-                                "trainable_params": models.count_trainable(model)})
+                                "trainable_params": models.count_trainable(model),
+                                "total_params": models.count_total(model)})
     f2c = hier.fine_to_coarse
     val = train.evaluate(model, val_dl, device, f2c, cfg.amp)
     test = train.evaluate(model, test_dl, device, f2c, cfg.amp)

@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from . import packed, runs
+from .seeds import derive_seed
 
-# weight_decay is (hemispheres, everything else): the original regularised hemispheres harder.
+# weight_decay is (recipe group "hemisphere", everything else; see plan.Stage.recipe): the
+# original regularised hemispheres harder.
 RECIPES = {
     "original": dict(optimizer="adam", lr=1e-4, batch_size=256, epochs=180,
                      weight_decay=(1e-3, 1e-5), label_smoothing=0.0, schedule="constant"),
@@ -36,8 +38,11 @@ class Hyper:
 def hyper(cfg, stage: str) -> Hyper:
     r = dict(RECIPES[cfg.recipe])
     from .plan import spec  # the stage's recipe group; a late import: plan builds on this module
-    r["weight_decay"] = r["weight_decay"][0 if spec(stage).recipe == "hemisphere" else 1]
-    for key in ("lr", "batch_size", "epochs", "weight_decay", "label_smoothing"):
+    # weight_decay_equal: the ablation that gives every stage the hemispheres' value
+    group = 0 if spec(stage).recipe == "hemisphere" or cfg.weight_decay_equal else 1
+    r["weight_decay"] = r["weight_decay"][group]
+    r["epochs"] = cfg.stage_epochs.get(stage, cfg.epochs or r["epochs"])
+    for key in ("lr", "batch_size", "weight_decay", "label_smoothing"):
         if getattr(cfg, key) is not None:
             r[key] = getattr(cfg, key)
     return Hyper(**r)
@@ -53,10 +58,16 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
 
 
 def make_optimizer(params, hp: Hyper):
-    params = [p for p in params if p.requires_grad]
+    """params: parameters, or param groups (dicts) whose `lr_scale` multiplies the lr."""
+    groups = list(params)
+    if not groups or not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad],
+               "lr_scale": g.get("lr_scale", 1.0)} for g in groups]
+    groups = [dict(g, lr=hp.lr * g["lr_scale"]) for g in groups if g["params"]]
     if hp.optimizer == "adam":
-        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-    return torch.optim.SGD(params, lr=hp.lr, momentum=0.9, nesterov=True,
+        return torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+    return torch.optim.SGD(groups, lr=hp.lr, momentum=0.9, nesterov=True,
                            weight_decay=hp.weight_decay)
 
 
@@ -105,7 +116,7 @@ class FeatureLoader:
     def __iter__(self):
         n = len(self.x)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "feature loader", self.epoch))
             order = torch.randperm(n, generator=g).to(self.x.device)
         else:
             order = torch.arange(n, device=self.x.device)
@@ -132,7 +143,7 @@ def train_step(forward, batch, opt, scaler, ctx, *, heads, label_smoothing, lr):
     """The one training step of every run, packed or not, and of the benchmark. Returns the
     members' losses, detached (no device sync here)."""
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     with ctx:
         losses = member_losses(forward(batch["x"]), batch, heads, label_smoothing)
     opt.zero_grad(set_to_none=True)
@@ -206,7 +217,7 @@ def fit(model, forward, train_loader, val_loader, *, heads, hp: Hyper, device, f
     """
     members = getattr(model, "n_members", None)
     paths = list(ckpt_path) if members else [ckpt_path]
-    opt = make_optimizer(model.parameters(), hp)
+    opt = make_optimizer(getattr(model, "param_groups", model.parameters)(), hp)
     ctx, _ = autocast(device, amp)
     scaler = grad_scaler(device, amp)
     start, histories, bests = _resume(model, opt, scaler, paths, device, log)

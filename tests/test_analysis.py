@@ -1,14 +1,18 @@
-"""Analyses: the pieces on hand-made inputs, and run_analyses end to end on a tiny study."""
+"""Analyses: the measures on hand-made inputs with known answers, the one-pass computations
+against the per-model ones they replace, and run_analyses end to end on a tiny study."""
 import dataclasses
 import json
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from bilateral import analysis, cam, models, stages
+from bilateral import analysis, cam, figures, plan, stages, train
 from bilateral import config as C
+from bilateral.analysis import measures as M
 
 
 def tiny(tmp, **kw):
@@ -32,13 +36,22 @@ def study(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
+CAPS = dict(cam_images=40, cam_per_scenario=2, probe_iters=50, plot_pairs=300)
+
+
 @pytest.fixture(scope="module")
 def analysed(study):
     lines = []
-    res = analysis.run_analyses(study, 0, show=False, log=lines.append, cam_images=40,
-                                cam_per_scenario=2, probe_iters=50)
+    res = analysis.run_analyses(study, 0, show=False, log=lines.append, **CAPS)
     return study, res, lines
 
+
+@pytest.fixture(scope="module")
+def loaded(study):
+    return analysis.load(study, 0, "B", **CAPS)
+
+
+# ------------------------------------------------------------------------------ end to end
 
 def test_run_analyses_writes_metrics_and_figures(analysed):
     cfg, res, lines = analysed
@@ -55,22 +68,27 @@ def test_run_analyses_writes_metrics_and_figures(analysed):
                     "similarity.all.median_bilateral",
                     "attribution.bilateral.fine.left_share.mean",
                     "attribution.bilateral.coarse.right_share.mean",
+                    "attribution.bilateral.fine.left_contrib.mean",
+                    "attribution.bilateral.fine.right_contrib.mean",
+                    "attribution.bilateral.fine.uncentred.left_share.mean",
                     "probe.left.fine", "probe.right.fine", "probe.left.coarse", "probe.right.coarse",
                     "probe.differential_specialisation", "probe.n_train", "wall_s",
+                    "probe_eqdim.left.fine", "probe_eqdim.differential_specialisation",
                     *[f"scenario.{s}.n_images" for s in analysis.SCENARIOS]}
         assert expected <= set(m), expected - set(m)
         assert sum(m[f"scenario.{s}.n_images"] for s in analysis.SCENARIOS) == 75  # 300 // 4
         assert m["cam.n_images"] == 40
-        for k in ("probe.left.fine", "probe.right.coarse"):
+        for k in ("probe.left.fine", "probe.right.coarse", "probe_eqdim.left.coarse"):
             assert 0 <= m[k] <= 1
         for f in ("scenarios.csv", "cam_localisation.csv", "cam_localisation.png",
-                  "gradcam_overview.png", "similarity_joint.png", "similarity_medians.csv",
-                  "attribution.csv", "attribution.png", "probes.csv"):
+                  "gradcam_overview.png", "similarity_joint.png", "similarity_scenarios.png",
+                  "similarity_medians.csv", "attribution.csv", "attribution.png", "probes.csv"):
             assert (folder / f).stat().st_size > 0, f
         assert list((folder / "gradcam").glob("L*-F*.png"))
     m = json.loads((analysis.out_dir(cfg, "A", 0) / "metrics.json").read_text())
     assert "attribution.bilateral_unspecialised.fine.left_share.mean" in m  # only A has one
     assert "probe_unspecialised.differential_specialisation" in m
+    assert "probe_unspecialised_eqdim.differential_specialisation" in m
     mb = json.loads((analysis.out_dir(cfg, "B", 0) / "metrics.json").read_text())
     assert not any(k.startswith("attribution.bilateral_unspecialised") for k in mb)
 
@@ -80,6 +98,18 @@ def test_missing_runs_are_skipped(study):
     cfg = dataclasses.replace(study, conditions=["C"])
     assert analysis.run_analyses(cfg, 0, show=False, log=lines.append) == {}
     assert "skipped" in lines[0]
+    assert analysis.ready(study, 0) == ["A", "B"]
+    with pytest.raises(FileNotFoundError, match="resnet9-C-left.*missing; make it with"):
+        analysis.load(study, 0, "C")
+
+
+def test_analysis_parameters_are_checked_before_any_work(study):
+    with pytest.raises(TypeError, match="cam_imgs.*allowed: cam_images"):
+        analysis.load(study, 0, "A", cam_imgs=3)
+    with pytest.raises(ValueError, match="max_pairs"):
+        analysis.load(study, 0, "A", max_pairs=0)
+    with pytest.raises(ValueError, match="cam_frac"):
+        analysis.load(study, 0, "A", cam_frac=2)
 
 
 def test_compare_tabulates_seeds(analysed):
@@ -88,7 +118,10 @@ def test_compare_tabulates_seeds(analysed):
     assert t.loc["probe.differential_specialisation", ("count", "A")] == 1
 
 
-def _models(cfg):
+# ------------------------------------------------------ one pass against the passes it replaces
+
+def _models(cfg, cond="A"):
+    cfg = dataclasses.replace(cfg, condition=cond)
     hier = stages.load_splits(cfg)[0].hierarchy
     left = stages.load_run_model("hemisphere", dataclasses.replace(cfg, side="left"), 0, hier)
     right = stages.load_run_model("hemisphere", dataclasses.replace(cfg, side="right"), 0, hier)
@@ -96,33 +129,94 @@ def _models(cfg):
     return left, right, bil
 
 
-def test_gradcam_maps_have_image_shape_and_unit_range(study):
-    left, right, bil = _models(study)
+def test_batched_gradcam_equals_the_library_kind_by_kind(study):
+    """cam_maps (one forward, one backward per target, both hemispheres at once) against the
+    grad-cam library's GradCAM called once per kind and hemisphere, as before."""
+    left, right, bil = _models(study, "B")
     test = stages.load_splits(study)[2]
-    idx = torch.arange(6)
-    x = analysis._normalised(test, idx, "cpu")
-    out = analysis._collect(analysis._bilateral_outputs(bil, left.heads["fine"], right.heads["coarse"]),
-                            analysis._loader(analysis._subset(test, idx), "cpu", 64), "cpu", False)
-    maps = analysis.cam_maps(left, right, bil, x, out, torch.arange(6), batch_size=4)
-    assert set(maps) == set(analysis.CAM_KINDS)
-    for k, m in maps.items():
-        assert m.shape == (6, 32, 32), k
-        assert m.min() >= 0 and m.max() <= 1 + 1e-6, k
+    x = analysis.condition.normalised(test, torch.arange(10), "cpu")
+    with torch.no_grad():
+        lo, ro, bo = left(x), right(x), bil(x)
+    pred = {"left": lo["fine"].argmax(1), "right": ro["coarse"].argmax(1),
+            "fine": bo["fine"].argmax(1), "coarse": bo["coarse"].argmax(1)}
+    maps = cam.cam_maps(bil, left.heads["fine"], right.heads["coarse"], x, pred, batch_size=4)
+    assert set(maps) == set(cam.CAM_KINDS)
+    ref = {"left_hemisphere": cam.gradcam(left, cam.target_layers(left.backbone), x, ["fine"],
+                                          pred["left"][:, None], 4),
+           "right_hemisphere": cam.gradcam(right, cam.target_layers(right.backbone), x, ["coarse"],
+                                           pred["right"][:, None], 4)}
+    targets = {"fine": (["fine"], pred["fine"][:, None]), "coarse": (["coarse"], pred["coarse"][:, None]),
+               "both": (["fine", "coarse"], torch.stack([pred["fine"], pred["coarse"]], 1))}
+    for t, (heads, cls) in targets.items():
+        for side in ("left", "right"):
+            ref[f"bilateral_{t}.{side}"] = cam.gradcam(bil, cam.target_layers(getattr(bil, side)), x,
+                                                       heads, cls, 4)
+        ref[f"bilateral_{t}"] = cam.combine(ref[f"bilateral_{t}.left"], ref[f"bilateral_{t}.right"])
+    for k in cam.CAM_KINDS:
+        assert maps[k].shape == (10, 32, 32), k
+        assert maps[k].min() >= 0 and maps[k].max() <= 1 + 1e-6, k
+        np.testing.assert_allclose(maps[k], ref[k], atol=1e-6, err_msg=k)
     # the frozen hemispheres stay frozen and collect no gradients; the rest is restored
     assert all(not p.requires_grad and p.grad is None for p in bil.left.parameters())
     assert all(p.requires_grad for p in bil.heads.parameters())
     assert all(p.requires_grad for p in left.parameters())
+    assert not bil.training
 
 
-def test_outcomes_agree_with_the_outcomes_module(analysed):
-    outcomes = pytest.importorskip("bilateral.outcomes")
-    cfg, _, _ = analysed
-    preds = outcomes.predictions(dataclasses.replace(cfg, condition="A"), 0)
-    idx = analysis.scenario_index(preds)
-    m = json.loads((analysis.out_dir(cfg, "A", 0) / "metrics.json").read_text())
-    counts = torch.bincount(idx, minlength=16)
-    assert [m[f"scenario.{s}.n_images"] for s in analysis.SCENARIOS] == counts.float().tolist()
+def test_one_pass_outputs_equal_each_models_own_predictions(study, loaded):
+    """The hemisphere models' logits computed on the bilateral model's frozen hemispheres equal
+    the hemisphere models' own, and the train-sample features equal their backbones'."""
+    c = loaded
+    left, right, bil = _models(study, "B")
+    dl = analysis.condition._loader(c.test_split, "cpu", 64)
+    for model, key, head in ((left, "left_logits", "fine"), (right, "right_logits", "coarse")):
+        own = train.predict(model, dl, "cpu", False)[0][head]
+        assert torch.allclose(own, c.out[key], atol=1e-5)
+        assert torch.equal(own.argmax(1), c.out[key].argmax(1))
+    tr = analysis.condition._loader(analysis.condition.subset(c.train_split, c.train_idx), "cpu", 64)
+    feats = train.predict(lambda x: {"f": left.backbone(x)}, tr, "cpu", False)[0]["f"]
+    assert torch.allclose(feats, c.train_out["left_feat"], atol=1e-5)
+    assert len(c.train_idx) == len(c.train_split)  # 10,000 asked for, fewer there
+    assert dl.n == len(c.scen)
 
+
+def test_outcomes_agree_with_the_recorded_accuracies(study, loaded):
+    """The outcome scenarios from one pass against the test accuracies each run recorded."""
+    c = loaded
+    m = analysis.outcomes(c)
+
+    def recorded(stage, cfg):
+        return plan.Run(stage, cfg, 0).metrics()["test"]
+    cfg = dataclasses.replace(study, condition="B")
+    assert m["test_acc.left"] == pytest.approx(
+        recorded("hemisphere", dataclasses.replace(cfg, side="left"))["fine_acc"], abs=1e-6)
+    assert m["test_acc.right"] == pytest.approx(
+        recorded("hemisphere", dataclasses.replace(cfg, side="right"))["coarse_acc"], abs=1e-6)
+    bil = recorded("bilateral", cfg)
+    assert m["test_acc.bilateral_fine"] == pytest.approx(bil["fine_acc"], abs=1e-6)
+    assert m["test_acc.bilateral_coarse"] == pytest.approx(bil["coarse_acc"], abs=1e-6)
+    table = analysis.scenario_table(c.scen, margins=True)
+    assert table.loc["total", "total"] == len(c.test_split)
+    assert [m[f"scenario.{s}.n_images"] for s in analysis.SCENARIOS] == \
+        table.drop(index="total", columns="total").to_numpy().ravel().astype(float).tolist()
+    # rows L1.. are the images the left hemisphere got right
+    assert table.loc[["L1R1", "L1R0"], "total"].sum() == c.right_wrong["left"].sum()
+
+
+def test_outcome_table_counts_every_image_once():
+    t, f = True, False
+    right = {k: torch.tensor(v) for k, v in dict(
+        left=[t, t, f, f, t], right=[t, f, t, f, t],
+        bilateral_fine=[t, t, f, f, f], bilateral_coarse=[t, f, t, f, t]).items()}
+    idx = M.scenario_index(right)
+    tab = M.scenario_table(idx, margins=True)
+    assert tab.loc["L1R1", "F1C1"] == 1 and tab.loc["L1R1", "F0C1"] == 1
+    assert tab.loc["L0R0", "F0C0"] == 1 and tab.loc["total", "total"] == 5
+    assert list(tab.index[:4]) == list(M.HEMI_CODES) and list(tab.columns[:4]) == list(M.BILAT_CODES)
+    assert M.scenario_names(idx)[1] == "L1R0-F1C0"
+
+
+# -------------------------------------------------------------------------------- measures
 
 def test_localisation_measure():
     one = np.zeros((32, 32), np.float32)
@@ -139,63 +233,172 @@ def test_head_attribution_shares():
     torch.manual_seed(0)
     feats = torch.rand(50, 10)
     w = torch.randn(3, 10)
-    share = analysis.head_attribution(w, feats, n_left=6)
+    share = M.head_attribution(w, feats, n_left=6)
     assert ((share >= 0) & (share <= 1)).all()
     w[:, 6:] = 0  # the right half of the head's weights zeroed: nothing comes from the right
-    assert torch.allclose(analysis.head_attribution(w, feats, n_left=6), torch.ones(50))
+    assert torch.allclose(M.head_attribution(w, feats, n_left=6), torch.ones(50))
 
 
-def test_head_attribution_on_a_bilateral_model_with_zeroed_right_weights(study):
-    _, _, bil = _models(study)
-    test = stages.load_splits(study)[2]
-    n_left = bil.left.out_features
+def test_centred_attribution_removes_the_offset_of_non_negative_features():
+    """A head whose left half sees a constant feature (an offset, the same for every image) and
+    whose right half sees the image: centred, all of every decision comes from the right, and
+    the signed contributions are known in closed form; uncentred, the offset takes a share."""
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    signal = torch.rand(n, 2, generator=g)                          # the image-dependent part
+    train_signal = torch.rand(1000, 2, generator=g)
+    feats = torch.cat([torch.full((n, 2), 3.0), signal], 1)         # [left | right], all >= 0
+    train_feats = torch.cat([torch.full((1000, 2), 3.0), train_signal], 1)
+    w = torch.tensor([[1.0, 1.0, 2.0, 0.0], [0.0, 0.0, 0.0, 2.0], [-1.0, 0.5, 1.0, 1.0]])
+    target = torch.tensor([0, 1, 2] * 66 + [0, 1])
+    mean = train_feats.mean(0)
+    lc, rc = M.head_contributions(w, feats, 2, target, centre=mean)
+    assert torch.allclose(lc, torch.zeros(n), atol=1e-5)
+    wc = (w - w.mean(0))[target]
+    assert torch.allclose(rc, (wc[:, 2:] * (signal - mean[2:])).sum(1), atol=1e-5)
+    share = M.head_attribution(w, feats, 2, target, centre=mean)
+    assert torch.allclose(share[torch.isfinite(share)], torch.zeros(int(torch.isfinite(share).sum())), atol=1e-5)
+    raw = M.head_attribution(w, feats, 2, target)
+    assert raw.mean() > 0.3  # the offset's share when uncentred
+
+
+def test_signed_contributions_add_up_to_the_centred_logit(loaded):
+    """On a trained bilateral model: left + right contribution = the target logit minus the
+    mean logit, less the same for the mean training feature (the bias cancels)."""
+    c = loaded
+    feats = torch.cat([c.out["left_feat"], c.out["right_feat"]], 1)
+    mean = torch.cat([c.train_out["left_feat"], c.train_out["right_feat"]], 1).mean(0)
+    head = c.bil.heads["fine"][-1]
+    target = c.out["fine"].argmax(1)
+    lc, rc = M.head_contributions(head.weight.detach(), feats, c.bil.left.out_features, target, mean)
     with torch.no_grad():
-        bil.heads["coarse"][-1].weight[:, n_left:] = 0
-    out = analysis._collect(analysis._bilateral_outputs(bil), analysis._loader(test, "cpu", 64),
-                            "cpu", False)
-    feats = torch.cat([out["left_feat"], out["right_feat"]], 1)
-    left = analysis.head_attribution(bil.heads["coarse"][-1].weight, feats, n_left, out["coarse"].argmax(1))
-    ok = torch.isfinite(left)
-    assert ok.float().mean() > 0.9 and torch.allclose(left[ok], torch.ones(int(ok.sum())))
-    fine = analysis.head_attribution(bil.heads["fine"][-1].weight, feats, n_left, out["fine"].argmax(1))
-    fine = fine[torch.isfinite(fine)]
-    assert 0 < fine.mean() < 1
+        z, z0 = head(feats), head(mean[None])
+    rel = lambda v: v.gather(1, target[:, None]).squeeze(1) - v.mean(1)  # noqa: E731
+    assert torch.allclose(lc + rc, rel(z) - rel(z0.expand_as(z)), atol=1e-4)
 
 
 def test_probe_on_one_hot_and_random_features():
     g = torch.Generator().manual_seed(0)
     y_tr, y_te = torch.randint(0, 10, (500,), generator=g), torch.randint(0, 10, (500,), generator=g)
     onehot = lambda y: torch.nn.functional.one_hot(y, 10).float()  # noqa: E731
-    p = analysis.fit_probe(onehot(y_tr), y_tr, 10, iters=100)
+    p = M.fit_probe(onehot(y_tr), y_tr, 10, iters=100)
     assert p.accuracy(onehot(y_te), y_te) > 0.99
-    r = analysis.fit_probe(torch.randn(500, 20, generator=g), y_tr, 10, iters=100)
+    r = M.fit_probe(torch.randn(500, 20, generator=g), y_tr, 10, iters=100)
     assert abs(r.accuracy(torch.randn(500, 20, generator=g), y_te) - 0.1) < 0.06
+
+
+def test_probe_matches_scikit_learns_logistic_regression():
+    """Same objective: mean cross-entropy + l2 |w|^2 = sklearn's with C = 1 / (2 n l2), on the
+    probe's standardised features."""
+    from sklearn.linear_model import LogisticRegression
+    g = torch.Generator().manual_seed(1)
+    n, d, k, l2 = 300, 6, 4, 1e-2
+    centres = torch.randn(k, d, generator=g)
+    y = torch.randint(0, k, (n,), generator=g)
+    x = centres[y] + 1.5 * torch.randn(n, d, generator=g)
+    probe = M.fit_probe(x, y, k, l2=l2, iters=500)
+    z = ((x - probe.mean) / probe.std).double().numpy()
+    ref = LogisticRegression(C=1 / (2 * n * l2), tol=1e-10, max_iter=5000).fit(z, y.numpy())
+
+    def objective(w, b):  # float64, on the same standardised features
+        zt = torch.from_numpy(z)
+        w, b = torch.as_tensor(w).double(), torch.as_tensor(b).double()
+        return (torch.nn.functional.cross_entropy(zt @ w + b, y) + l2 * (w ** 2).sum()).item()
+    # the same minimum (float32 L-BFGS stops within 1e-7 of it, on a flat bottom)
+    assert objective(probe.weight, probe.bias) == pytest.approx(objective(ref.coef_.T, ref.intercept_), rel=1e-6)
+    ours = torch.softmax(probe.logits(x).double(), 1).numpy()
+    np.testing.assert_allclose(ours, ref.predict_proba(z), atol=2e-3)
+    assert (ours.argmax(1) == ref.predict(z)).all()
+    assert probe.accuracy(x, y) == pytest.approx(ref.score(z, y.numpy()))
+
+
+def test_pca_projects_on_the_leading_axes():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 5, generator=g) * torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1])
+    pca = M.fit_pca(x, 2)
+    z = pca(x)
+    assert z.shape == (400, 2)
+    assert torch.allclose(pca.axes.T @ pca.axes, torch.eye(2), atol=1e-5)
+    assert torch.allclose(pca.axes.abs().argmax(0), torch.tensor([0, 1]))  # largest variances first
+    assert z.var(0)[0] > z.var(0)[1] > 1.0
+    with pytest.raises(ValueError, match="PCA to 6"):
+        M.fit_pca(x, 6)
+
+
+def test_equal_dimension_probes(loaded):
+    """Condition B: the pyramid's left features are narrower than the right's; the equal-
+    dimension probes see both at the smaller dimension, and both variants are scored."""
+    c = loaded
+    m = analysis.probes(c)
+    dl, dr = c.bil.left.out_features, c.bil.right.out_features
+    assert dl < dr
+    assert m["probe.dim.left"] == dl and m["probe.dim.right"] == dr and m["probe_eqdim.dim"] == dl
+    df = analysis.probe_table(c)
+    assert df.shape == (4, 2)
+    rows = pd.read_csv(c.folder / "probes.csv")
+    assert set(rows[rows.variant == "eqdim"].dim) == {dl}
+    assert set(rows[rows.variant == "raw"].dim) == {dl, dr}
+    for v in ("probe", "probe_eqdim"):
+        for side in ("left", "right"):
+            for level in ("fine", "coarse"):
+                assert 0 <= m[f"{v}.{side}.{level}"] <= 1
 
 
 def test_differential_specialisation_sign():
     spec = {("left", "fine"): 0.7, ("right", "fine"): 0.5, ("left", "coarse"): 0.6, ("right", "coarse"): 0.8}
-    d = analysis.differential_specialisation(spec)
+    d = M.differential_specialisation(spec)
     assert d["gap_fine"] == pytest.approx(0.2) and d["gap_coarse"] == pytest.approx(0.2)
     assert d["differential_specialisation"] == pytest.approx(0.2)
     swapped = {("left", "fine"): 0.5, ("right", "fine"): 0.7, ("left", "coarse"): 0.8, ("right", "coarse"): 0.6}
-    assert analysis.differential_specialisation(swapped)["differential_specialisation"] == pytest.approx(-0.2)
+    assert M.differential_specialisation(swapped)["differential_specialisation"] == pytest.approx(-0.2)
     same = {k: 0.6 for k in spec}
-    assert analysis.differential_specialisation(same)["differential_specialisation"] == 0
+    assert M.differential_specialisation(same)["differential_specialisation"] == 0
 
 
 def test_scenarios_and_pairs():
     t, f = torch.tensor([True]), torch.tensor([False])
-    idx = analysis.scenario_index({"left": t, "right": t, "bilateral_fine": t, "bilateral_coarse": t})
-    assert analysis.SCENARIOS[int(idx)] == "L1R1-F1C1"
-    idx = analysis.scenario_index({"left": t, "right": f, "bilateral_fine": f, "bilateral_coarse": t})
-    assert analysis.SCENARIOS[int(idx)] == "L1R0-F0C1"
+    idx = M.scenario_index({"left": t, "right": t, "bilateral_fine": t, "bilateral_coarse": t})
+    assert M.SCENARIOS[int(idx)] == "L1R1-F1C1"
+    idx = M.scenario_index({"left": t, "right": f, "bilateral_fine": f, "bilateral_coarse": t})
+    assert M.SCENARIOS[int(idx)] == "L1R0-F0C1"
     labels = torch.tensor([0, 1, 0, 0, 1, 2])
-    i, j, total = analysis.same_label_pairs(labels)
+    i, j, total = M.same_label_pairs(labels)
     assert total == 4 and (labels[i] == labels[j]).all() and (i < j).all()
-    i, j, total = analysis.same_label_pairs(labels, torch.tensor([0, 2, 4]))
+    i, j, total = M.same_label_pairs(labels, torch.tensor([0, 2, 4]))
     assert total == 1 and (i.item(), j.item()) == (0, 2)
-    i, j, total = analysis.same_label_pairs(labels, max_pairs=2, generator=torch.Generator().manual_seed(0))
+    i, j, total = M.same_label_pairs(labels, max_pairs=2, generator=torch.Generator().manual_seed(0))
     assert total == 4 and len(i) == 2
     f = torch.tensor([[1.0, 0], [2.0, 0], [0, 1.0]])
-    assert torch.allclose(analysis.pair_cosine(f, torch.tensor([0, 0]), torch.tensor([1, 2])),
+    assert torch.allclose(M.pair_cosine(f, torch.tensor([0, 0]), torch.tensor([1, 2])),
                           torch.tensor([1.0, 0.0]))
+
+
+def test_the_plotted_pairs_are_a_seeded_shuffle_not_the_first_classes():
+    labels = torch.arange(5).repeat_interleave(12)              # 5 classes, 66 pairs each
+    i, j, total = M.same_label_pairs(labels, max_pairs=1000)    # all 330 kept, in class order
+    assert total == 330 and set(labels[i[:60]].tolist()) == {0}  # a plain cut: one class
+    keep = M.shuffled(len(i), 60, torch.Generator().manual_seed(7))
+    assert len(keep) == 60 and len(set(keep.tolist())) == 60
+    assert set(labels[i[keep]].tolist()) == {0, 1, 2, 3, 4}
+    assert torch.equal(keep, M.shuffled(len(i), 60, torch.Generator().manual_seed(7)))
+    assert not torch.equal(keep, M.shuffled(len(i), 60, torch.Generator().manual_seed(8)))
+    assert len(M.shuffled(10, 60, torch.Generator().manual_seed(7))) == 10
+
+
+def test_spread():
+    s = M.spread([1.0, 2.0, 3.0, float("nan")], "x")
+    assert s == {"x.mean": 2.0, "x.std": 1.0, "x.median": 2.0, "x.q25": 1.5, "x.q75": 2.5, "x.n": 3.0}
+    assert M.spread([float("nan")], "x") == {}
+
+
+# --------------------------------------------------------------------------------- figures
+
+def test_save_writes_atomically_and_closes_pyplot_figures(tmp_path):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    n = len(plt.get_fignums())
+    lines = []
+    path = figures.save(fig, tmp_path / "sub", "line", log=lines.append)
+    assert path == tmp_path / "sub" / "line.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(plt.get_fignums()) == n - 1 and lines == [f"saved {path}"]
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["line.png"]  # no temporary left

@@ -30,6 +30,13 @@ def test_every_preset_loads(path):
     ({"backbone": "vgg11", "conditions": ["A", "C"]}, ["vgg11", "condition A only"]),
     ({"ensemble_sizes": [2, 12]}, ["12", "pool of 10"]),
     ({"device": "tpu"}, ["device", "cuda"]),
+    ({"kwta_eval": "sometimes"}, ["kwta_eval", "'sometimes'", "threshold, map_only, batch"]),
+    ({"stage_epochs": {"resnet50": 3}}, ["stage_epochs", "'resnet50'", "resnet34"]),
+    ({"stage_epochs": {"ensemble": 3}}, ["stage_epochs", "'ensemble'", "hemisphere"]),
+    ({"stage_epochs": {"resnet34": 0}}, ["stage_epochs", "resnet34", "positive"]),
+    ({"stage_epochs": {"resnet34": 2.5}}, ["stage_epochs", "expected int"]),
+    ({"stage_epochs": [12]}, ["stage_epochs", "expected a mapping"]),
+    ({"weight_decay_equal": "yes"}, ["weight_decay_equal", "expected bool"]),
 ])
 def test_bad_parameters_stop_with_a_message_naming_them(values, words):
     with pytest.raises(C.ConfigError) as e:
@@ -88,3 +95,19 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
         runs.write_json(target, {"new": 2})
     assert runs.read_json(target) == {"old": 1}
     assert [f.name for f in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_equal_weight_decay_preset_is_the_paper_preset_but_for_the_switch():
+    root = Path(__file__).parents[1] / "params"
+    a, b = C.load(root / "paper_resnet9.yaml"), C.load(root / "paper_resnet9_equal_wd.yaml")
+    assert C.diff(C.identity(a), C.identity(b)) == [
+        "experiment: 'paper_resnet9' -> 'paper_resnet9_equal_wd'", "weight_decay_equal: False -> True"]
+
+
+def test_a_field_added_later_at_its_default_keeps_earlier_runs():
+    """A record written before a Config field existed still matches while the field holds its
+    default; any other value of it is a difference."""
+    new = C.identity(C.Config(epochs=3))
+    old = {k: v for k, v in new.items() if k != "dropout"}  # as if dropout came later
+    assert C.diff(old, new) == []
+    assert C.diff(old, C.identity(C.Config(epochs=3, dropout=0.1))) == ["dropout: 0.6 -> 0.1"]

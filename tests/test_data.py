@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from bilateral import data as D
 from bilateral.data import STATS, DeviceLoader, Hierarchy, Split, load_dataset
 
-# CI runs in a fresh clone with shared/ beside it: <clone>/../shared
-SAMPLE = Path(__file__).resolve().parents[2] / "shared/data/cifar100-test-sample20/cifar100_test_first20.npz"
+# the 20 real CIFAR-100 test images travel with the repository (README and SHA256SUMS beside them)
+SAMPLE = Path(__file__).resolve().parent / "data/cifar100-test-sample20/cifar100_test_first20.npz"
 FMNIST = D.FMNIST_SYSTEM_DIR
 needs_fmnist = pytest.mark.skipif(not (FMNIST / "t10k-images-idx3-ubyte.gz").exists(),
                                   reason=f"Fashion-MNIST not installed in {FMNIST} (apt-get install dataset-fashion-mnist)")
@@ -21,7 +21,7 @@ needs_fmnist = pytest.mark.skipif(not (FMNIST / "t10k-images-idx3-ubyte.gz").exi
 @pytest.fixture(scope="module")
 def sample():
     if not SAMPLE.is_file():
-        pytest.fail(f"missing {SAMPLE}: the 20-image CIFAR-100 fixture must sit in ../shared beside the repo")
+        pytest.fail(f"missing {SAMPLE}: the 20-image CIFAR-100 fixture belongs in tests/data")
     return dict(np.load(SAMPLE))
 
 

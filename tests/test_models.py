@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 from bilateral.models import (BACKBONES, HEAD_NAMES, KWTA, Bilateral, Ensemble, Head, Unilateral,
-                              build_backbone, count_trainable, freeze, load_state_strict,
-                              params_table)
+                              build_backbone, count_total, count_trainable, freeze,
+                              load_state_strict, params_table, set_kwta_eval)
 
 META = torch.device("meta")
 NF, NC = 100, 20
@@ -45,7 +45,16 @@ def test_params_table_has_spec_numbers():
     for n in (6_568_000, 2_818_688, 128_766_336, 6_629_560, 13_259_000, 11_230_392, 21_338_552,
               13_259_120, 33_147_800):
         assert f"| {n:,} |" in table
-    assert "| 123,000 |" in table  # frozen bilateral ResNet-9: heads only on 1024 features
+    # frozen bilateral ResNet-9: 13,259,000 in all, its heads on 1024 features trained
+    assert "| Bilateral ResNet-9 (A, C), specialised (frozen hemispheres) | 13,259,000 | 123,000 |" \
+        in table
+    assert "| Bilateral ResNet-9 (A, C), end to end | 13,259,000 | 13,259,000 |" in table
+
+
+def test_total_counts_frozen_parameters():
+    with META:
+        bi = Bilateral(freeze(build_backbone("resnet9")), freeze(build_backbone("resnet9")), NF, NC)
+        assert count_total(bi) == 13_259_000 and count_trainable(bi) == 123_000
 
 
 # ------------------------------------------------------------------- every backbone
@@ -105,27 +114,27 @@ def test_kwta_counts(k, k_batch):
     B, C, H, W = 4, 3, 5, 6
     x = torch.randn(B, C, H, W)
     n1 = math.ceil(round(k * H * W, 6))
-    m = KWTA(k, k_batch).eval()
+    m = KWTA(k, k_batch, channels=C).eval()
     assert ((m(x) != 0).sum((2, 3)) == n1).all()
     y = m.train()(x)
-    stage1 = KWTA(k, k_batch).eval()(x)
+    stage1 = KWTA(k, k_batch, channels=C).eval()(x)
     assert ((y != 0).sum((0, 2, 3)) == math.ceil(round(k_batch * n1 * B, 6))).all()
     assert ((y == 0) | (y == stage1)).all()  # stage-2 survivors are stage-1 winners, unchanged
 
 
 def test_kwta_keeps_largest_and_every_tie_at_the_threshold():
     x = torch.arange(10.0).view(1, 1, 2, 5)
-    y = KWTA(0.3, eval_batch=False).eval()(x)
+    y = KWTA(0.3, eval_rule="map_only", channels=1).eval()(x)
     assert y.flatten().tolist() == [0] * 7 + [7, 8, 9]
     # a tie at the threshold is kept whole rather than broken by memory order
     x = torch.tensor([1.0, 2, 2, 2, 3]).view(1, 1, 1, 5)
-    assert KWTA(0.4).eval()(x).flatten().tolist() == [0, 2, 2, 2, 3]
-    assert (KWTA(0.5).eval()(torch.ones(2, 3, 4, 4)) == 1).all()
+    assert KWTA(0.4, channels=1).eval()(x).flatten().tolist() == [0, 2, 2, 2, 3]
+    assert (KWTA(0.5, channels=3).eval()(torch.ones(2, 3, 4, 4)) == 1).all()
 
 
 def test_kwta_gradient_only_through_winners():
     x = torch.randn(4, 3, 6, 6, requires_grad=True)
-    y = KWTA(0.7).train()(x)
+    y = KWTA(0.7, channels=3).train()(x)
     y.sum().backward()
     assert torch.equal(x.grad != 0, y.detach() != 0)
 
@@ -133,26 +142,87 @@ def test_kwta_gradient_only_through_winners():
 def test_kwta_eval_batch_dependence():
     torch.manual_seed(0)
     x, other = torch.randn(1, 2, 6, 6), torch.randn(3, 2, 6, 6)
-    for eval_batch, depends in ((False, False), (True, True)):
-        m = KWTA(0.5, 0.5, eval_batch).eval()
+    for rule, depends in (("threshold", False), ("map_only", False), ("batch", True)):
+        m = KWTA(0.5, 0.5, rule, channels=2)
+        m.train()(torch.randn(8, 2, 6, 6))  # a tracked threshold, so "threshold" acts
+        m.eval()
         alone = m(x)[0]
         in_batch = m(torch.cat([x, other]))[0]
-        assert torch.equal(alone, in_batch) != depends
+        assert torch.equal(alone, in_batch) != depends, rule
+
+
+def test_kwta_threshold_keeps_the_training_sparsity_at_eval():
+    """The issue's check: on a fixed batch, the share of activations that survive in eval mode
+    with the tracked thresholds is the training share within one point; the per-map stage
+    alone keeps about k, far more."""
+    g = torch.Generator().manual_seed(0)
+    C = 8
+    scale = torch.linspace(0.5, 2.0, C).view(1, C, 1, 1)  # channels of different spread
+    draw = lambda: torch.randn(32, C, 8, 8, generator=g) * scale + 0.3  # noqa: E731
+    m = KWTA(0.9, 0.9, "threshold", channels=C)
+    m.train()
+    for _ in range(50):  # running thresholds settle, as BatchNorm's statistics do
+        m(draw())
+    fixed = draw()
+    alive = lambda y: (y != 0).float().mean().item()  # noqa: E731
+    train_rate = alive(m(fixed))
+    m.eval()
+    eval_rate = alive(m(fixed))
+    assert train_rate == pytest.approx(0.81, abs=0.01)
+    assert abs(eval_rate - train_rate) < 0.01
+    m.eval_rule = "map_only"
+    assert alive(m(fixed)) == pytest.approx(0.9, abs=0.01)
+
+
+def test_kwta_threshold_is_tracked_with_momentum_and_saved():
+    m = KWTA(0.5, 0.5, channels=2, momentum=0.25).train()
+    assert torch.isinf(m.running_threshold).all()  # untrained: eval acts as map_only
+    x = torch.arange(2 * 2 * 4, dtype=torch.float).view(2, 2, 2, 2)
+    # channel 0 holds 0-3 (sample 0) and 8-11 (sample 1): stage 1 keeps 2-3 and 10-11, stage 2
+    # the top 2 of those, so its threshold is 10; channel 1: 14
+    m(x)
+    assert m.running_threshold.tolist() == [10.0, 14.0]  # the first batch sets it
+    m(x + 4)
+    assert m.running_threshold.tolist() == [10 + 0.25 * 4, 14 + 0.25 * 4]
+    bb = build_backbone("resnet9", 0.125, k=0.9)
+    bb.train()(torch.randn(4, 3, 32, 32))
+    state = bb.state_dict()
+    keys = [k for k in state if k.endswith("running_threshold")]
+    assert len(keys) == 8 and all(torch.isfinite(state[k]).all() for k in keys)
+    fresh = build_backbone("resnet9", 0.125, k=0.9)
+    load_state_strict(fresh, state)
+    assert all(torch.equal(fresh.state_dict()[k], state[k]) for k in keys)
+    missing = {k: v for k, v in state.items() if k not in keys}
+    with pytest.raises(ValueError, match="8 missing keys"):
+        load_state_strict(build_backbone("resnet9", 0.125, k=0.9), missing)
+
+
+def test_set_kwta_eval_switches_every_layer_and_rejects_unknown_rules():
+    bb = build_backbone("resnet9", 0.125, k=0.9, kwta_eval="batch")
+    assert set_kwta_eval(bb, "map_only") == "batch"
+    assert {m.eval_rule for m in bb.modules() if isinstance(m, KWTA)} == {"map_only"}
+    assert set_kwta_eval(build_backbone("resnet9", 0.125), "batch") is None
+    for bad in (lambda: set_kwta_eval(bb, "sometimes"),
+                lambda: build_backbone("resnet9", 0.125, k=0.9, kwta_eval="sometimes"),
+                lambda: KWTA(0.9, eval_rule="sometimes", channels=1)):
+        with pytest.raises(ValueError, match="allowed: threshold, map_only, batch"):
+            bad()
 
 
 def test_kwta_backbone_default_k_batch_and_train():
     m = build_backbone("resnet9", 0.125, k=0.9)
     kw = [mod for mod in m.modules() if isinstance(mod, KWTA)]
-    assert len(kw) == 8 and all(k.k_batch == 0.9 and not k.eval_batch for k in kw)
+    assert len(kw) == 8 and all(k.k_batch == 0.9 and k.eval_rule == "threshold" for k in kw)
     m(torch.randn(4, 3, 32, 32)).sum().backward()
-    # same keys with and without sparsity, so state dicts are interchangeable
-    assert m.state_dict().keys() == build_backbone("resnet9", 0.125).state_dict().keys()
+    # same keys with and without sparsity, but for k-WTA's running thresholds
+    keys = [k for k in m.state_dict() if not k.endswith(".running_threshold")]
+    assert keys == list(build_backbone("resnet9", 0.125).state_dict())
 
 
 @pytest.mark.parametrize("k, k_batch", [(0.0, None), (1.5, None), (0.9, 0.0)])
 def test_kwta_rejects_bad_k(k, k_batch):
     with pytest.raises(ValueError):
-        KWTA(k, k_batch)
+        KWTA(k, k_batch, channels=1)
 
 
 # ------------------------------------------------------------------- models
@@ -232,3 +302,17 @@ def test_load_state_strict_errors(case, expect):
     msg = str(e.value)
     assert msg.startswith("hemisphere left: ")
     assert all(s in msg for s in expect), msg
+
+
+# ------------------------------------------------------------------- against a reference
+def test_vgg11_has_torchvisions_keys_and_shapes():
+    """Our VGG-11 is torchvision's vgg11 (weights=None: nothing downloaded) without its last
+    Linear, so its checkpoints load into torchvision's and back, key for key."""
+    from torchvision.models import vgg11
+    with META:  # shapes only: no 500 MB of weights to fill
+        ours = build_backbone("vgg11").state_dict()
+        ref = vgg11(weights=None).state_dict()
+    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}
+    assert {k for k in ref if k.startswith("features.")} == {k for k in ours if k.startswith("features.")}
+    assert shapes(ours) == {k: s for k, s in shapes(ref).items() if not k.startswith("classifier.6.")}
+    assert set(ref) - set(ours) == {"classifier.6.weight", "classifier.6.bias"}  # the 1000-class Linear

@@ -1,17 +1,26 @@
-"""The committed notebooks: outputs stripped, one `parameters` cell of plain assignments, a Colab
-badge and a Colab-only, non-editable install; and they match notebooks/make_notebooks.py."""
+"""The committed notebooks: each .ipynb paired with a percent-format .py that holds the same cells,
+outputs stripped, one `parameters` cell of plain assignments, a Colab badge and a Colab-only,
+non-editable install; and an edit on either side of a pair reaches the other through the real
+`jupytext --sync`, as JupyterLab's jupytext extension does on save."""
 import ast
 import copy
-import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
+from jupytext.config import find_jupytext_configuration_file, load_jupytext_configuration_file
+from jupytext.formats import short_form_multiple_formats
 
 from bilateral import pipeline
 
 ROOT = Path(__file__).parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NB_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
 
 
 def problems(nb, name) -> list[str]:
@@ -46,18 +55,49 @@ def problems(nb, name) -> list[str]:
     return out
 
 
-def test_all_six_notebooks_are_there():
+def cells(path) -> list[tuple]:
+    """(type, source, tags) of every cell, read by jupytext whatever the file's format."""
+    nb = jupytext.read(path)
+    return [(c.cell_type, c.source, tuple(c.metadata.get("tags", ()))) for c in nb.cells]
+
+
+def disagreement(ipynb: Path) -> str:
+    """'' when the .ipynb and its .py hold the same cells, else the first difference."""
+    a, b = cells(ipynb), cells(ipynb.with_suffix(".py"))
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"cell {i} differs:\n.ipynb {x}\n.py    {y}"
+    return "" if len(a) == len(b) else f"{len(a)} cells in the .ipynb, {len(b)} in the .py"
+
+
+def sync(path: Path) -> None:
+    """What JupyterLab's jupytext does on save: the newer file of the pair rewrites the other."""
+    subprocess.run([sys.executable, "-m", "jupytext", "--sync", str(path)], check=True,
+                   capture_output=True, text=True)
+
+
+def test_all_six_notebooks_are_there_each_with_its_py():
     assert [p.stem for p in NOTEBOOKS] == list(pipeline.NOTEBOOKS)
+    assert sorted(p.stem for p in NB_DIR.glob("*.py")) == list(pipeline.NOTEBOOKS)
+
+
+def test_the_notebooks_are_paired_ipynb_with_percent_py():
+    config = load_jupytext_configuration_file(find_jupytext_configuration_file(str(NB_DIR)))
+    assert set(short_form_multiple_formats(config.formats).split(",")) == {"ipynb", "py:percent"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_committed_notebook_is_stripped_and_has_its_parameters_cell(path):
+def test_committed_pair_agrees_is_stripped_and_has_its_parameters_cell(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     assert problems(nb, path.stem) == []
+    assert disagreement(path) == ""
+    text = path.with_suffix(".py").read_text()
+    assert text.count('# %% tags=["parameters"]') == 1  # the .py carries the tag itself
+    assert problems(jupytext.read(path.with_suffix(".py")), path.stem) == []
 
 
-def test_the_check_catches_outputs_and_a_missing_parameters_cell():
+def test_the_checks_catch_outputs_a_missing_parameters_cell_and_a_stale_py(tmp_path):
     nb = nbformat.read(NOTEBOOKS[1], as_version=4)
     with_output = copy.deepcopy(nb)
     cell = next(c for c in with_output.cells if c.cell_type == "code")
@@ -70,13 +110,57 @@ def test_the_check_catches_outputs_and_a_missing_parameters_cell():
     logic = copy.deepcopy(nb)
     next(c for c in logic.cells if "parameters" in c.metadata.get("tags", [])).source += "\nprint(1)"
     assert any("only assignments" in p for p in problems(logic, NOTEBOOKS[1].stem))
+    ipynb = copy_pair(NOTEBOOKS[1], tmp_path)
+    logic.cells = logic.cells[:-1]
+    nbformat.write(logic, ipynb)  # edited without syncing: the .py is stale
+    assert "cell" in disagreement(ipynb)
 
 
-def test_notebooks_match_their_generator():
-    spec = importlib.util.spec_from_file_location("make_notebooks", ROOT / "notebooks" / "make_notebooks.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    for name, nb in gen.build().items():
-        committed = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-        assert [c.source for c in committed.cells] == [c.source for c in nb.cells], \
-            f"{name}.ipynb differs from make_notebooks.py: run .venv/bin/python notebooks/make_notebooks.py"
+def copy_pair(ipynb: Path, folder: Path) -> Path:
+    for src in (ipynb, ipynb.with_suffix(".py"), NB_DIR / "jupytext.toml"):
+        shutil.copy(src, folder / src.name)
+    return folder / ipynb.name
+
+
+def make_newer(path: Path, than: Path) -> None:
+    t = than.stat().st_mtime
+    os.utime(path, (t + 10, t + 10))
+
+
+def test_an_edit_in_the_ipynb_reaches_the_py(tmp_path):
+    ipynb = copy_pair(NOTEBOOKS[2], tmp_path)
+    py = ipynb.with_suffix(".py")
+    nb = nbformat.read(ipynb, as_version=4)  # as JupyterLab would: add a cell, change a line
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])) + 1
+    nb.cells.insert(at, nbformat.v4.new_code_cell('print("a student\'s cell")'))
+    last = next(c for c in reversed(nb.cells) if c.cell_type == "code")
+    line = last.source.splitlines()[0]
+    last.source = last.source.replace(line, line + "  # changed in JupyterLab", 1)
+    nbformat.write(nb, ipynb)
+    make_newer(ipynb, than=py)
+    sync(ipynb)
+    text = py.read_text()
+    assert "# %%\nprint(\"a student's cell\")\n" in text
+    assert f"\n{line}  # changed in JupyterLab\n" in text
+    assert disagreement(ipynb) == ""
+
+
+def test_an_edit_in_the_py_reaches_the_ipynb_and_keeps_it_stripped(tmp_path):
+    ipynb = copy_pair(NOTEBOOKS[3], tmp_path)
+    py = ipynb.with_suffix(".py")
+    text = py.read_text()
+    assert text.count("\n# %% [markdown]\n") >= 2
+    head, tail = text.rsplit("\n# %% [markdown]\n", 1)  # a new cell before the last markdown one
+    text = head + '\n# %%\nn_runs = 3\n\n# %% [markdown]\n' + tail
+    line = text.rstrip().splitlines()[-1]  # the last line of the last cell
+    text = text.rstrip()[: -len(line)] + line + "  # changed in an editor\n"
+    py.write_text(text)
+    make_newer(py, than=ipynb)
+    sync(py)
+    nb = nbformat.read(ipynb, as_version=4)
+    nbformat.validate(nb)
+    sources = [c.source for c in nb.cells]
+    assert "n_runs = 3" in sources
+    assert sources[-1].endswith(line + "  # changed in an editor")
+    assert problems(nb, ipynb.stem) == []
+    assert disagreement(ipynb) == ""

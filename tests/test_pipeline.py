@@ -1,8 +1,6 @@
-"""`python -m bilateral run`: the notebook chain per seed, its failure handling and summary, the
-results table and its statistics, and the whole smoke chain through papermill for 2 seeds."""
+"""`python -m bilateral run`: the notebook chain per seed, its failure handling and summary, and
+the whole smoke chain through papermill for 2 seeds (the results table: tests/test_results.py)."""
 import dataclasses
-import json
-import math
 import os
 import subprocess
 import sys
@@ -16,7 +14,7 @@ import torch
 from papermill.exceptions import PapermillExecutionError
 
 from bilateral import config as C
-from bilateral import outcomes, pipeline, plan, results
+from bilateral import pipeline, plan, results
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -52,7 +50,7 @@ def test_a_failing_notebook_stops_only_its_seed(tmp_path, capsys):
     status = {(r.notebook, r.seed): r.status for r in res}
     for seed in (0, 2):
         assert all(status[(nb, seed)] == "ok" for nb in pipeline.PER_SEED)
-    assert [status[(nb, 1)] for nb in pipeline.PER_SEED] == ["ok", "ok", "failed", "skipped", "skipped"]
+    assert [status[(nb, 1)] for nb in pipeline.PER_SEED] == ["ok", "ok", "failed", "skipped", "skipped", "skipped"]
     assert status[("06_results", None)] == "ok"
     assert ("04_baselines", 1) not in [(n, s) for n, s, _ in fake.calls]
     # parameters: the params file, overrides and seed; 06 gets every seed
@@ -65,7 +63,7 @@ def test_a_failing_notebook_stops_only_its_seed(tmp_path, capsys):
     for text in (out, summary):
         assert "cell [3] raised RuntimeError: out of memory" in text
         assert str(tmp_path / "smoke" / "notebooks" / "seed=1" / "03_bilateral.ipynb") in text
-        assert "13 of 16 notebooks ran; 1 failed, 2 skipped" in text
+        assert "15 of 19 notebooks ran; 1 failed, 3 skipped" in text
 
 
 def test_only_restricts_the_notebooks(tmp_path):
@@ -83,8 +81,8 @@ def test_select(only, ok):
 
 
 def test_unknown_notebook_lists_the_notebooks():
-    with pytest.raises(C.ConfigError, match="unknown notebook '07'.*01_data, 02_hemispheres"):
-        pipeline.select(["07"])
+    with pytest.raises(C.ConfigError, match="unknown notebook '08'.*01_data, 02_hemispheres"):
+        pipeline.select(["08"])
 
 
 @pytest.mark.parametrize("args, words", [
@@ -146,92 +144,7 @@ def test_a_real_notebook_failure_through_papermill(tmp_path):
     assert Path(res[1].output).exists()  # the executed copy shows the traceback
 
 
-# --------------------------------------------------------------------------------- results
-
-def fake_run(exp, stage, name, seed, test, cfg=None, params=100):
-    d = exp / stage / name / f"seed={seed}"
-    d.mkdir(parents=True)
-    (d / "metrics.json").write_text(json.dumps({"test": test, "val": test, "wall_s": 1.0,
-                                                "epochs": 2, "best_epoch": 2}))
-    (d / "config.json").write_text(json.dumps({"trainable_params": params, "resolved": {
-        "condition": "A", "backbone": "resnet9", "dataset": "synthetic", **(cfg or {})}}))
-
-
-def test_report_statistics(tmp_path):
-    exp = tmp_path / "exp"
-    bil = {0: (0.70, 0.80), 1: (0.72, 0.83), 2: (0.71, 0.81)}
-    uni = {0: (0.60, 0.75), 1: (0.65, 0.74), 2: (0.61, 0.79)}
-    for s in bil:
-        fake_run(exp, "bilateral", "resnet9-A", s, {"fine_acc": bil[s][0], "coarse_acc": bil[s][1]})
-        for m in (0, 1):  # two pool members: averaged per seed
-            fake_run(exp, "unilateral", f"resnet9-m{m}", s,
-                     {"fine_acc": uni[s][0] + 0.01 * m, "coarse_acc": uni[s][1]})
-        fake_run(exp, "hemisphere", "resnet9-A-left", s, {"fine_acc": 0.66, "fine_as_coarse_acc": 0.76})
-    fake_run(exp, "resnet18", "resnet18", 0, {"fine_acc": 0.5, "coarse_acc": 0.6})
-    for s, v in ((0, 0.6), (5, 0.7)):  # Welch: other seeds than the bilateral model's
-        fake_run(exp, "resnet34", "resnet34", s, {"fine_acc": v, "coarse_acc": v})
-    a = exp / "analysis" / "B" / "seed=1"
-    a.mkdir(parents=True)
-    (a / "metrics.json").write_text(json.dumps({"probe.left": 0.5, "nested": {"x": 2}}))
-    b = exp / "analysis" / "custom"
-    b.mkdir(parents=True)
-    (b / "metrics.json").write_text(json.dumps({"probe.left": 0.7}))
-    (b / "meta.json").write_text(json.dumps({"condition": "C", "seed": 4}))
-
-    rep = results.report(exp)
-    df = pd.read_csv(exp / "results.csv")
-    assert list(df.columns) == results.COLUMNS
-    assert len(df[(df.stage == "unilateral") & (df.split == "test")]) == 3 * 2 * 2
-    an = df[df.stage == "analysis"].sort_values("seed")
-    assert an[["condition", "seed", "metric", "value"]].values.tolist() == [
-        ["B", 1, "probe.left", 0.5], ["B", 1, "nested.x", 2.0], ["C", 4, "probe.left", 0.7]]
-    assert set(df[df.stage == "unilateral"].condition.fillna("")) == {""}
-
-    summ = rep["summary"].set_index("model")
-    f = [bil[s][0] for s in bil]
-    assert summ.loc["bilateral/resnet9-A", "fine_acc_mean"] == pytest.approx(sum(f) / 3)
-    assert summ.loc["bilateral/resnet9-A", "fine_acc_sd"] == pytest.approx(pd.Series(f).std(ddof=1))
-    assert summ.loc["unilateral/resnet9", "fine_acc_n"] == 3  # seeds, not pool members
-    comp = rep["comparison"].set_index("model")
-    d = pd.Series([bil[s][0] - (uni[s][0] + 0.005) for s in bil])  # pool mean per seed
-    half = 4.302652729749464 * d.std(ddof=1) / math.sqrt(3)       # t(0.975, 2)
-    row = comp.loc["unilateral/resnet9"]
-    assert row.fine_acc_method == "paired"
-    assert (row.fine_acc_diff, row.fine_acc_lo, row.fine_acc_hi) == pytest.approx(
-        (d.mean(), d.mean() - half, d.mean() + half))
-    assert comp.loc["resnet34", "fine_acc_method"] == "Welch"
-    assert math.isnan(comp.loc["resnet18", "fine_acc_lo"])
-    assert math.isnan(comp.loc["hemisphere/resnet9-A-left", "coarse_acc_diff"])
-
-    md = (exp / "results.md").read_text()
-    assert "sample standard deviation" in md and "95% confidence interval" in md
-    assert f"{100 * sum(f) / 3:.1f} ± {100 * pd.Series(f).std(ddof=1):.1f} (3)" in md
-    assert "[n/a (1 seed)]" in md and "(Welch)" in md and "(paired)" in md
-    assert "Data: **synthetic**" in md
-
-
-def test_report_cli_and_an_empty_folder(tmp_path):
-    r = cli("report", str(tmp_path))
-    assert r.returncode == 2 and "no finished runs" in r.stderr
-
-
-@pytest.mark.parametrize("df, q", [(1, 12.7062047), (2, 4.3026527), (5, 2.5705818), (30, 2.0422725),
-                                   (7.5, 2.3330396)])
-def test_t_quantile(df, q):
-    assert results.t_quantile(0.975, df) == pytest.approx(q, abs=2e-4)
-
-
-def test_outcome_table_counts_every_image_once():
-    t, f = True, False
-    preds = {k: torch.tensor(v) for k, v in dict(
-        left=[t, t, f, f, t], right=[t, f, t, f, t],
-        bilateral_fine=[t, t, f, f, f], bilateral_coarse=[t, f, t, f, t]).items()}
-    tab = outcomes.table(preds, margins=True)
-    assert tab.loc["L✓R✓", "F✓C✓"] == 1 and tab.loc["L✓R✓", "F✗C✓"] == 1
-    assert tab.loc["L✗R✗", "F✗C✗"] == 1 and tab.loc["total", "total"] == 5
-    assert list(tab.index[:4]) == list(outcomes.HEMISPHERE_OUTCOMES)
-    assert outcomes.scenario_labels(preds)[0][1] == "L✓R✗"
-
+# ----------------------------------------------------------------- results: tests/test_results.py
 
 # ------------------------------------------------------------------- the whole smoke chain
 
@@ -240,7 +153,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
     t0 = time.perf_counter()
     r = cli("run", str(SMOKE), "--seeds", "0", "1", "--jobs", "2", "--set", f"out_dir={out}",
-            timeout=900)
+            "--set", "callosum_kinds=[add]", timeout=900)  # notebook 07 with one callosal kind
     print(f"smoke chain, 2 seeds, --jobs 2: {time.perf_counter() - t0:.0f}s")
     return out, r
 
@@ -248,7 +161,7 @@ def smoke(tmp_path_factory):
 def test_smoke_chain_runs_every_notebook_for_two_seeds(smoke):
     out, r = smoke
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "11 of 11 notebooks ran" in r.stdout
+    assert "13 of 13 notebooks ran" in r.stdout
     exp = out / "smoke"
     for seed in (0, 1):
         for nb in pipeline.PER_SEED:
@@ -257,7 +170,10 @@ def test_smoke_chain_runs_every_notebook_for_two_seeds(smoke):
                         if o.get("output_type") == "error"]
         figs = {p.name for p in (exp / "figures" / f"seed={seed}").iterdir()}
         assert {"01_samples.png", "01_hierarchy.png", "02_learning_curves.png",
-                "03_bilateral_vs_hemispheres.png", "04_baselines.png", "05_outcomes.png", "05_outcomes_A.csv", "05_outcomes_D.csv"} <= figs
+                "03_bilateral_vs_hemispheres.png", "04_baselines.png", "05_outcomes.png", "05_outcomes_A.csv", "05_outcomes_D.csv",
+                "07_callosal_vs_bilateral.png"} <= figs
+        assert (exp / "analysis" / "callosal" / "resnet9-D-add-layer1+layer3" / f"seed={seed}"
+                / "traffic.png").exists()
     assert (exp / "notebooks" / "06_results.ipynb").exists() and (exp / "results.png").exists()
 
 
@@ -265,11 +181,11 @@ def test_smoke_results_hold_every_model_condition_and_seed(smoke):
     out, _ = smoke
     exp = out / "smoke"
     df = pd.read_csv(exp / "results.csv", keep_default_na=False)
-    cfg = C.load(SMOKE, {"out_dir": str(out)})
+    cfg = C.load(SMOKE, {"out_dir": str(out), "callosum_kinds": ["add"]})
     have = set(zip(df.stage, df.model, df.condition, df.seed.astype(str), df.split))
     want = [(r.stage, r.name, r.cfg.condition if "condition" in r.spec.uses else "", str(r.seed), "test")
             for r in plan.plan(cfg, [0, 1])]
-    assert len(want) == 2 * (8 + 4 + 1 + 5 + 2 + 2)
+    assert len(want) == 2 * (8 + 4 + 1 + 5 + 2 + 2 + 4 + 1)  # ... + callosal: 4 conditions, 1 from scratch
     assert set(want) <= have, sorted(set(want) - have)
     assert {s for s, *_ in want} == set(C.STAGES)            # every stage of the study
     assert {c for *_, c, _, _ in want} >= {"A", "B", "C", "D"}
@@ -279,19 +195,17 @@ def test_smoke_results_hold_every_model_condition_and_seed(smoke):
     assert r.returncode == 0, r.stderr
     assert (exp / "results.csv").read_bytes() == before
     assert "n/a (1 seed)" not in (exp / "results.md").read_text()
+    assert "## Callosal models against the bilateral model" in (exp / "results.md").read_text()
 
 
-def test_outcomes_agree_with_the_recorded_accuracies(smoke):
+def test_publish_copies_the_report_with_its_provenance(smoke, tmp_path):
     out, _ = smoke
-    cfg = dataclasses.replace(C.load(SMOKE, {"out_dir": str(out), "device": "cpu"}), condition="B")
-    p = outcomes.predictions(cfg, 1)
-    assert set(p) == set(outcomes.KEYS) and all(v.dtype == torch.bool for v in p.values())
-    rec = lambda stage, c: plan.Run(stage, c, 1).metrics()["test"]  # noqa: E731
-    left = rec("hemisphere", dataclasses.replace(cfg, side="left"))
-    right = rec("hemisphere", dataclasses.replace(cfg, side="right"))
-    bil = rec("bilateral", cfg)
-    assert p["left"].float().mean().item() == pytest.approx(left["fine_acc"], abs=1e-6)
-    assert p["right"].float().mean().item() == pytest.approx(right["coarse_acc"], abs=1e-6)
-    assert p["bilateral_fine"].float().mean().item() == pytest.approx(bil["fine_acc"], abs=1e-6)
-    assert p["bilateral_coarse"].float().mean().item() == pytest.approx(bil["coarse_acc"], abs=1e-6)
-    assert outcomes.table(p).values.sum() == len(p["left"])
+    exp, pub = out / "smoke", tmp_path / "results" / "smoke"
+    r = cli("report", str(exp), "--publish", str(pub), "--command", "make run PARAMS=params/smoke.yaml")
+    assert r.returncode == 0, r.stderr
+    for name in ("results.csv", "results.md"):
+        assert (pub / name).read_bytes() == (exp / name).read_bytes()
+    prov = (pub / "PROVENANCE.md").read_text()
+    assert "`make run PARAMS=params/smoke.yaml`" in prov
+    assert "seeds 0, 1" in prov and "seed 0: " in prov and "seed 1: " in prov
+    assert "torch" in prov and "null" not in prov.split("CPU:")[1].splitlines()[0]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bilateral import config as C
-from bilateral import pipeline, plan, runs, stages
+from bilateral import pipeline, plan, results, runs, stages
 
 ROOT = Path(__file__).parents[1]
 
@@ -139,8 +139,9 @@ def test_a_registered_stage_joins_the_study():
         cfg = C.load(ROOT / "params" / "smoke.yaml")
         got = {r.key: r for r in plan.plan(cfg, [0])}
         assert len(got) == 22 + 4
-        assert [u.key for u in got["probe/resnet9-C/seed=0"].upstream()] == ["hemisphere/resnet9-C-left/seed=0"]
-        assert got["probe/resnet9-C/seed=0"].cost() == pytest.approx(0.5 * 2)
+        probe_c = got["probe/resnet9-C/seed=0"]
+        assert [u.key for u in probe_c.upstream()] == ["hemisphere/resnet9-C-left/seed=0"]
+        assert probe_c.cost() == pytest.approx(0.5 * 2)
     finally:
         del plan.STAGES["probe"]
     assert "probe" not in C.STAGES
@@ -185,7 +186,7 @@ def test_a_retrained_hemisphere_makes_its_bilateral_run_stale(pair, capsys):
     assert left.status() == "finished" and bil.status() == "finished"
     # retrained where it comes out different (a GPU's nondeterministic kernels, or another
     # code version): here the weights of a hemisphere trained for 2 epochs instead of 1
-    other = plan.Run("hemisphere", dataclasses.replace(left.cfg, epochs=2, out_dir=str(cfg.out_dir) + "-2"), 0)
+    other = plan.Run("hemisphere", dataclasses.replace(left.cfg, epochs=2, out_dir=f"{cfg.out_dir}-2"), 0)
     other.train()
     runs.save_torch(left.path / "model.pt", runs.load_torch(other.path / "model.pt"))
     assert left.status() == "finished"
@@ -195,6 +196,9 @@ def test_a_retrained_hemisphere_makes_its_bilateral_run_stale(pair, capsys):
     with pytest.raises(runs.RunConflict, match="stale"):
         bil.load_model(hier)
     assert "A bilateral" not in pipeline.read_runs(cfg, "03_bilateral", 0)
+    exp = Path(cfg.out_dir) / cfg.experiment
+    assert set(results.collect(exp).stage) == {"hemisphere"}  # the report leaves it out
+    assert "left out bilateral/resnet9-A/seed=0: stale" in capsys.readouterr().out
 
     # the CLI: exit code 3 and the stale run named, before any work
     p = cli("train", "bilateral", "--params", "params/smoke.yaml", *(x for s in sets for x in ("--set", s)))
@@ -209,13 +213,20 @@ def test_a_retrained_hemisphere_makes_its_bilateral_run_stale(pair, capsys):
         assert r.key in p.stdout
     line = next(x for x in p.stdout.splitlines() if "bilateral/resnet9-A/seed=0" in x and "stale" in x)
     assert line.split()[2] == "stale"
-    assert f"bilateral/resnet9-A/seed=0: upstream retrained or removed since it was built: {left.key}" in p.stdout
+    assert (f"bilateral/resnet9-A/seed=0: upstream retrained or removed since it was built: "
+            f"{left.key}") in p.stdout
     assert "13 runs: 2 finished, 0 in progress, 1 stale, 10 missing" in p.stdout
     assert plan.pending(plan.plan(cfg, [0])) == [r for r in plan.plan(cfg, [0]) if r not in (left, right)]
+    t = plan.totals(plan.plan(cfg, [0]))
+    got = tuple(t[k] for k in ("runs", "finished", "stale", "missing", "todo", "epochs"))
+    assert got == (13, 2, 1, 10, 11, None)  # None: smoke.yaml gives resnet34 its own budget
+    assert t["todo_cost"] == pytest.approx(t["cost"] - left.cost() - right.cost())
 
     bil.train(force=True)
-    assert bil.status() == "finished" and bil.record()["upstream"][left.key] == plan.file_hash(left.path / "model.pt")
+    assert bil.status() == "finished"
+    assert bil.record()["upstream"][left.key] == plan.file_hash(left.path / "model.pt")
     new = bil.load_model(hier)
+    assert set(results.collect(exp).stage) == {"hemisphere", "bilateral"}
     assert not all((a == b).all() for a, b in zip(model.left.state_dict().values(),
                                                    new.left.state_dict().values()))
 
@@ -258,3 +269,31 @@ def test_the_plan_cli_prints_every_run_and_the_totals(tmp_path):
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # trains (and writes) nothing
     bad = cli("plan", "params/smoke.yaml", "--seeds", "2-1")
     assert bad.returncode == 2 and "--seeds" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_run_takes_seeds_through_the_same_parser(tmp_path):
+    calls = []
+    code, _ = pipeline.run(ROOT / "params" / "smoke.yaml", seeds=["0-1,3"], only=["01"],
+                           overrides=[f"out_dir={tmp_path}"], log=lambda m: None,
+                           execute=lambda src, out, params, cwd: calls.append(params["seed"]))
+    assert code == 0 and calls == [0, 1, 3]
+    with pytest.raises(C.ConfigError, match="--seeds"):
+        pipeline.run(ROOT / "params" / "smoke.yaml", seeds=["1-0"], execute=lambda *a: None)
+
+
+def test_a_run_of_a_plugin_stage_unpickles_in_a_fresh_process(tmp_path):
+    (tmp_path / "myplugin.py").write_text(
+        "from bilateral import plan\n"
+        "plan.register(plan.Stage('probe2', 'baselines', 'probe', 'a probe', uses=('backbone',),\n"
+        "    run_name=lambda c: c.backbone, label=lambda c: 'probe', variants=lambda c: [{}],\n"
+        "    epoch_cost=lambda c: 0.1))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    run = lambda code: subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,  # noqa: E731
+                                      capture_output=True, text=True, timeout=120)
+    p = run("import pickle, myplugin; from bilateral import plan, config as C\n"
+            "open('run.pkl', 'wb').write(pickle.dumps(plan.Run('probe2', C.Config(), 4)))")
+    assert p.returncode == 0, p.stderr
+    q = run("import pickle; from bilateral import plan\n"
+            "r = pickle.loads(open('run.pkl', 'rb').read()); print(r.key, 'probe2' in plan.STAGES)")
+    assert q.returncode == 0, q.stderr
+    assert q.stdout.split() == ["probe2/resnet9/seed=4", "True"]

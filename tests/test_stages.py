@@ -80,6 +80,45 @@ def test_bilateral_trains_only_its_heads_on_frozen_hemispheres(study):
         assert torch.equal(model.left.state_dict()[k], v), k
 
 
+def test_total_params_count_the_frozen_hemispheres_and_the_members(study):
+    cfg, _ = study
+    rec = lambda stage, name: runs.read_json(  # noqa: E731
+        runs.run_dir(cfg, stage, name, 0) / "config.json")
+    left = rec("hemisphere", "resnet9-A-left")
+    backbone = models.count_total(stages.hemisphere_backbone(cfg, "left"))  # A: both sides alike
+    bil = rec("bilateral", "resnet9-A")
+    assert left["total_params"] == left["trainable_params"] > backbone
+    assert bil["total_params"] == 2 * backbone + bil["trainable_params"]  # frozen + heads
+    members = rec("ensemble", "resnet9-k2")["members"]
+    assert rec("ensemble", "resnet9-k2")["total_params"] == sum(
+        rec("unilateral", f"resnet9-m{m}")["total_params"] for m in members)
+
+
+def test_kwta_runs_record_their_test_metrics_under_every_eval_rule(study):
+    _, out = study
+    for side in ("left", "right"):
+        c = out[("hemisphere", "C", side)]
+        assert {f"test_kwta_{r}" for r in models.KWTA.EVAL_RULES} <= set(c)
+        assert c["test_kwta_threshold"] == c["test"]  # the default rule is the reported one
+        assert not any(k.startswith("test_kwta") for k in out[("hemisphere", "A", side)])
+    assert not any(k.startswith("test_kwta") for k in out[("bilateral", "C")])
+
+
+def test_stage_budgets_and_equal_weight_decay(tmp_path):
+    cfg = tiny(tmp_path, recipe="original", stage_epochs={"resnet34": 3, "hemisphere": 2})
+    hp = lambda c, stage: train.hyper(stages.stage_config(c, stage), stage)  # noqa: E731
+    assert [hp(cfg, s).epochs for s in ("hemisphere", "bilateral", "resnet34")] == [2, 1, 3]
+    assert [hp(cfg, s).weight_decay for s in ("hemisphere", "resnet34")] == [1e-3, 1e-5]
+    eq = dataclasses.replace(cfg, weight_decay_equal=True)
+    assert [hp(eq, s).weight_decay for s in ("hemisphere", "resnet34")] == [1e-3, 1e-3]
+    # another stage's budget, or a switch a stage does not use, does not split its runs
+    other = dataclasses.replace(eq, stage_epochs={"resnet34": 9, "hemisphere": 2})
+    for stage in ("hemisphere",):
+        assert C.identity(stages.stage_config(other, stage)) == C.identity(stages.stage_config(cfg, stage))
+    assert C.identity(stages.stage_config(other, "resnet34")) != C.identity(
+        stages.stage_config(cfg, "resnet34"))
+
+
 def test_condition_b_uses_the_pyramid_left(study):
     cfg, _ = study
     hier = stages.load_splits(cfg)[0].hierarchy
