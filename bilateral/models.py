@@ -88,7 +88,7 @@ class KWTA(nn.Module):
                 t = _kth_largest(score, n2)  # (C, 1): finite, as n2 <= the n1*B stage-1 winners
                 mask = (score >= t).view(C, B, H * W).transpose(0, 1)
                 if self.training:
-                    self._track(t.reshape(C).float())
+                    self._track(t.reshape(C).to(self.running_threshold.dtype))  # float32 under AMP
             elif self.eval_rule == "threshold":
                 mask &= flat >= self.running_threshold.view(1, C, 1)
         return x * mask.reshape(B, C, H, W)

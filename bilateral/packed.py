@@ -15,6 +15,7 @@ Tensors are batch-first: a packed batch is (B, N, 3, H, W), packed logits are (B
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -22,8 +23,7 @@ import torch.nn as nn
 from . import models
 
 # Layers that act per element or per channel, so they are correct on packed channels as is.
-# k-WTA: stage 1 is per (sample, channel) map, stage 2 per channel across the batch.
-PASSTHROUGH = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, models.KWTA)
+PASSTHROUGH = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity)
 PACKABLE_BACKBONES = ("resnet9", "resnet9_pyramid", "resnet18", "resnet34", "vgg11")
 
 
@@ -137,6 +137,13 @@ def _packed_layer(module, group, generators):
             if len(counts) > 1:
                 raise ValueError(f"members' BatchNorm counts differ ({sorted(counts)}): cannot pack")
             new.num_batches_tracked.copy_(m.num_batches_tracked)
+        return new
+    if isinstance(module, models.KWTA):  # stage 1 per (sample, channel), stage 2 per channel
+        m = module                         # across the batch: per member as is, given its thresholds
+        new = models.KWTA(m.k, m.k_batch, m.eval_rule, channels=n * len(m.running_threshold),
+                          momentum=m.momentum).to(m.running_threshold)  # its device and dtype
+        with torch.no_grad():
+            new.running_threshold.copy_(torch.cat([g.running_threshold for g in group]))
         return new
     if isinstance(module, nn.Linear):
         return PackedLinear(group)
@@ -302,30 +309,33 @@ def packable_groups(runs_, max_members=MAX_MEMBERS) -> list[list]:
     return groups
 
 
-def train_runs(runs_, force=False, log=print) -> list[dict]:
-    """Train runs of one packable group as one packed model and write each run's record as
-    stages.run_stage would (config.json, history.csv, model.pt, metrics.json); returns each
-    run's metrics, in order. Finished runs are read; a single run left, or runs whose
-    checkpoints stand at different epochs, are trained (or resumed) one by one."""
+def train_runs(group, force=False, log=print) -> list[dict]:
+    """Train the runs of one packable group as one packed model, each run claimed (runs.claim)
+    for the whole training, and write each run's record through the very functions that
+    stages.run_stage uses; returns each run's metrics, in order. `force`: one bool, or one per
+    run. Finished runs are read; a single run left, or runs whose checkpoints stand at
+    different epochs, are trained (or resumed) one by one."""
+    import contextlib
+
     from . import config as C
-    from . import runs, stages
-    keys = {pack_key(r) for r in runs_}
+    from . import data, runs, stages
+    keys = {pack_key(r) for r in group}
     if len(keys) != 1 or None in keys:
         raise ValueError("train_runs needs runs of one packable group (see packed.packable_groups)")
-    todo, results = [], {}
-    for j, r in enumerate(runs_):
-        if runs.prepare(r.path, C.identity(r.cfg), force) == "done":
-            log(f"[{r.key}] already finished with the same config: {r.path}")
-            results[j] = runs.read_json(r.path / "metrics.json")
-        else:
-            todo.append((j, r))
-    epochs = {_ckpt_epoch(r.path / "checkpoint.pt") for _, r in todo}
-    if len(todo) == 1 or len(epochs) > 1:
-        for j, r in todo:
-            results[j] = stages.run_stage(r.stage, r.cfg, r.seed, log=log)
-    elif todo:
-        results.update(zip([j for j, _ in todo], _train_packed([r for _, r in todo], log)))
-    return [results[j] for j in range(len(runs_))]
+    forces = list(force) if isinstance(force, (list, tuple)) else [force] * len(group)
+    data.check_splits(stages.load_splits(group[0].cfg))  # as run_stage: before any folder is claimed
+    C.check_device(group[0].cfg.device)
+    with contextlib.ExitStack() as held:
+        for r in group:
+            held.enter_context(runs.claim(r.path))
+        results = {j: stages.check_claimed(r, f, log) for j, (r, f) in enumerate(zip(group, forces))}
+        todo = [j for j, m in results.items() if m is None]
+        if len(todo) == 1 or len({_ckpt_epoch(group[j].path / "checkpoint.pt") for j in todo}) > 1:
+            for j in todo:
+                results[j] = stages._run_claimed(group[j], False, log)
+        elif todo:
+            results.update(zip(todo, _train_packed([group[j] for j in todo], log)))
+    return [results[j] for j in range(len(group))]
 
 
 def _ckpt_epoch(path):
@@ -334,17 +344,16 @@ def _ckpt_epoch(path):
 
 
 def _train_packed(group, log):
-    """stages._train and the tail of stages.run_stage for N runs at once (keep in step with
-    them: the records must stay identical in form)."""
-    import dataclasses
+    """stages._train for N claimed runs at once: the same seeds, loaders, models and records
+    (stages.record_training, finish_model, seal), with one packed model in between."""
     import time
 
-    from . import models, runs, stages, train
-    t0 = time.perf_counter()
+    from . import runs, stages, train
     cfg0, stage = group[0].cfg, group[0].stage
     if cfg0.threads:
         torch.set_num_threads(cfg0.threads)
     device = train.pick_device(cfg0.device)
+    t0 = time.perf_counter()
     hp = train.hyper(cfg0, stage)
     members, gens, train_dls = [], [], []
     for r in group:
@@ -355,10 +364,7 @@ def _train_packed(group, log):
         gens.append(_member_generator(device, rseed))
         members.append(model)
         train_dls.append(train_dl)
-        stages._record(r, device, {
-            "name": r.name, "run_seed": rseed, "hyper": dataclasses.asdict(hp),
-            "trainable_params": models.count_trainable(model), "cached_features": False,
-            "n_train": train_dl.n})
+        stages.record_training(r, device, rseed, hp, model, False, train_dl, val_dl)
     net = pack(members, gens).to(device)
     if device.type == "cuda" and cfg0.channels_last:
         net.net.to(memory_format=torch.channels_last)
@@ -378,12 +384,10 @@ def _train_packed(group, log):
     for i, r in enumerate(group):
         model = members[i].to(device)
         model.load_state_dict(unpack(net, i), strict=True)
-        metrics = _finish(model, bests[i], r, hp, hier, device, val_dl, test_dl)
-        metrics["wall_s"] = (time.perf_counter() - t0) / len(group)  # the run's share
-        runs.write_json(r.path / "metrics.json", metrics)
-        (r.path / "checkpoint.pt").unlink(missing_ok=True)
-        log(f"[{r.key}] done (packed): " + ", ".join(f"test {k} {v:.2%}" for k, v in metrics["test"].items()))
-        results.append(metrics)
+        model.eval()
+        metrics = stages.finish_model(r, model, model, bests[i], hp, hier, device, val_dl, test_dl)
+        share = (time.perf_counter() - t0) / len(group)  # the run's share of the packed training
+        results.append(stages.seal(r, metrics, share, log))
     return results
 
 
@@ -395,31 +399,33 @@ def _member_generator(device, rseed):
     return torch.Generator(device).manual_seed(rseed)  # as torch.manual_seed seeds CUDA
 
 
-def _finish(model, best, run, hp, hier, device, val_dl, test_dl):
-    """The metrics of stages._train from the trained (unpacked) model, and its model.pt."""
-    from . import runs, train
-    cfg, f2c = run.cfg, hier.fine_to_coarse
-    last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ev = lambda dl: train.evaluate(model, dl, device, f2c, cfg.amp)  # noqa: E731
-    model.eval()
-    out = {"val": {"last": ev(val_dl)}, "test_last": ev(test_dl)}
-    model.load_state_dict(best["state"])
-    out["val"]["best"], out["test_best"] = ev(val_dl), ev(test_dl)
-    if cfg.report_epoch == "last":
-        model.load_state_dict(last_state)
-    runs.save_torch(run.path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
-    return {"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
-            "test_best": out["test_best"], "val": out["val"][cfg.report_epoch], "val_all": out["val"],
-            "best_epoch": best["epoch"], "epochs": hp.epochs, "report": cfg.report_epoch,
-            "heads": list(run.heads)}
+@dataclass(frozen=True, eq=False)
+class Group:
+    """The runs of one packable group as one job of a sweep (bilateral/sweep.py): it trains
+    them packed and writes one record per run. Quacks like the plan.Run a job otherwise holds."""
+    runs: tuple
+    retrain: frozenset = frozenset()  # the members a forced job retrains (the stale ones)
 
+    @property
+    def cfg(self):
+        return self.runs[0].cfg
 
-def train_groups(runs_, force=False, log=print) -> list[dict]:
-    """Every run, in packable groups (a lone run trains as usual); metrics in the runs' order.
-    Packable stages have no upstream runs, so moving a run up to its group never trains it
-    before a run it needs."""
-    done = {}
-    for group in packable_groups(runs_):
-        ms = train_runs(group, force, log) if len(group) > 1 else [group[0].train(force=force, log=log)]
-        done.update(zip(group, ms))
-    return [done[r] for r in runs_]
+    @property
+    def stage(self):
+        return self.runs[0].stage
+
+    @property
+    def key(self) -> str:
+        return f"{self.runs[0].key}+{len(self.runs) - 1}"
+
+    def upstream(self) -> list:
+        return [u for r in self.runs for u in r.upstream()]
+
+    def status(self) -> str:
+        return "finished" if all(r.status() == "finished" for r in self.runs) else "in_progress"
+
+    def metrics(self):
+        return None
+
+    def train(self, force: bool = False, log=print) -> list[dict]:
+        return train_runs(list(self.runs), [force and r in self.retrain for r in self.runs], log)

@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .sweep import Outcome, _report, jobs_dir, say, tail
+from .sweep import Outcome, _report, jobs_dir, needs, say, tail
 
 
 class TrainJob:
@@ -63,9 +63,9 @@ def slurm_parameters(options: dict, n_jobs: int) -> dict:
 def _groups(todo: list) -> list[list]:
     """Runs that wait for the same upstream runs, by dependency level: each is one submission
     (a job array when it holds more than one run)."""
-    todo_set, level, groups = set(todo), {}, {}
+    deps, level, groups = needs(todo), {}, {}
     for r in todo:
-        ups = tuple(u for u in r.upstream() if u in todo_set)
+        ups = tuple(deps[r])
         level[r] = 1 + max((level[u] for u in ups), default=-1)
         groups.setdefault((level[r], r.cfg.experiment, tuple(u.key for u in ups)), []).append(r)
     return [groups[k] for k in sorted(groups, key=lambda k: k[0])]
@@ -74,12 +74,12 @@ def _groups(todo: list) -> list[list]:
 def submit(todo: list, retrain: set, options: dict, log=say) -> dict:
     """Submit every run of `todo`; {run: submitit job}."""
     import submitit
-    jobs = {}
+    jobs, deps = {}, needs(todo)
     for group in _groups(todo):
         folder = jobs_dir(group[0]) / "%j"
         ex = submitit.SlurmExecutor(folder=folder)
         params = slurm_parameters(options, len(todo))
-        ups = {u for r in group for u in r.upstream() if u in jobs}
+        ups = {u for r in group for u in deps[r] if u in jobs}
         if ups:
             params["dependency"] = "afterok:" + ":".join(sorted(jobs[u].job_id for u in ups))
         ex.update_parameters(job_name=f"{group[0].cfg.experiment}:{group[0].stage}", **params)
@@ -130,14 +130,14 @@ def _state(states: dict, job) -> str:
 def wait(jobs: dict, log=say, poll: float = 2.0) -> list[Outcome]:
     """Wait for every run's job; the dependants of a failed job, cancelled by SLURM, are
     reported as skipped."""
-    done, t0, n = {}, time.perf_counter(), len(jobs)
+    done, t0, n, deps = {}, time.perf_counter(), len(jobs), needs(list(jobs))
     while len(done) < n:
         states = queue_states([j.job_id for r, j in jobs.items() if r not in done])
         for r, job in jobs.items():  # submission order: upstream runs first
             if r in done:
                 continue
             state = _state(states, job)
-            ups = [u for u in r.upstream() if u in jobs]
+            ups = deps[r]
             if state == "CANCELLED" and any(u not in done for u in ups):
                 continue  # decide the upstream job first
             settled = settle(job, state, finished=r.status() == "finished")

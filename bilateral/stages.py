@@ -134,25 +134,42 @@ def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=pri
 
 
 def _run_claimed(run, force, log):
-    cfg, name, path = run.cfg, run.name, run.path
-    tag = f"[{run.stage} {name} seed={run.seed}]"
-    status = runs.prepare(path, C.identity(cfg), force, rebuild=run.command())  # checks the records
+    done = check_claimed(run, force, log)
+    if done is not None:
+        return done
+    if run.cfg.threads:
+        torch.set_num_threads(run.cfg.threads)
+    device = train.pick_device(run.cfg.device)
+    t0 = time.perf_counter()
+    say = lambda m: log(f"{tag(run)} {m}")  # noqa: E731
+    metrics = _train(run, device, say) if run.spec.build else _ensemble(run, device, say)
+    return seal(run, metrics, time.perf_counter() - t0, log)
+
+
+def tag(run) -> str:
+    return f"[{run.stage} {run.name} seed={run.seed}]"
+
+
+def check_claimed(run, force, log) -> dict | None:
+    """A claimed run's folder checked before training: its metrics when it is finished with
+    the same config, None when it is to be trained (or resumed); stale or foreign: raises."""
+    path = run.path
+    status = runs.prepare(path, C.identity(run.cfg), force, rebuild=run.command())  # checks the records
     changed = run.changed_upstream() if status != "new" else []  # force has cleared a stale run
     if changed:
         raise runs.RunConflict(f"{run.key} is stale: it was built on {', '.join(changed)}, "
                                f"retrained or removed since; use --force to retrain it")
     if status == "done":
-        log(f"{tag} already finished with the same config: {path}")
+        log(f"{tag(run)} already finished with the same config: {path}")
         return runs.read_json(path / "metrics.json")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = train.pick_device(cfg.device)
-    t0 = time.perf_counter()
-    say = lambda m: log(f"{tag} {m}")  # noqa: E731
-    metrics = _train(run, device, say) if run.spec.build else _ensemble(run, device, say)
-    metrics["wall_s"] = time.perf_counter() - t0
-    runs.finish(path, metrics)
-    log(f"{tag} done in {metrics['wall_s']:.0f}s: " + ", ".join(
+    return None
+
+
+def seal(run, metrics, wall_s, log) -> dict:
+    """The end of every training: wall time, metrics.json with model.pt's sha256, a log line."""
+    metrics["wall_s"] = wall_s
+    runs.finish(run.path, metrics)
+    log(f"{tag(run)} done in {metrics['wall_s']:.0f}s: " + ", ".join(
         f"test {k} {v:.2%}" for k, v in metrics["test"].items()))
     return metrics
 
@@ -185,14 +202,26 @@ def _train(run, device, log):
                                                                cached, hp, rseed, device, cfg.amp)
     if cfg.compile:
         forward = torch.compile(forward)
-    _record(run, device, {
-        "name": run.name, "run_seed": rseed, "hyper": dataclasses.asdict(hp),
-        "trainable_params": models.count_trainable(model), "total_params": models.count_total(model),
-        "cached_features": cached, "n_train": train_dl.n, "n_val": val_dl.n})
+    record_training(run, device, rseed, hp, model, cached, train_dl, val_dl)
     history, best = train.fit(
         model, forward, train_dl, val_dl, heads=heads, hp=hp, device=device,
         fine_to_coarse=hier.fine_to_coarse, ckpt_path=path / "checkpoint.pt", amp=cfg.amp,
         progress=cfg.progress, log=log, on_epoch=lambda h: runs.write_csv(path / "history.csv", h))
+    return finish_model(run, model, forward, best, hp, hier, device, val_dl, test_dl)
+
+
+def record_training(run, device, rseed, hp, model, cached, train_dl, val_dl):
+    """config.json of a run that trains a model (packed or not)."""
+    _record(run, device, {
+        "name": run.name, "run_seed": rseed, "hyper": dataclasses.asdict(hp),
+        "trainable_params": models.count_trainable(model), "total_params": models.count_total(model),
+        "cached_features": cached, "n_train": train_dl.n, "n_val": val_dl.n})
+
+
+def finish_model(run, model, forward, best, hp, hier, device, val_dl, test_dl) -> dict:
+    """A trained model's metrics (last and best epoch, val and test) and its model.pt, the
+    reported epoch's state (packed runs come here with each unpacked member)."""
+    cfg, stage, heads = run.cfg, run.stage, run.heads
     f2c = hier.fine_to_coarse
     last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ev = lambda dl: train.evaluate(forward, dl, device, f2c, cfg.amp)  # noqa: E731
@@ -201,7 +230,7 @@ def _train(run, device, log):
     out["val"]["best"], out["test_best"] = ev(val_dl), ev(test_dl)
     if cfg.report_epoch == "last":
         model.load_state_dict(last_state)
-    runs.save_torch(path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+    runs.save_torch(run.path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
     # not the bilateral heads: they were trained on features made under one rule (and cached)
     kwta = kwta_test_metrics(model, ev, test_dl) if stage != "bilateral" else {}
     return {"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],

@@ -1,5 +1,6 @@
 """`python -m bilateral sweep`: train the runs of a plan on local worker processes or a SLURM
-cluster, one job per run, each after its upstream runs succeeded.
+cluster, one job per run (or per packed group of runs, `pack: auto`), each after its upstream
+runs succeeded.
 
 Read top to bottom:
 1. `to_train`: what a sweep trains (plan.pending: not finished, or downstream of such a run)
@@ -70,6 +71,32 @@ def to_train(runs: list, force: bool = False) -> tuple[list, set]:
         raise C.ConfigError(f"{len(retrain)} run(s) would be retrained (stale, or built on runs "
                             f"this sweep trains):\n  {names}\nrerun with --force to retrain them")
     return todo, retrain
+
+
+def jobs_of(todo: list, retrain: set) -> tuple[list, set]:
+    """(the jobs of a sweep, those forced): one per run, but under `pack: auto` the runs that
+    packed.packable_groups puts together (a run across seeds, a seed's pool) are one job, a
+    packed.Group, that trains them as one packed model."""
+    from . import packed
+    jobs = [g[0] if len(g) == 1 else packed.Group(tuple(g), frozenset(r for r in g if r in retrain))
+            for g in packed.packable_groups(todo)]
+    return jobs, {j for j in jobs if any(r in retrain for r in members(j))}
+
+
+def members(job) -> list:
+    return list(getattr(job, "runs", [job]))
+
+
+def needs(jobs: list) -> dict:
+    """{job: the jobs it waits for}: those that train its runs' upstream runs."""
+    job_of = {r: j for j in jobs for r in members(j)}
+    return {j: list(dict.fromkeys(job_of[u] for r in members(j) for u in r.upstream()
+                                  if u in job_of and job_of[u] is not j)) for j in jobs}
+
+
+def per_run(outcomes: list) -> list:
+    """A packed job's outcome as each of its runs' outcome."""
+    return [dataclasses.replace(o, run=r) for o in outcomes for r in members(o.run)]
 
 
 # --------------------------------------------------------------------------- 2. estimate
@@ -179,7 +206,7 @@ def _skip_reason(run, deps, done) -> str | None:
 def run_local(todo: list, retrain: set, jobs: int = 1, log=say) -> list[Outcome]:
     """Every run of `todo` on `jobs` worker processes (in this process for jobs=1)."""
     from .pipeline import seed_env
-    deps = {r: [u for u in r.upstream() if u in set(todo)] for r in todo}
+    deps = needs(todo)
     waiting, done, running = list(todo), {}, {}
     pool = None
     if jobs > 1:
@@ -322,8 +349,9 @@ def sweep(params, seeds=(0,), executor="local", jobs=1, slurm=None, overrides=No
     workers = jobs if executor == "local" else options.get("max_parallel", len(todo) or 1)
     log(estimate(todo, points[0][0], workers=workers))
     t0 = time.perf_counter()
-    outcomes = (run_local(todo, retrain, jobs, log) if executor == "local"
-                else slurm_executor.run_slurm(todo, retrain, options, log))
+    units, forced = jobs_of(todo, retrain)
+    outcomes = per_run(run_local(units, forced, jobs, log) if executor == "local"
+                       else slurm_executor.run_slurm(units, forced, options, log))
     text = summary(outcomes) + f"\nwall time {time.perf_counter() - t0:.0f}s" if todo else "nothing to do"
     if command:
         text = f"command: {command}\n{text}"
