@@ -18,9 +18,10 @@ SEEDS = [0, 1]
 # The smoke preset reduced so that the 2-seed plan trains in about a minute on 2 cores:
 # conditions A and B (the pyramid hemisphere included), a pool of 2 with one 2-member
 # ensemble, 1 epoch, no ResNet-18/34 or unspecialised model. 18 runs; bilateral runs wait for
-# their hemispheres, the ensemble for its pool.
+# their hemispheres, the ensemble for its pool. pack=off: one job per run, whose records equal
+# the sequential path's bit for bit (packed ones only up to float rounding, see test_packed).
 REDUCED = ["conditions=[A, B]", "pool_size=2", "ensemble_sizes=[2]", "epochs=1",
-           "baselines=[unilateral, ensemble]"]
+           "baselines=[unilateral, ensemble]", "pack=off"]
 
 
 def reduced(out, *more):
@@ -66,6 +67,26 @@ def test_local_workers_equal_the_sequential_path(sequential, tmp_path, capsys):
     code, outcomes = sweep.sweep(SMOKE, SEEDS, "local", jobs=2, overrides=reduced(tmp_path))
     assert code == 0 and outcomes == []
     assert "nothing to train" in capsys.readouterr().out
+
+
+def test_local_sweep_trains_packed_groups_as_one_job(tmp_path):
+    """pack=auto: a hemisphere across the 2 seeds is one job, the 2 seeds' pools another; every
+    run still gets its own verified record, and the dependants wait for the packed jobs."""
+    code, outcomes = sweep.sweep(SMOKE, SEEDS, "local", overrides=reduced(tmp_path, "conditions=[A]", "pack=auto"),
+                                 log=lambda m: None)
+    assert code == 0 and [o.status for o in outcomes] == ["ok"] * 12
+    jobs = {}
+    for o in outcomes:
+        jobs.setdefault(o.log, []).append(o.run.key)
+    assert sorted(map(len, jobs.values())) == [1, 1, 1, 1, 2, 2, 4]
+    (pool,) = [log for log, keys in jobs.items() if len(keys) == 4]
+    assert all(k.startswith("unilateral/") for k in jobs[pool]) and "[packed x4]" in Path(pool).read_text()
+    runs_ = the_plan(tmp_path, SEEDS, "conditions=[A]", "pack=auto")
+    assert {r.status() for r in runs_} == {"finished"}
+    for r in runs_:
+        assert "model_sha256" in runs.verify(r.path) or r.stage == "ensemble"
+        for u in r.upstream():
+            assert (r.path / "config.json").stat().st_mtime >= (u.path / "metrics.json").stat().st_mtime
 
 
 def corrupt_checkpoint(run):
