@@ -265,6 +265,8 @@ def from_dict(values: dict) -> Config:
     if unknown:
         raise ConfigError(f"unknown parameter(s): {', '.join(unknown)}; "
                           f"allowed: {', '.join(FIELD_TYPES)}")
+    if values.get("pack") is False:  # YAML reads an unquoted `pack: off` as false
+        values = {**values, "pack": "off"}
     typed = {k: _check_type(k, v, _HINTS[k]) for k, v in values.items()}
     return validate(Config(**typed))
 

@@ -503,6 +503,12 @@ def describe(runs_: list[Run]) -> str:
     if stale:
         lines += ["", "stale (training refuses them without --force):"]
         lines += [f"  {r.key}: {'; '.join(r.stale_reasons())}" for r in stale]
+    from . import packed
+    groups = [g for g in packed.packable_groups(pending(runs_)) if len(g) > 1]
+    if groups:
+        lines += ["", "packed (pack: auto): each group trains as one model, in one job:"]
+        lines += [f"  {len(g)} x {g[0].stage} {g[0].name}: runs {_ranges(index[r] for r in g)}"
+                  for g in groups]
     lines += ["", f"{'stage':<24} {'runs':>5} {'cost':>10}  model"]
     for s in dict.fromkeys(r.stage for r in runs_):
         rs = [r for r in runs_ if r.stage == s]

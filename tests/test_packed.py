@@ -186,3 +186,4 @@ def test_pack_off_and_unpackable_runs_stay_alone(tmp_path):
     assert [len(g) for g in packed.packable_groups(plan)] == [1, 1, 1]
     with pytest.raises(C.ConfigError, match="pack"):
         C.from_dict({"pack": "sometimes"})
+    assert C.load(None, ["pack=off"]).pack == "off"  # YAML's false
