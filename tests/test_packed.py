@@ -20,6 +20,14 @@ ARCHS = {  # name: (backbone, k-WTA kwargs, width)
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One CPU thread: these steps are small, and two threads spinning on a shared 2-core
+    machine made them 6x slower (8.9 s against 1.4 s for one test)."""
+    with train.cpu_threads(1):
+        yield
+
+
 def members(arch, n=N, dtype=torch.float32):
     """n models with their own init, and each one's RNG state right after it (its dropout stream)."""
     name, kw, width = ARCHS[arch]
@@ -147,8 +155,9 @@ def test_packed_run_records_match_separate_runs(tmp_path):
         assert (a / "history.csv").read_text().splitlines()[0] == (b / "history.csv").read_text().splitlines()[0]
         sa, sb = runs.load_torch(a / "model.pt"), runs.load_torch(b / "model.pt")
         assert list(sa) == list(sb)
-        for k in sa:  # the same run up to float32 rounding (measured 4e-7)
-            torch.testing.assert_close(sb[k].float(), sa[k].float(), atol=1e-5, rtol=1e-5)
+        for k in sa:  # the same run up to float32 rounding, grown over 4 steps (measured up
+            # to 8e-5; float64 steps agree to 1e-5 above); another member's weights differ by 0.7
+            torch.testing.assert_close(sb[k].float(), sa[k].float(), atol=1e-3, rtol=0)
     # the packed records are finished runs: a rerun reads them
     again = packed.train_runs(group, log=lambda s: None)
     assert [x["test"] for x in again] == [x["test"] for x in metrics]
