@@ -95,13 +95,13 @@ class Config:
     compile: bool = False
     progress: bool = True
     threads: int | None = None         # torch CPU threads; None leaves torch's choice
-    pack: str = "auto"                 # auto: train runs differing only in seed/member as one packed model
+    pack: str = "auto"                 # train runs differing only in seed/member as one packed model: on, off, auto = on CUDA
 
 
 CHOICES = {
     "dataset": DATASETS, "backbone": BACKBONE_CHOICES, "condition": CONDITIONS,
     "recipe": RECIPES, "side": SIDES, "report_epoch": REPORTS, "kwta_eval": KWTA_EVAL,
-    "callosum": CALLOSUM_KINDS, "callosum_train": CALLOSUM_TRAIN, "pack": ("auto", "off"),
+    "callosum": CALLOSUM_KINDS, "callosum_train": CALLOSUM_TRAIN, "pack": ("auto", "on", "off"),
 }
 LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES,
                 "callosum_at": CALLOSUM_DEPTHS, "callosum_kinds": CALLOSUM_KINDS}
@@ -265,8 +265,8 @@ def from_dict(values: dict) -> Config:
     if unknown:
         raise ConfigError(f"unknown parameter(s): {', '.join(unknown)}; "
                           f"allowed: {', '.join(FIELD_TYPES)}")
-    if values.get("pack") is False:  # YAML reads an unquoted `pack: off` as false
-        values = {**values, "pack": "off"}
+    if isinstance(values.get("pack"), bool):  # YAML reads an unquoted `pack: on/off` as true/false
+        values = {**values, "pack": "on" if values["pack"] else "off"}
     typed = {k: _check_type(k, v, _HINTS[k]) for k, v in values.items()}
     return validate(Config(**typed))
 

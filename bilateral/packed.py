@@ -279,11 +279,19 @@ def _architecture(run) -> str:
     return run.cfg.backbone if run.stage == "unilateral" else run.stage
 
 
+def packs(cfg) -> bool:
+    """pack: on, off, or auto: on where the runs train on CUDA. On a CPU, PyTorch's grouped
+    convolutions ran slower than the N plain ones (bench section 6: 0.3-0.8x at widths 1/8 and
+    1/4 on 2 cores), so auto leaves CPU runs apart."""
+    from . import train
+    return cfg.pack == "on" or cfg.pack == "auto" and train.pick_device(cfg.device).type == "cuda"
+
+
 def pack_key(run):
     """Runs with equal keys can share one packed model: one stage and config (so one
     architecture, data and recipe), differing only in seed or pool member. None: never packed."""
     from . import config as C
-    if run.cfg.pack == "off" or run.stage not in PACKABLE_STAGES \
+    if not packs(run.cfg) or run.stage not in PACKABLE_STAGES \
             or _architecture(run) not in PACKABLE_BACKBONES:
         return None
     ident = C.identity(run.cfg)

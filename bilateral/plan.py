@@ -506,7 +506,7 @@ def describe(runs_: list[Run]) -> str:
     from . import packed
     groups = [g for g in packed.packable_groups(pending(runs_)) if len(g) > 1]
     if groups:
-        lines += ["", "packed (pack: auto): each group trains as one model, in one job:"]
+        lines += ["", f"packed (pack: {runs_[0].cfg.pack}): each group trains as one model, in one job:"]
         lines += [f"  {len(g)} x {g[0].stage} {g[0].name}: runs {_ranges(index[r] for r in g)}"
                   for g in groups]
     lines += ["", f"{'stage':<24} {'runs':>5} {'cost':>10}  model"]

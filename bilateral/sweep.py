@@ -1,5 +1,5 @@
 """`python -m bilateral sweep`: train the runs of a plan on local worker processes or a SLURM
-cluster, one job per run (or per packed group of runs, `pack: auto`), each after its upstream
+cluster, one job per run (or per packed group of runs, see `pack`), each after its upstream
 runs succeeded.
 
 Read top to bottom:
@@ -74,7 +74,7 @@ def to_train(runs: list, force: bool = False) -> tuple[list, set]:
 
 
 def jobs_of(todo: list, retrain: set) -> tuple[list, set]:
-    """(the jobs of a sweep, those forced): one per run, but under `pack: auto` the runs that
+    """(the jobs of a sweep, those forced): one per run, but where packing is on the runs that
     packed.packable_groups puts together (a run across seeds, a seed's pool) are one job, a
     packed.Group, that trains them as one packed model."""
     from . import packed

@@ -117,7 +117,7 @@ def test_pack_refuses_mixed_architectures():
 
 def _cfg(tmp_path, experiment, **kw):
     kw = dict(dict(synthetic_size=300, width=1 / 32, epochs=1, batch_size=64, progress=False,
-                   pool_size=3, ensemble_sizes=[2]), **kw)
+                   pool_size=3, ensemble_sizes=[2], pack="on"), **kw)
     return C.Config(out_dir=str(tmp_path), experiment=experiment, dataset="synthetic", **kw)
 
 
@@ -195,4 +195,6 @@ def test_pack_off_and_unpackable_runs_stay_alone(tmp_path):
     assert [len(g) for g in packed.packable_groups(plan)] == [1, 1, 1]
     with pytest.raises(C.ConfigError, match="pack"):
         C.from_dict({"pack": "sometimes"})
-    assert C.load(None, ["pack=off"]).pack == "off"  # YAML's false
+    assert C.load(None, ["pack=off"]).pack == "off" and C.load(None, ["pack=on"]).pack == "on"  # YAML's bools
+    auto = [Run("unilateral", dataclasses.replace(cfg, member=m, pack="auto", device="cpu"), 0) for m in range(2)]
+    assert [len(g) for g in packed.packable_groups(auto)] == [1, 1]  # auto: CUDA only

@@ -70,9 +70,9 @@ def test_local_workers_equal_the_sequential_path(sequential, tmp_path, capsys):
 
 
 def test_local_sweep_trains_packed_groups_as_one_job(tmp_path):
-    """pack=auto: a hemisphere across the 2 seeds is one job, the 2 seeds' pools another; every
+    """pack=on: a hemisphere across the 2 seeds is one job, the 2 seeds' pools another; every
     run still gets its own verified record, and the dependants wait for the packed jobs."""
-    code, outcomes = sweep.sweep(SMOKE, SEEDS, "local", overrides=reduced(tmp_path, "conditions=[A]", "pack=auto"),
+    code, outcomes = sweep.sweep(SMOKE, SEEDS, "local", overrides=reduced(tmp_path, "conditions=[A]", "pack=on"),
                                  log=lambda m: None)
     assert code == 0 and [o.status for o in outcomes] == ["ok"] * 12
     jobs = {}
@@ -81,7 +81,7 @@ def test_local_sweep_trains_packed_groups_as_one_job(tmp_path):
     assert sorted(map(len, jobs.values())) == [1, 1, 1, 1, 2, 2, 4]
     (pool,) = [log for log, keys in jobs.items() if len(keys) == 4]
     assert all(k.startswith("unilateral/") for k in jobs[pool]) and "[packed x4]" in Path(pool).read_text()
-    runs_ = the_plan(tmp_path, SEEDS, "conditions=[A]", "pack=auto")
+    runs_ = the_plan(tmp_path, SEEDS, "conditions=[A]", "pack=on")
     assert {r.status() for r in runs_} == {"finished"}
     for r in runs_:
         assert "model_sha256" in runs.verify(r.path) or r.stage == "ensemble"
