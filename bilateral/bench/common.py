@@ -13,6 +13,7 @@ import torch
 
 from .. import config as C
 from .. import data, train
+from ..runs import cpu_model
 
 BATCH = 256
 CUDA_ONLY = "skipped: cuda only (no CUDA device in this run)"
@@ -60,16 +61,6 @@ def sizes(device: torch.device, quick: bool, toy: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------ helpers
-def cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def loadavg():
     try:
         return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
