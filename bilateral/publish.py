@@ -13,7 +13,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from . import results_md
+from . import plan, results_md
 from .runs import atomic_write_bytes, cpu_model
 
 FILES = ("results.csv", "results.md", results_md.FOREST, "results.png")
@@ -23,7 +23,8 @@ def _records(exp: Path) -> list[tuple[dict, dict]]:
     """(config.json, metrics.json) of every finished run of the experiment."""
     out = []
     for m in sorted(exp.glob("*/*/seed=*/metrics.json")):
-        out.append((json.loads((m.parent / "config.json").read_text()), json.loads(m.read_text())))
+        if m.parents[2].name in plan.STAGES:  # not analysis/<condition>/seed=k
+            out.append((json.loads((m.parent / "config.json").read_text()), json.loads(m.read_text())))
     return out
 
 
