@@ -67,8 +67,9 @@ def provenance(exp: Path, command: str | None = None) -> str:
              "- training time per seed (sum of its runs' wall_s; runs of two workers overlap, so "
              "this is compute, not elapsed time): "
              + ", ".join(f"seed {s}: {_hms(t)}" for s, t in sorted(per_seed.items()))]
-    if sweep:
-        lines += ["", "The last sweep over this experiment (jobs/summary.txt):", "", "```", sweep, "```"]
+    if sweep:  # its counts and wall time; the per-run table stays in jobs/summary.txt
+        tail = sweep.split("\n\n")[-1]
+        lines += [f"- the last sweep over this experiment: {'; '.join(tail.splitlines())}"]
     return "\n".join(lines) + "\n"
 
 
