@@ -30,7 +30,8 @@ def _records(exp: Path) -> list[tuple[dict, dict]]:
 
 def _common(values) -> str:
     """One value, or each value with how many runs recorded it (a study resumed elsewhere)."""
-    c = Counter(v if isinstance(v, str) else json.dumps(v, sort_keys=True) for v in values)
+    c = Counter("not recorded" if v is None else v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+                for v in values)
     if len(c) == 1:
         return next(iter(c))
     return "; ".join(f"{v} ({n} runs)" for v, n in c.most_common())
@@ -43,7 +44,7 @@ def _hms(s: float) -> str:
 def _cpu(recs) -> str:
     if all(r.get("cpu") is None for r, _ in recs):  # recorded only since the runs say it
         return f"{cpu_model()} ({os.cpu_count()} cores; read when published, the runs did not record it)"
-    return f"{_common(r.get('cpu') for r, _ in recs)} ({_common(r.get('cpu_count') for r, _ in recs)} cores)"
+    return f"{_common(r.get('cpu') for r, _ in recs)}; cores: {_common(r.get('cpu_count') for r, _ in recs)}"
 
 
 def provenance(exp: Path, command: str | None = None) -> str:
@@ -69,7 +70,8 @@ def provenance(exp: Path, command: str | None = None) -> str:
              + ", ".join(f"seed {s}: {_hms(t)}" for s, t in sorted(per_seed.items()))]
     if sweep:  # its counts and wall time; the per-run table stays in jobs/summary.txt
         tail = sweep.split("\n\n")[-1]
-        lines += [f"- the last sweep over this experiment: {'; '.join(tail.splitlines())}"]
+        lines += [f"- the last sweep over this experiment (what it had left to train): "
+                  f"{'; '.join(tail.splitlines())}"]
     return "\n".join(lines) + "\n"
 
 

@@ -122,7 +122,7 @@ def comparison_section(comp: pd.DataFrame, summ: pd.DataFrame) -> list[str]:
     lines = ["", f"## {ref} against every other model", "",
              f"Difference of mean test accuracy ({ref} minus the model), percentage points, with "
              "a 95% confidence interval over seeds (scipy.stats). **paired**: the model shares "
-             f"runs with {ref} (its own hemispheres, seed by seed), t-interval of the per-seed "
+             f"runs with {ref} (its own hemispheres, or a callosal model built on them, seed by seed), t-interval of the per-seed "
              "differences (`ttest_rel`). **Welch**: the models were trained from independent "
              "seeds, Welch's interval (`ttest_ind(equal_var=False)`). One seed gives no "
              "interval.", ""]

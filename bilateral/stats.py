@@ -59,11 +59,14 @@ def welch(a: dict, b: dict, level=LEVEL) -> dict:
 
 
 def shares_runs(ref: str, key: str) -> bool:
-    """Does model `key` consist of runs that model `ref` is built on? Only a bilateral model
-    and its own hemispheres (bilateral/resnet9-A and hemisphere/resnet9-A-left, -right)."""
+    """Do models `ref` and `key` share runs, seed by seed? Only a bilateral model and its own
+    hemispheres (bilateral/resnet9-A and hemisphere/resnet9-A-left, -right), and a callosal
+    model built on the same hemispheres (callosal/resnet9-A-add-layer1+layer3)."""
     r, k = ref.split("/", 1), key.split("/", 1)
-    return (len(r) == len(k) == 2 and r[0] == "bilateral" and k[0] == "hemisphere"
-            and k[1] in (f"{r[1]}-left", f"{r[1]}-right"))
+    if len(r) != 2 or len(k) != 2 or r[0] != "bilateral":
+        return False
+    return ((k[0] == "hemisphere" and k[1] in (f"{r[1]}-left", f"{r[1]}-right"))
+            or (k[0] == "callosal" and k[1].startswith(f"{r[1]}-")))
 
 
 def difference(a: dict, b: dict, shared: bool, level=LEVEL) -> dict:

@@ -52,8 +52,11 @@ def test_only_a_bilateral_model_and_its_own_hemispheres_are_paired():
     ref = "bilateral/resnet9-A"
     assert stats.shares_runs(ref, "hemisphere/resnet9-A-left")
     assert stats.shares_runs(ref, "hemisphere/resnet9-A-right")
+    assert stats.shares_runs(ref, "callosal/resnet9-A-add-layer1+layer3")  # built on them too
     for other in ("hemisphere/resnet9-C-left", "bilateral/resnet9-B", "unilateral/resnet9",
-                  "ensemble/resnet9-k2", "bilateral_unspecialised/resnet9-A", "resnet34"):
+                  "ensemble/resnet9-k2", "bilateral_unspecialised/resnet9-A", "resnet34",
+                  "callosal/resnet9-B-add-layer1+layer3",
+                  "callosal_unspecialised/resnet9-A-add-layer1+layer3"):
         assert not stats.shares_runs(ref, other)
 
 
