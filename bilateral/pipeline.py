@@ -3,7 +3,7 @@
 Notebooks 01-05 run in order for every seed (a failure stops that seed's chain only), then
 06_results once over all seeds. Executed copies go to outputs/<experiment>/notebooks/seed=<k>/.
 The stages reuse finished runs with the same config, so rerunning after an interruption
-continues where it stopped. The notebooks themselves call `notebook_config` (below) to find the
+continues where it stopped. The notebooks themselves call `notebook_setup` (below) to find the
 repository and read the params file, so they behave the same from JupyterLab, Colab or here.
 """
 from __future__ import annotations
@@ -67,6 +67,27 @@ def notebook_config(params_file, overrides=None, experiment=None, condition=None
     if cfg.condition not in cfg.conditions:
         cfg = dataclasses.replace(cfg, condition=cfg.conditions[0])
     return cfg
+
+
+def notebook_setup(params_file, overrides=None, experiment=None, condition=None, seed=0):
+    """The setup cell of a per-seed notebook: its Config (notebook_config), the device it runs
+    on and its seed's figure folder; printed, so the notebook's output says what it ran."""
+    from .train import pick_device  # late: torch is needed only once a notebook runs
+    cfg = notebook_config(params_file, overrides, experiment, condition)
+    device = pick_device(cfg.device)
+    print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {cfg.width}, "
+          f"seed {seed}, device {device}")
+    return cfg, device, figure_dir(cfg, seed)
+
+
+def runs_table(runs):
+    """The runs of a notebook's phase as a table: label, key, status, and what each is built
+    on (a column only when some run is built on others)."""
+    import pandas as pd
+    rows = [{"label": r.label, "key": r.key, "status": r.status(),
+             "built on": ", ".join(u.label for u in r.upstream())} for r in runs]
+    df = pd.DataFrame(rows, columns=["label", "key", "status", "built on"])
+    return df if df["built on"].any() else df.drop(columns="built on")
 
 
 def experiment_dir(cfg: C.Config) -> Path:

@@ -45,12 +45,8 @@ if "google.colab" in sys.modules:  # on Colab: fetch the repository and install 
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/bilateral-brain"], check=True)
     os.chdir("/content/bilateral-brain")
 
-from bilateral import pipeline, train, stages, figures
-cfg = pipeline.notebook_config(params_file, overrides, experiment)
-device = train.pick_device(cfg.device)
-figures_dir = pipeline.figure_dir(cfg, seed)
-print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {cfg.width}, "
-      f"seed {seed}, device {device}")
+from bilateral import pipeline, stages, figures
+cfg, device, figures_dir = pipeline.notebook_setup(params_file, overrides, experiment, seed=seed)
 
 # %% [markdown]
 # Load the three splits (CIFAR-100 is downloaded here when it is missing).

@@ -46,13 +46,8 @@ if "google.colab" in sys.modules:  # on Colab: fetch the repository and install 
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/bilateral-brain"], check=True)
     os.chdir("/content/bilateral-brain")
 
-import pandas as pd
-from bilateral import pipeline, plan, train, figures
-cfg = pipeline.notebook_config(params_file, overrides, experiment, condition)
-device = train.pick_device(cfg.device)
-figures_dir = pipeline.figure_dir(cfg, seed)
-print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {cfg.width}, "
-      f"seed {seed}, device {device}")
+from bilateral import pipeline, plan, figures
+cfg, device, figures_dir = pipeline.notebook_setup(params_file, overrides, experiment, condition, seed=seed)
 
 # %% [markdown]
 # The runs of this phase: a left and a right hemisphere for every condition. Each has a folder
@@ -63,7 +58,7 @@ print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {
 
 # %%
 hemisphere_runs = plan.phase_runs(cfg, "hemispheres", seed)
-pd.DataFrame([{"label": r.label, "key": r.key, "status": r.status()} for r in hemisphere_runs])
+pipeline.runs_table(hemisphere_runs)
 
 # %% [markdown]
 # Train them one after the other; a finished run is read back. After an interruption, rerunning

@@ -42,13 +42,8 @@ if "google.colab" in sys.modules:  # on Colab: fetch the repository and install 
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/bilateral-brain"], check=True)
     os.chdir("/content/bilateral-brain")
 
-import pandas as pd
-from bilateral import pipeline, plan, train, figures
-cfg = pipeline.notebook_config(params_file, overrides, experiment, condition)
-device = train.pick_device(cfg.device)
-figures_dir = pipeline.figure_dir(cfg, seed)
-print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {cfg.width}, "
-      f"seed {seed}, device {device}")
+from bilateral import pipeline, plan, figures
+cfg, device, figures_dir = pipeline.notebook_setup(params_file, overrides, experiment, condition, seed=seed)
 
 # %% [markdown]
 # The runs of this phase: one bilateral model per condition, each built on the two hemispheres
@@ -59,8 +54,7 @@ print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {
 
 # %%
 bilateral_runs = plan.phase_runs(cfg, "bilateral", seed)
-pd.DataFrame([{"label": r.label, "key": r.key, "status": r.status(),
-               "built on": ", ".join(u.label for u in r.upstream())} for r in bilateral_runs])
+pipeline.runs_table(bilateral_runs)
 
 # %% [markdown]
 # Train the heads of each (a finished run is read back), then read the metrics of the

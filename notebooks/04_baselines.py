@@ -47,13 +47,8 @@ if "google.colab" in sys.modules:  # on Colab: fetch the repository and install 
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/bilateral-brain"], check=True)
     os.chdir("/content/bilateral-brain")
 
-import pandas as pd
-from bilateral import pipeline, plan, train, figures
-cfg = pipeline.notebook_config(params_file, overrides, experiment)
-device = train.pick_device(cfg.device)
-figures_dir = pipeline.figure_dir(cfg, seed)
-print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {cfg.width}, "
-      f"seed {seed}, device {device}")
+from bilateral import pipeline, plan, figures
+cfg, device, figures_dir = pipeline.notebook_setup(params_file, overrides, experiment, seed=seed)
 
 # %% [markdown]
 # The runs of this phase: every baseline of the preset. An ensemble is not trained: it is built
@@ -64,8 +59,7 @@ print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {
 
 # %%
 baseline_runs = plan.phase_runs(cfg, "baselines", seed)
-pd.DataFrame([{"label": r.label, "key": r.key, "status": r.status(),
-               "built on": ", ".join(u.label for u in r.upstream())} for r in baseline_runs])
+pipeline.runs_table(baseline_runs)
 
 # %% [markdown]
 # Train them one after the other (a finished run is read back; an ensemble is evaluated).

@@ -46,12 +46,8 @@ if "google.colab" in sys.modules:  # on Colab: fetch the repository and install 
     os.chdir("/content/bilateral-brain")
 
 import pandas as pd
-from bilateral import analysis, models, pipeline, results, train, figures
-cfg = pipeline.notebook_config(params_file, overrides, experiment, condition)
-device = train.pick_device(cfg.device)
-figures_dir = pipeline.figure_dir(cfg, seed)
-print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {cfg.width}, "
-      f"seed {seed}, device {device}")
+from bilateral import analysis, models, pipeline, results, figures
+cfg, device, figures_dir = pipeline.notebook_setup(params_file, overrides, experiment, condition, seed=seed)
 
 # %% [markdown]
 # The runs each condition's analysis reads: its two hemispheres, its bilateral model and, for

@@ -66,12 +66,8 @@ if "google.colab" in sys.modules:  # on Colab: fetch the repository and install 
     os.chdir("/content/bilateral-brain")
 
 import pandas as pd
-from bilateral import pipeline, plan, train, data, stages, callosum, callosum_study, results, figures
-cfg = pipeline.notebook_config(params_file, overrides, experiment, condition)
-device = train.pick_device(cfg.device)
-figures_dir = pipeline.figure_dir(cfg, seed)
-print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {cfg.width}, "
-      f"seed {seed}, device {device}")
+from bilateral import pipeline, plan, data, stages, callosum, callosum_study, results, figures
+cfg, device, figures_dir = pipeline.notebook_setup(params_file, overrides, experiment, condition, seed=seed)
 print(f"callosal kinds {cfg.callosum_kinds or 'none (set callosum_kinds)'} at "
       f"{' + '.join(cfg.callosum_at)}, training {cfg.callosum_train}")
 
@@ -93,8 +89,7 @@ pd.DataFrame(callosum.params_rows(), columns=["model", "total parameters", "trai
 # %%
 callosal_runs = plan.phase_runs(cfg, "callosum", seed)
 bilateral_runs = plan.phase_runs(cfg, "bilateral", seed)
-pd.DataFrame([{"label": r.label, "key": r.key, "status": r.status(),
-               "built on": ", ".join(u.label for u in r.upstream())} for r in callosal_runs])
+pipeline.runs_table(callosal_runs)
 
 # %% [markdown]
 # Train each callosal run, and for the comparison the bilateral model of each condition; the
