@@ -17,6 +17,13 @@ def stage_help() -> str:
 SEEDS_HELP = "seeds as 0-4, 0 1 2 or 0,2"
 
 
+def add_study_args(p):
+    """A params file, its seeds and --set overrides: what run, sweep and plan start from."""
+    p.add_argument("params")
+    p.add_argument("--seeds", nargs="+", default=["0"], help=SEEDS_HELP)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
 def add_executor_args(p, jobs_help):
     """--executor, --jobs and the SLURM job options (also the `slurm:` keys of a params file)."""
     p.add_argument("--executor", choices=["local", "slurm"], default="local",
@@ -50,18 +57,14 @@ def main(argv=None):
     t.add_argument("--force", action="store_true", help="replace a finished, stale or different run")
 
     r = sub.add_parser("run", help="the whole study for some seeds, notebook by notebook")
-    r.add_argument("params")
-    r.add_argument("--seeds", nargs="+", default=["0"], help=SEEDS_HELP)
+    add_study_args(r)
     r.add_argument("--only", nargs="+", default=None, metavar="NOTEBOOK")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--download", action="store_true", help="fetch CIFAR-100 when missing")
     add_executor_args(r, "local: seeds run in N processes; slurm: unused")
 
     sw = sub.add_parser("sweep", help="train every unfinished run of the plan: local workers "
                                       "or SLURM jobs, dependants after their upstream runs")
-    sw.add_argument("params")
-    sw.add_argument("--seeds", nargs="+", default=["0"], help=SEEDS_HELP)
-    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_study_args(sw)
     sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                     help="one experiment per combination (repeatable)")
     sw.add_argument("--force", action="store_true", help="retrain stale runs and their dependants")
@@ -69,9 +72,7 @@ def main(argv=None):
 
     pl = sub.add_parser("plan", help="every run of the study: status, dependencies, cost; "
                                      "trains nothing")
-    pl.add_argument("params")
-    pl.add_argument("--seeds", nargs="+", default=["0"], help=SEEDS_HELP)
-    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_study_args(pl)
 
     rep = sub.add_parser("report", help="rebuild results.csv and results.md from run records")
     rep.add_argument("experiment_dir")

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from . import plan, results_md
-from .runs import atomic_write_bytes, cpu_model
+from .runs import atomic_write_bytes, cpu_model, read_json
 
 FILES = ("results.csv", "results.md", results_md.FOREST, "results.png")
 
@@ -24,7 +24,7 @@ def _records(exp: Path) -> list[tuple[dict, dict]]:
     out = []
     for m in sorted(exp.glob("*/*/seed=*/metrics.json")):
         if m.parents[2].name in plan.STAGES:  # not analysis/<condition>/seed=k
-            out.append((json.loads((m.parent / "config.json").read_text()), json.loads(m.read_text())))
+            out.append((read_json(m.parent / "config.json"), read_json(m)))
     return out
 
 
@@ -51,7 +51,7 @@ def provenance(exp: Path, command: str | None = None) -> str:
     recs = _records(exp)
     if not recs:
         raise FileNotFoundError(f"no finished runs under {exp}")
-    per_seed = Counter()
+    per_seed = defaultdict(float)
     for rec, m in recs:
         per_seed[rec["seed"]] += m.get("wall_s", 0.0)
     summary = exp / "jobs" / "summary.txt"
