@@ -8,6 +8,7 @@ import math
 from collections import OrderedDict
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -79,30 +80,42 @@ class KWTA(nn.Module):
         if C != len(self.running_threshold):
             raise ValueError(f"k-WTA built for {len(self.running_threshold)} channels got {C}")
         with torch.no_grad():
-            flat = x.detach().flatten(2)  # (B, C, HW)
+            # One channel-major copy, whatever x's memory format: stage 1 selects along its rows
+            # (a sample's map), stage 2 along a channel's whole slab, both in place.
+            v = torch.empty((C, B, H * W), dtype=x.dtype, device=x.device)
+            v.view(C, B, H, W).copy_(x.detach().transpose(0, 1))
             n1 = _ceil(self.k * H * W)
-            mask = flat >= _kth_largest(flat, n1)
+            thr = _kth_largest_(v, n1)  # (C, B, 1): stage 1
             if self.training or self.eval_rule == "batch":
                 n2 = _ceil(self.k_batch * n1 * B)
-                score = flat.masked_fill(~mask, float("-inf")).transpose(0, 1).reshape(C, -1)
-                t = _kth_largest(score, n2)  # (C, 1): finite, as n2 <= the n1*B stage-1 winners
-                mask = (score >= t).view(C, B, H * W).transpose(0, 1)
+                v.masked_fill_(v < thr, float("-inf"))  # stage-1 losers cannot win stage 2
+                t = _kth_largest_(v.view(C, -1), n2)  # (C, 1): finite, as n2 <= the n1*B winners
+                thr = torch.maximum(thr, t.view(C, 1, 1))  # a stage-2 winner passed both
                 if self.training:
                     self._track(t.reshape(C).to(self.running_threshold.dtype))  # float32 under AMP
             elif self.eval_rule == "threshold":
-                mask &= flat >= self.running_threshold.view(1, C, 1)
-        return x * mask.reshape(B, C, H, W)
+                thr = torch.maximum(thr, self.running_threshold.view(C, 1, 1))
+            keep = x >= thr.transpose(0, 1).reshape(B, C, 1, 1)
+        return torch.where(keep, x, 0.0)  # one pass, in x's memory format; no float mask
 
     def _track(self, t):
         rt = self.running_threshold
         rt.copy_(torch.where(torch.isfinite(rt), torch.lerp(rt, t, self.momentum), t))
 
 
-def _kth_largest(v, k):
-    """Threshold for the top k along the last dim. kthvalue is a selection, not a sort: about
-    5x faster than topk on CPU when k is close to n (as here, k = 0.9 n). Values tied with the
-    threshold all survive, so a tie never depends on memory order."""
-    return v.kthvalue(v.shape[-1] - k + 1, dim=-1, keepdim=True).values
+def _kth_largest_(v, k):
+    """Threshold for the top k along the last dim, which it may reorder in place: a selection,
+    not a sort. Values tied with the threshold all survive (the caller keeps v >= it), so a tie
+    never depends on memory order.
+
+    On the CPU, numpy's in-place partition (a SIMD introselect, x86-simd-sort) is 4-8x faster
+    than torch's kthvalue, which alone took half of a k-WTA training step; both give the same
+    value, as the k-th largest is unique."""
+    n = v.shape[-1]
+    if v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64) and v.is_contiguous():
+        v.numpy().partition(n - k, axis=-1)
+        return v[..., n - k:n - k + 1].clone()
+    return v.kthvalue(n - k + 1, dim=-1, keepdim=True).values
 
 
 # ------------------------------------------------------------------------------- ResNet-9

@@ -361,6 +361,8 @@ def _train_packed(group, log):
     if cfg0.threads:
         torch.set_num_threads(cfg0.threads)
     device = train.pick_device(cfg0.device)
+    if device.type == "cpu":
+        train.keep_freed_memory()
     t0 = time.perf_counter()
     hp = train.hyper(cfg0, stage)
     members, gens, train_dls = [], [], []
@@ -374,7 +376,7 @@ def _train_packed(group, log):
         train_dls.append(train_dl)
         stages.record_training(r, device, rseed, hp, model, False, train_dl, val_dl)
     net = pack(members, gens).to(device)
-    if device.type == "cuda" and cfg0.channels_last:
+    if train.use_channels_last(cfg0.channels_last, device):
         net.net.to(memory_format=torch.channels_last)
         net.channels_last = True
     forward = torch.compile(net) if cfg0.compile else net

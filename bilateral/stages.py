@@ -52,7 +52,7 @@ def load_splits(cfg: C.Config):
 
 def loaders(cfg, device, batch_size, seed, augment):
     train_split, val_split, test_split = load_splits(cfg)
-    cl = cfg.channels_last and torch.device(device).type == "cuda"
+    cl = train.use_channels_last(cfg.channels_last, device)
     eval_bs = max(batch_size, 512)
     return (data.DeviceLoader(train_split, batch_size, device=device, shuffle=True, augment=augment,
                               seed=seed, subset_per_class=cfg.subset_per_class, channels_last=cl),
@@ -140,6 +140,8 @@ def _run_claimed(run, force, log):
     if run.cfg.threads:
         torch.set_num_threads(run.cfg.threads)
     device = train.pick_device(run.cfg.device)
+    if device.type == "cpu":
+        train.keep_freed_memory()
     t0 = time.perf_counter()
     say = lambda m: log(f"{tag(run)} {m}")  # noqa: E731
     metrics = _train(run, device, say) if run.spec.build else _ensemble(run, device, say)
@@ -194,7 +196,7 @@ def _train(run, device, log):
     augment = cfg.head_augment if "head_augment" in run.spec.uses else cfg.augment
     train_dl, val_dl, test_dl, hier = loaders(cfg, device, hp.batch_size, rseed, augment)
     model = run.spec.build(cfg, hier, seed).to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if train.use_channels_last(cfg.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     forward = model
     if heads_only:
@@ -223,33 +225,38 @@ def finish_model(run, model, forward, best, hp, hier, device, val_dl, test_dl) -
     reported epoch's state (packed runs come here with each unpacked member)."""
     cfg, stage, heads = run.cfg, run.stage, run.heads
     f2c = hier.fine_to_coarse
-    last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ev = lambda dl: train.evaluate(forward, dl, device, f2c, cfg.amp)  # noqa: E731
     out = {"val": {"last": ev(val_dl)}, "test_last": ev(test_dl)}
-    model.load_state_dict(best["state"])
-    out["val"]["best"], out["test_best"] = ev(val_dl), ev(test_dl)
-    if cfg.report_epoch == "last":
-        model.load_state_dict(last_state)
+    if best["epoch"] == hp.epochs:  # the best state is the last one: the same numbers, unevaluated
+        out["val"]["best"], out["test_best"] = out["val"]["last"], out["test_last"]
+    else:
+        last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best["state"])
+        out["val"]["best"], out["test_best"] = ev(val_dl), ev(test_dl)
+        if cfg.report_epoch == "last":
+            model.load_state_dict(last_state)
     runs.save_torch(run.path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
     # not the bilateral heads: they were trained on features made under one rule (and cached)
-    kwta = kwta_test_metrics(model, ev, test_dl) if stage != "bilateral" else {}
+    kwta = {} if stage == "bilateral" else kwta_test_metrics(model, ev, test_dl,
+                                                             out[f"test_{cfg.report_epoch}"])
     return {"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
             "test_best": out["test_best"], "val": out["val"][cfg.report_epoch], "val_all": out["val"],
             "best_epoch": best["epoch"], "epochs": hp.epochs, "report": cfg.report_epoch,
             "heads": list(heads), **kwta}
 
 
-def kwta_test_metrics(model, ev, test_dl) -> dict:
+def kwta_test_metrics(model, ev, test_dl, own_test=None) -> dict:
     """The reported model's test metrics under every k-WTA evaluation rule (conditions C, D):
     the rule changes evaluation only, so one trained run shows them all side by side
-    ({"test_kwta_threshold": {...}, "test_kwta_map_only": ..., "test_kwta_batch": ...})."""
+    ({"test_kwta_threshold": {...}, "test_kwta_map_only": ..., "test_kwta_batch": ...}).
+    own_test: the model's test metrics under its own rule, already computed (not redone)."""
     own = models.set_kwta_eval(model, "threshold")
     if own is None:
         return {}
     out = {}
     for rule in models.KWTA.EVAL_RULES:
         models.set_kwta_eval(model, rule)
-        out[f"test_kwta_{rule}"] = ev(test_dl)
+        out[f"test_kwta_{rule}"] = own_test if rule == own and own_test is not None else ev(test_dl)
     models.set_kwta_eval(model, own)
     return out
 

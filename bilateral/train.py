@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -79,6 +81,35 @@ def pick_device(name: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def use_channels_last(flag: bool, device) -> bool:
+    """channels_last where it pays: CUDA, and the CPU, where oneDNN's NHWC convolutions made a
+    width-1/8 training step 1.3-1.5x faster (benchmark section 7)."""
+    return bool(flag) and torch.device(device).type in ("cuda", "cpu")
+
+
+_KEEPS_FREED_MEMORY = False
+
+
+def keep_freed_memory():
+    """Make glibc keep freed memory in the process rather than hand it back to the OS.
+
+    A CPU training step allocates and frees activations of tens of MB; glibc serves each from
+    fresh mmap'd pages, and faulting them in cost up to a quarter of a step (a pyramid k-WTA
+    step 1.23 -> 0.93 s with this). The process then holds its high-water mark, as CUDA's caching
+    allocator does. Process-wide and idempotent; a no-op where libc is not glibc."""
+    global _KEEPS_FREED_MEMORY
+    if _KEEPS_FREED_MEMORY or not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    mallopt(M_MMAP_MAX, 0)  # no allocation served by mmap: all come from the reusable heap
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and the heap's free top is never trimmed
+    _KEEPS_FREED_MEMORY = True
 
 
 def autocast(device, enabled: bool):

@@ -122,6 +122,58 @@ def test_kwta_counts(k, k_batch):
     assert ((y == 0) | (y == stage1)).all()  # stage-2 survivors are stage-1 winners, unchanged
 
 
+def _kwta_reference(m, x):
+    """The two stages written the plain way (masks, -inf fill, torch's kthvalue), as KWTA did
+    before it selected with numpy in place: the fast path must give exactly this."""
+    B, C, H, W = x.shape
+    kth = lambda v, k: v.kthvalue(v.shape[-1] - k + 1, dim=-1, keepdim=True).values  # noqa: E731
+    flat = x.detach().flatten(2)
+    n1 = math.ceil(m.k * H * W - 1e-9)
+    mask = flat >= kth(flat, n1)
+    t = None
+    if m.training or m.eval_rule == "batch":
+        score = flat.masked_fill(~mask, float("-inf")).transpose(0, 1).reshape(C, -1)
+        t = kth(score, math.ceil(m.k_batch * n1 * B - 1e-9))
+        mask = (score >= t).view(C, B, H * W).transpose(0, 1)
+    elif m.eval_rule == "threshold":
+        mask &= flat >= m.running_threshold.view(1, C, 1)
+    return x * mask.reshape(B, C, H, W), t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_kwta_matches_the_plain_two_stage_selection(dtype, channels_last):
+    """Every rule, both memory formats, with the ties a padded image makes (a constant border
+    gives the same conv output at many positions of many samples): same output, gradient and
+    tracked threshold as the reference, and the output keeps the input's memory format."""
+    g = torch.Generator().manual_seed(0)
+    B, C, H, W = 6, 5, 8, 8
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    m = KWTA(0.7, 0.8, channels=C, momentum=0.5)
+    ref = KWTA(0.7, 0.8, channels=C, momentum=0.5)
+    for step in range(3):
+        x = torch.randn(B, C, H, W, generator=g, dtype=dtype)
+        x[:, :, :2] = 0.25  # tied rows, as a zero-padded border
+        x[::2, :, :, -1] = x[0, :, 0, 0].view(1, C, 1)  # ties across samples too
+        x = x.contiguous(memory_format=fmt).requires_grad_(True)
+        for rule in ("train", *KWTA.EVAL_RULES):
+            m.train(rule == "train"), ref.train(rule == "train")
+            m.eval_rule = ref.eval_rule = "threshold" if rule == "train" else rule
+            x.grad = None
+            y = m(x)
+            y.backward(torch.arange(y.numel(), dtype=dtype).view(y.shape))
+            gy = x.grad
+            x.grad = None
+            want, t = _kwta_reference(ref, x)
+            want.backward(torch.arange(y.numel(), dtype=dtype).view(y.shape))
+            if rule == "train":
+                ref._track(t.reshape(C).float())
+            assert torch.equal(y, want), (step, rule)
+            assert torch.equal(gy, x.grad), (step, rule)
+            assert y.is_contiguous(memory_format=fmt)
+        assert torch.equal(m.running_threshold, ref.running_threshold)
+
+
 def test_kwta_keeps_largest_and_every_tie_at_the_threshold():
     x = torch.arange(10.0).view(1, 1, 2, 5)
     y = KWTA(0.3, eval_rule="map_only", channels=1).eval()(x)
