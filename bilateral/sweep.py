@@ -94,6 +94,34 @@ def needs(jobs: list) -> dict:
                                   if u in job_of and job_of[u] is not j)) for j in jobs}
 
 
+def priorities(jobs: list, deps: dict) -> dict:
+    """{job: its estimated cost (plan.Run.cost) plus the costliest chain of jobs that wait on
+    it}. Workers take the ready job of highest priority, so the long chains start first and no
+    long job is left to run alone at the end while the other workers idle."""
+    after = {j: [] for j in jobs}
+    for j, ds in deps.items():
+        for d in ds:
+            after[d].append(j)
+    rank = {}
+    for j in reversed(_topological(jobs, deps)):
+        rank[j] = sum(r.cost() for r in members(j)) + max((rank[k] for k in after[j]), default=0.0)
+    return rank
+
+
+def _topological(jobs: list, deps: dict) -> list:
+    out, seen = [], set()
+
+    def visit(j):
+        if j not in seen:
+            seen.add(j)
+            for d in deps[j]:
+                visit(d)
+            out.append(j)
+    for j in jobs:
+        visit(j)
+    return out
+
+
 def per_run(outcomes: list) -> list:
     """A packed job's outcome as each of its runs' outcome."""
     return [dataclasses.replace(o, run=r) for o in outcomes for r in members(o.run)]
@@ -207,7 +235,8 @@ def run_local(todo: list, retrain: set, jobs: int = 1, log=say) -> list[Outcome]
     """Every run of `todo` on `jobs` worker processes (in this process for jobs=1)."""
     from .pipeline import seed_env
     deps = needs(todo)
-    waiting, done, running = list(todo), {}, {}
+    rank = priorities(todo, deps)
+    waiting, done, running = sorted(todo, key=lambda j: -rank[j]), {}, {}
     pool = None
     if jobs > 1:
         ctx = multiprocessing.get_context("spawn")
@@ -218,11 +247,11 @@ def run_local(todo: list, retrain: set, jobs: int = 1, log=say) -> list[Outcome]
                                       initargs=(envs,))
     try:
         while waiting or running:
-            for r in list(waiting):  # dependency order: an upstream run is decided first
+            for r in list(waiting):  # highest priority first; a run waits for its upstream runs
                 why = _skip_reason(r, deps, done)
                 if why:
                     done[r] = _report(Outcome(r, "skipped", error=why), len(done) + 1, len(todo), log)
-                elif all(u in done for u in deps[r]):
+                elif all(u in done for u in deps[r]) and len(running) < jobs:
                     args = (r, r in retrain, jobs_dir(r) / "local" / f"{r.key.replace('/', '_')}.log")
                     if pool is None:
                         log(f"[{len(done) + 1}/{len(todo)}] {r.key} ...")
