@@ -103,6 +103,10 @@ def test_cpu(result):
     for r in c["widths"].values():
         assert _num(r["eager"]["img_per_s"]) and _num(r["channels_last"]["ratio_vs_eager"])
         assert len(r["workers"]) == 2 and all(_num(v) for v in r["workers"].values())
+        k = r["kwta"]
+        assert all(_num(k[n]) for n in ("numpy_select", "kthvalue_select", "keep_freed_off",
+                                       "select_ratio", "keep_freed_ratio"))
+        assert k["select_ratio"] == pytest.approx(k["numpy_select"] / k["kthvalue_select"])
 
 
 def test_cuda_skipped_on_cpu(result):

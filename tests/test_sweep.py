@@ -69,6 +69,26 @@ def test_local_workers_equal_the_sequential_path(sequential, tmp_path, capsys):
     assert "nothing to train" in capsys.readouterr().out
 
 
+def test_priorities_start_the_longest_chains_first(tmp_path):
+    """A job's priority is the cost of the costliest chain that starts with it (itself, then
+    the jobs that wait on it, and so on): every upstream run outranks the runs built on it, the
+    pyramid k-WTA hemisphere outranks the plain one, and ensembles (no training) come last."""
+    cfg = C.load(ROOT / "params" / "fashion_mnist.yaml", [f"out_dir={tmp_path}"])
+    jobs = plan.plan(cfg, [0, 1])
+    deps = sweep.needs(jobs)
+    rank = sweep.priorities(jobs, deps)
+
+    def chains(j):  # every chain from j downstream, spelled out
+        after = [k for k in jobs if j in deps[k]]
+        return [[j]] if not after else [[j, *c] for k in after for c in chains(k)]
+    for j in jobs:
+        assert rank[j] == pytest.approx(max(sum(r.cost() for r in c) for c in chains(j))), j.key
+        assert all(rank[u] > rank[j] for u in deps[j]), j.key
+    by_name = {(r.name, r.seed): rank[r] for r in jobs if r.stage == "hemisphere"}
+    assert by_name[("resnet9-D-left", 0)] > by_name[("resnet9-A-left", 0)]
+    assert {r.stage for r in jobs if rank[r] == min(rank.values())} == {"ensemble"}
+
+
 def test_local_sweep_trains_packed_groups_as_one_job(tmp_path):
     """pack=on: a hemisphere across the 2 seeds is one job, the 2 seeds' pools another; every
     run still gets its own verified record, and the dependants wait for the packed jobs."""

@@ -13,7 +13,9 @@ recorded with every section). Sections, one module each or a few per module:
 4. cuda (sections.py)        AMP and channels_last on/off, torch.compile on/off (CUDA only).
 5. memory (memory.py)        peak resident memory of hemisphere training, in a child process.
 6. packing (packing.py)      packed against separate training, N = 2, 5, 10 members.
-7. cpu (packing.py)          torch.compile, channels_last and threads per worker on CPU.
+7. cpu (packing.py)          torch.compile, channels_last and threads per worker on CPU; for the
+   pyramid k-WTA hemisphere, k-WTA selecting with numpy against torch's kthvalue, and glibc
+   keeping freed memory (train.keep_freed_memory) against not.
 
 Every training step is train.train_step, the step of every run. No timing is asserted
 anywhere; the figures are written to outputs/bench/bench-<device>.json.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import packed, stages, train
+from .. import models, packed, stages, train
 from .common import Stepper, base_config, cycle, loadavg, ratio, section_config, subset, timed
 from .conventional import project_loader
 
@@ -66,19 +66,23 @@ def bench_packing(device, sz, splits, log) -> dict:
 
 # ------------------------------------------------------------------------------ CPU switches
 
-def _step_rate(device, sz, train_split, width, *, compile_=False, channels_last=False, n=1):
-    """Images/s of unilateral training (packed when n > 1) with one switch set."""
-    cfg = base_config(sz, width)
+def _step_rate(device, sz, train_split, width, *, compile_=False, channels_last=False, n=1, kwta=False):
+    """Images/s of unilateral training (packed when n > 1) with one switch set; kwta: the
+    costliest run of the study instead, the pyramid k-WTA hemisphere (condition D, left)."""
+    cfg = base_config(sz, width, **({"condition": "D"} if kwta else {}))
     hp = dataclasses.replace(train.hyper(cfg, "unilateral"), batch_size=sz["batch"])
     torch.manual_seed(0)
-    ms = _members(cfg, train_split.hierarchy, n, device)
+    if kwta:
+        ms, heads = [stages.hemisphere_model(cfg, "left", train_split.hierarchy).to(device)], ("fine",)
+    else:
+        ms, heads = _members(cfg, train_split.hierarchy, n, device), ("fine", "coarse")
     model = ms[0] if n == 1 else packed.pack(ms).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         if n > 1:
             model.channels_last = True
     fwd = torch.compile(model) if compile_ else model
-    step = Stepper(model, fwd, ("fine", "coarse"), device, amp=False, hp=hp)
+    step = Stepper(model, fwd, heads, device, amp=False, hp=hp)
     loaders = [project_loader(train_split, sz["batch"], device, channels_last and n == 1, seed=i)
                for i in range(n)]
     batches = cycle(loaders[0] if n == 1 else packed.PackedLoader(loaders))
@@ -88,21 +92,26 @@ def _step_rate(device, sz, train_split, width, *, compile_=False, channels_last=
 
 
 def _threads_child(spec) -> dict:
-    """In a fresh interpreter: images/s with `threads` torch threads."""
+    """In a fresh interpreter: images/s with `threads` torch threads (and the process-wide
+    switches: glibc keeping freed memory, k-WTA selecting with torch's kthvalue)."""
     from .common import load_splits
+    if spec.get("keep_freed"):
+        train.keep_freed_memory()
+    models.SELECT_WITH_NUMPY = not spec.get("kthvalue", False)
     torch.set_num_threads(spec["threads"])
     sz = spec["sizes"]
     split = subset(load_splits(sz, ("train",))[0], sz["cpu_train"])
-    return _step_rate(torch.device("cpu"), sz, split, spec["width"], n=spec["members"])
+    return _step_rate(torch.device("cpu"), sz, split, spec["width"], n=spec["members"],
+                      channels_last=spec.get("channels_last", False), kwta=spec.get("kwta", False))
 
 
-def _workers(sz, width, workers, threads, members) -> float:
+def _workers(sz, width, workers, threads, members, **switches) -> float:
     """Total images/s of `workers` processes side by side with `threads` threads each."""
     code = ("import json,sys; from bilateral.bench import packing; "
             "print('BENCH-THREADS ' + json.dumps(packing._threads_child(json.loads(sys.argv[1]))))")
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [x for x in [os.environ.get("PYTHONPATH")] if x]))
-    spec = json.dumps({"sizes": sz, "width": width, "threads": threads, "members": members})
+    spec = json.dumps({"sizes": sz, "width": width, "threads": threads, "members": members, **switches})
     procs = [subprocess.Popen([sys.executable, "-c", code, spec], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for _ in range(workers)]
     total = 0.0
@@ -113,6 +122,17 @@ def _workers(sz, width, workers, threads, members) -> float:
             raise RuntimeError(f"threads child failed ({p.returncode}):\n{err[-2000:]}")
         total += json.loads(line[-1].split(" ", 1)[1])["img_per_s"]
     return total
+
+
+def _kwta_switches(sz, width) -> dict:
+    """The pyramid k-WTA hemisphere, one thread, channels_last: numpy's selection against
+    torch's kthvalue (one process), and glibc keeping freed memory against not (two)."""
+    one = lambda **kw: _workers(sz, width, 1, 1, 1, kwta=True, channels_last=True, **kw)  # noqa: E731
+    out = {"numpy_select": one(keep_freed=True), "keep_freed_off": one(keep_freed=False),
+           "kthvalue_select": one(keep_freed=True, kthvalue=True)}
+    out["select_ratio"] = ratio(out["numpy_select"], out["kthvalue_select"])
+    out["keep_freed_ratio"] = ratio(out["numpy_select"], out["keep_freed_off"])
+    return out
 
 
 def bench_cpu(device, sz, splits, log) -> dict:
@@ -139,11 +159,13 @@ def bench_cpu(device, sz, splits, log) -> dict:
         r["workers"] = {f"1x{cores}": _workers(sz, w, 1, cores, sz["cpu_members"]),
                         f"{cores}x1": _workers(sz, w, cores, 1, sz["cpu_members"])}
         r["workers_members"] = sz["cpu_members"]
+        r["kwta"] = _kwta_switches(sz, w)
         r["loadavg"] = loadavg()
         out["widths"][str(w)] = r
         log(f"  width {w}: " + ", ".join(f"{k} {v['img_per_s']:.0f}" for k, v in r.items()
                                          if isinstance(v, dict) and "img_per_s" in v)
             + " img/s; workers " + ", ".join(f"{k} {v:.0f}" for k, v in r["workers"].items())
-            + f" img/s; load {r['loadavg'][0]:.1f}")
+            + f" img/s; pyramid k-WTA: numpy select {r['kwta']['select_ratio']:.2f}x kthvalue, "
+            f"freed memory kept {r['kwta']['keep_freed_ratio']:.2f}x not; load {r['loadavg'][0]:.1f}")
     conf["loadavg_end"] = loadavg()
     return out

@@ -166,16 +166,26 @@ def _cpu(p):
         return [f"7. CPU switches: {p['skipped']}", ""]
     rows = ["7. CPU switches, unilateral ResNet-9 (float32): one process, and the same cores as one "
             "worker with every thread or one single-threaded worker per core (each training "
-            "a packed group)", "",
-            "| width | eager | channels_last | torch.compile | workers x threads (total img/s) | load avg |",
-            "|---:|---:|---:|---:|---|---:|"]
+            "a packed group); the last two columns: the pyramid k-WTA hemisphere (condition D, "
+            "left, the study's costliest run), one thread, channels_last, each way in its own process", "",
+            "| width | eager | channels_last | torch.compile | workers x threads (total img/s) "
+            "| pyramid k-WTA: numpy / kthvalue select | pyramid k-WTA: freed memory kept / not | load avg |",
+            "|---:|---:|---:|---:|---|---:|---:|---:|"]
     for w, r in p["widths"].items():
         comp = r.get("compile", {"error": "not run"})
         cell = lambda v: f"{_f(v['img_per_s'])} ({_x(v['ratio_vs_eager'])})" if "img_per_s" in v else "n/a"  # noqa: E731
         rows.append(f"| {w} | {_f(r['eager']['img_per_s'])} | {cell(r['channels_last'])} | {cell(comp)} | "
                     + ", ".join(f"{k}: {v:,.0f}" for k, v in r["workers"].items())
-                    + f" (N={r['workers_members']}) | {r['loadavg'][0]:.1f} |")
+                    + f" (N={r['workers_members']}) | " + _kwta_cells(r.get("kwta"))
+                    + f" | {r['loadavg'][0]:.1f} |")
     return rows + [""]
+
+
+def _kwta_cells(k):
+    if not k:  # a result written before these switches were measured
+        return "n/a | n/a"
+    return (f"{_f(k['numpy_select'])} / {_f(k['kthvalue_select'])} ({_x(k['select_ratio'])}) | "
+            f"{_f(k['numpy_select'])} / {_f(k['keep_freed_off'])} ({_x(k['keep_freed_ratio'])})")
 
 
 RENDER = {"throughput": _throughput, "bilateral": _bilateral, "time_to_accuracy": _time_to_accuracy,
