@@ -129,8 +129,15 @@ def test_table_and_main(result, tmp_path, monkeypatch):
                   "6. Packed against separate", "7. CPU switches"):
         assert title in text
     # main() writes the JSON atomically and returns 0; run() is reused rather than rerun
-    monkeypatch.setattr(report, "run", lambda device, quick, toy=False: dict(result))
+    asked = []
+    monkeypatch.setattr(report, "run", lambda device, quick, toy=False, only=None: asked.append(only)
+                        or dict(result))
     out = tmp_path / "b.json"
     assert bench.main(types.SimpleNamespace(device="cpu", quick=True, out=str(out))) == 0
     saved = json.loads(out.read_text())
     assert saved["table"] == text and set(bench.SECTIONS) <= set(saved)
+    # --only names sections; an unknown one stops before any work, naming the allowed ones
+    assert bench.main(types.SimpleNamespace(device="cpu", quick=True, out=str(out), only=["cpu"])) == 0
+    assert asked == [None, ["cpu"]]
+    assert bench.main(types.SimpleNamespace(device="cpu", quick=True, out=str(out), only=["gpu"])) == 2
+    assert asked == [None, ["cpu"]]

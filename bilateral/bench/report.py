@@ -197,8 +197,15 @@ def main(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path("outputs") / "bench" / f"bench-{device.type}.json"
-    r = run(device, quick=args.quick, toy=False)
+    only = getattr(args, "only", None)
+    unknown = [s for s in only or () if s not in SECTIONS]
+    if unknown:
+        print(f"error: --only: unknown section {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}",
+              file=sys.stderr)
+        return 2
+    part = "-" + "+".join(only) if only else ""  # a partial run does not overwrite a whole one
+    out = Path(args.out) if args.out else Path("outputs") / "bench" / f"bench-{device.type}{part}.json"
+    r = run(device, quick=args.quick, toy=False, only=only)
     text = table(r)
     r["table"] = text
     runs.write_json(out, r)
