@@ -91,7 +91,7 @@ class Config:
     # engine
     device: str = "auto"
     amp: bool = True                   # CUDA only: bf16 (or fp16 with a scaler)
-    channels_last: bool = True         # CUDA and CPU
+    channels_last: bool = True         # CUDA; CPU from width 1/16 (train.use_channels_last)
     compile: bool = False
     progress: bool = True
     threads: int | None = None         # torch CPU threads; None leaves torch's choice

@@ -376,7 +376,7 @@ def _train_packed(group, log):
         train_dls.append(train_dl)
         stages.record_training(r, device, rseed, hp, model, False, train_dl, val_dl)
     net = pack(members, gens).to(device)
-    if train.use_channels_last(cfg0.channels_last, device):
+    if train.use_channels_last(cfg0, device):
         net.net.to(memory_format=torch.channels_last)
         net.channels_last = True
     forward = torch.compile(net) if cfg0.compile else net

@@ -52,7 +52,7 @@ def load_splits(cfg: C.Config):
 
 def loaders(cfg, device, batch_size, seed, augment):
     train_split, val_split, test_split = load_splits(cfg)
-    cl = train.use_channels_last(cfg.channels_last, device)
+    cl = train.use_channels_last(cfg, device)
     eval_bs = max(batch_size, 512)
     return (data.DeviceLoader(train_split, batch_size, device=device, shuffle=True, augment=augment,
                               seed=seed, subset_per_class=cfg.subset_per_class, channels_last=cl),
@@ -196,7 +196,7 @@ def _train(run, device, log):
     augment = cfg.head_augment if "head_augment" in run.spec.uses else cfg.augment
     train_dl, val_dl, test_dl, hier = loaders(cfg, device, hp.batch_size, rseed, augment)
     model = run.spec.build(cfg, hier, seed).to(device)
-    if train.use_channels_last(cfg.channels_last, device):
+    if train.use_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     forward = model
     if heads_only:

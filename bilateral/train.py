@@ -83,10 +83,17 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def use_channels_last(flag: bool, device) -> bool:
-    """channels_last where it pays: CUDA, and the CPU, where oneDNN's NHWC convolutions made a
-    width-1/8 training step 1.3-1.5x faster (benchmark section 7)."""
-    return bool(flag) and torch.device(device).type in ("cuda", "cpu")
+# Narrower than this, NHWC convolutions cost more on a CPU than they save (benchmark section 7,
+# one thread: width 1/32 0.76x, 1/16 1.07x, 1/8 1.39x).
+CPU_CHANNELS_LAST_MIN_WIDTH = 1 / 16
+
+
+def use_channels_last(cfg, device) -> bool:
+    """channels_last where it pays: CUDA at every width, the CPU from width 1/16 up."""
+    kind = torch.device(device).type
+    if not cfg.channels_last or kind not in ("cuda", "cpu"):
+        return False
+    return kind == "cuda" or cfg.width >= CPU_CHANNELS_LAST_MIN_WIDTH
 
 
 _KEEPS_FREED_MEMORY = False

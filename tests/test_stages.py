@@ -270,3 +270,17 @@ def test_keep_freed_memory_keeps_a_freed_tensor_in_the_process():
     kept = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True,
                                      text=True, check=True).stdout) for mode in ("off", "on")}
     assert kept["off"] < 50e6 and kept["on"] > 150e6, kept
+
+
+@pytest.mark.parametrize("flag, device, width, expected", [
+    (True, "cpu", 1 / 32, False),   # NHWC costs more than it saves this narrow (bench section 7)
+    (True, "cpu", 1 / 16, True),
+    (True, "cpu", 1 / 8, True),
+    (True, "cuda", 1 / 32, True),   # CUDA at every width
+    (False, "cpu", 1 / 8, False),   # the parameter turns it off everywhere
+    (False, "cuda", 1.0, False),
+    (True, "meta", 1.0, False),
+])
+def test_channels_last_where_it_pays(flag, device, width, expected):
+    cfg = C.from_dict(dict(channels_last=flag, width=width))
+    assert train.use_channels_last(cfg, device) is expected

@@ -56,7 +56,7 @@ def sizes(device: torch.device, quick: bool, toy: bool) -> dict:
                 pk_warmup=1 if quick or not cuda else 3, pk_steps=2 if quick else 10 if cuda else 3,
                 pk_train=None,
                 # CPU switches at the presets' widths (smoke 1/32, Fashion-MNIST 1/8)
-                cpu_widths=[0.125] if quick else [0.03125, 0.125], cpu_warmup=1,
+                cpu_widths=[0.125] if quick else [0.03125, 0.0625, 0.125], cpu_warmup=1,
                 cpu_steps=3 if quick else 8, cpu_train=300, cpu_compile=not quick, cpu_members=5)
 
 
