@@ -44,7 +44,7 @@
 # from scratch on both labels: it separates the effect of the links from that of specialisation.
 #
 # Run the cells from top to bottom. Only the **parameters** cell is meant to be edited;
-# `params/fashion_mnist_callosal.yaml` runs this study on a CPU in about half an hour per seed;
+# `params/fashion_mnist_callosal.yaml` runs this study on a CPU in under a quarter of an hour per seed;
 # in another preset, set `callosum_kinds` (e.g. `[add, gate, concat]`) to switch the callosal
 # runs on. Runs that already finished with the same parameters are read back instead of trained
 # again.
