@@ -85,8 +85,8 @@ def main(argv=None):
     b.add_argument("--device", default="auto")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--out", default=None, help="JSON file for the figures")
-    b.add_argument("--only", nargs="+", metavar="SECTION", help="run only these sections: "
-                   "throughput, bilateral, time_to_accuracy, cuda, memory, packing, cpu")
+    b.add_argument("--only", nargs="+", metavar="SECTION", help="run only these sections, e.g. cpu packing "
+                   "(an unknown name lists them all; the list lives in bilateral.bench)")
 
     sub.add_parser("params-table", help="total and trainable parameters of every model of the study")
 

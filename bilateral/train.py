@@ -91,9 +91,9 @@ CPU_CHANNELS_LAST_MIN_WIDTH = 1 / 16
 def use_channels_last(cfg, device) -> bool:
     """channels_last where it pays: CUDA at every width, the CPU from width 1/16 up."""
     kind = torch.device(device).type
-    if not cfg.channels_last or kind not in ("cuda", "cpu"):
+    if not cfg.channels_last:
         return False
-    return kind == "cuda" or cfg.width >= CPU_CHANNELS_LAST_MIN_WIDTH
+    return kind == "cuda" or (kind == "cpu" and cfg.width >= CPU_CHANNELS_LAST_MIN_WIDTH)
 
 
 _KEEPS_FREED_MEMORY = False
