@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
-from pathlib import Path
 
+from . import bench, callosum, data, models, pipeline, plan, publish, results, runs, sweep
 from . import config as C
+from .data import DataError
+from .execute import EXECUTORS
+from .runs import RecordError, RunConflict
 
 
 def stage_help() -> str:
-    from . import plan
     return "\n".join(f"  {s.name:<25} {s.help}" for s in plan.STAGES.values())
 
 
@@ -26,7 +28,7 @@ def add_study_args(p):
 
 def add_executor_args(p, jobs_help):
     """--executor, --jobs and the SLURM job options (also the `slurm:` keys of a params file)."""
-    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+    p.add_argument("--executor", choices=list(EXECUTORS), default="local",
                    help="local worker processes, or SLURM jobs through submitit")
     p.add_argument("--jobs", type=int, default=1, help=jobs_help)
     g = p.add_argument_group("SLURM job options (--executor slurm; override the params "
@@ -48,7 +50,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train one stage for one seed")
-    t.add_argument("stage", help=f"one of: {', '.join(C.STAGES)}")
+    t.add_argument("stage", help=f"one of: {', '.join(plan.STAGES)}")
     t.add_argument("--params", help="YAML params file (params/*.yaml)")
     seed = t.add_mutually_exclusive_group()
     seed.add_argument("--seed", type=int, default=0)
@@ -114,8 +116,6 @@ def main(argv=None):
 def exit_code(e: BaseException) -> int | None:
     """2 for a problem the user can fix (params, data, records, files), 3 for a refusal (the
     run is another config's or another process's), None for a bug: its traceback is shown."""
-    from .data import DataError
-    from .runs import RecordError, RunConflict
     if isinstance(e, RunConflict):
         return 3
     if isinstance(e, (C.ConfigError, DataError, RecordError, FileNotFoundError,
@@ -128,45 +128,36 @@ def exit_code(e: BaseException) -> int | None:
 
 def dispatch(a):
     if a.cmd == "train":
-        from . import plan, stages
         plan.spec(a.stage)  # an unknown stage stops here, naming the stages
         cfg = C.load(a.params, a.overrides)
         for seed in plan.parse_seeds(a.seeds if a.seeds else [a.seed]):
-            stages.run_stage(a.stage, cfg, seed, force=a.force)
+            plan.run_stage(a.stage, cfg, seed, force=a.force)
         return 0
     if a.cmd == "params-table":
-        from . import models
-        print(models.params_table())
+        print(models.params_table(extra_rows=callosum.params_rows()))
         return 0
     if a.cmd == "download":
-        from . import data
         data.load_dataset(a.dataset, "test", data_dir=a.data_dir, download=True)
         print(f"{a.dataset} is in {a.data_dir}")
         return 0
     if a.cmd == "run":
-        from . import pipeline
         return pipeline.main(a)
     if a.cmd == "sweep":
-        from . import sweep
         return sweep.main(a)
     if a.cmd == "plan":
-        from . import plan
         seeds = plan.parse_seeds(a.seeds)
         cfg = C.load(a.params, a.overrides)
         print(f"plan of {cfg.experiment} for seeds {', '.join(map(str, seeds))} "
-              f"(runs under {Path(cfg.out_dir) / cfg.experiment}):\n")
+              f"(runs under {runs.experiment_dir(cfg)}):\n")
         print(plan.describe(plan.plan(cfg, seeds)))
         return 0
     if a.cmd == "report":
-        from . import results
         results.report(a.experiment_dir)
         if a.publish:
-            from . import publish
             for path in publish.publish(a.experiment_dir, a.publish, a.command):
                 print(f"published {path}")
         return 0
     if a.cmd == "bench":
-        from . import bench
         return bench.main(a)
     raise AssertionError(a.cmd)
 

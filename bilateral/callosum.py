@@ -34,8 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import pandas as pd
+
 from . import config as C
-from . import models, plan
+from . import models, results_md, stats
+from .registry import Stage, register, register_section
 
 KINDS, DEPTHS, TRAIN_MODES = C.CALLOSUM_KINDS, C.CALLOSUM_DEPTHS, C.CALLOSUM_TRAIN
 BLOCKS = {"prep": ("conv1",), "layer1": ("conv2", "res1"), "layer2": ("conv3",),
@@ -168,19 +171,17 @@ def build(cfg: C.Config, hier, left, right, frozen: bool) -> Callosal:
                     at=tuple(cfg.callosum_at), dropout=cfg.dropout, backbone_lr_scale=scale)
 
 
-def load_callosal(cfg, seed, hier) -> Callosal:
-    """The `callosal` stage's model: the trained hemispheres of this seed and condition."""
-    from . import stages
-    left = stages.load_hemisphere(cfg, "left", seed, hier)
-    right = stages.load_hemisphere(cfg, "right", seed, hier)
+def callosal_model(cfg, hier, hemispheres) -> Callosal:
+    """The `callosal` stage's model: the trained hemispheres of this seed and condition (the
+    runner loads them and hands them over), joined."""
+    left, right = (h.backbone for h in hemispheres)
     return build(cfg, hier, left, right, frozen=cfg.callosum_train == "connections")
 
 
 def build_unspecialised(cfg, hier) -> Callosal:
     """The `callosal_unspecialised` baseline: the same connected model from scratch."""
-    from . import stages
     return build(dataclasses.replace(cfg, backbone_lr_scale=1.0), hier,
-                 stages.hemisphere_backbone(cfg, "left"), stages.hemisphere_backbone(cfg, "right"),
+                 models.hemisphere_backbone(cfg, "left"), models.hemisphere_backbone(cfg, "right"),
                  frozen=False)
 
 
@@ -194,13 +195,13 @@ def run_name(cfg) -> str:
 def _callosal_epoch_cost(cfg):
     # frozen hemispheres: their forward pass and the backward pass through them down to the
     # first link (no weight gradients), about two thirds of training them; else all of it
-    pair = plan.hemisphere_cost(cfg, "left") + plan.hemisphere_cost(cfg, "right")
+    pair = models.hemisphere_cost(cfg, "left") + models.hemisphere_cost(cfg, "right")
     return pair * 2 / 3 if cfg.callosum_train == "connections" else pair
 
 
 # The study's callosal runs: every kind of `callosum_kinds` on every condition, and the
 # unspecialised model of each kind on condition A; none while callosum_kinds is empty.
-plan.register(plan.Stage(
+register(Stage(
     "callosal", "callosum", "callosal (specialised)",
     "the hemispheres joined by callosal connections (--set callosum=add|gate|concat)",
     uses=("condition", "backbone", "augment", "head_augment"),
@@ -210,10 +211,10 @@ plan.register(plan.Stage(
     variants=lambda c: [dict(condition=k, callosum=kind)
                         for kind in c.callosum_kinds for k in c.conditions],
     epoch_cost=_callosal_epoch_cost,
-    build=lambda c, hier, seed: load_callosal(c, seed, hier),
+    build=callosal_model,
     upstream=lambda c: [("hemisphere", dict(side=s)) for s in C.SIDES]))
 
-plan.register(plan.Stage(
+register(Stage(
     "callosal_unspecialised", "callosum", "callosal, no specialisation",
     "the same callosal model trained end to end from scratch",
     uses=("condition", "backbone", "augment"),
@@ -222,8 +223,8 @@ plan.register(plan.Stage(
     label=lambda c: f"callosal {c.callosum}, no specialisation",
     variants=lambda c: [dict(condition="A", callosum=kind)
                         for kind in c.callosum_kinds if "A" in c.conditions],
-    epoch_cost=lambda c: plan.hemisphere_cost(c, "left") + plan.hemisphere_cost(c, "right"),
-    build=lambda c, hier, seed: build_unspecialised(c, hier)))
+    epoch_cost=lambda c: models.hemisphere_cost(c, "left") + models.hemisphere_cost(c, "right"),
+    build=lambda c, hier, ups: build_unspecialised(c, hier)))
 
 
 # -------------------------------------------------------------------------- parameters
@@ -244,3 +245,47 @@ def params_rows(n_fine=100, n_coarse=20) -> list[tuple[str, int, int]]:
                     rows.append((f"Callosal {kind} at layer1+layer3 ({label}), {how}", total,
                                  models.count_trainable(m)))
     return rows
+
+
+# ------------------------------------------------------------------- results.md's section
+
+def _reference(key: str) -> str:
+    """callosal/resnet9-A-add-layer1+layer3 -> bilateral/resnet9-A (same condition)."""
+    backbone, condition = key.split("/", 1)[1].split("-")[:2]
+    return f"bilateral/{backbone}-{condition}"
+
+
+def comparison(vals: dict) -> pd.DataFrame:
+    """Each callosal model minus the bilateral model of its condition, per test accuracy, with
+    stats.difference's 95% interval over seeds: paired for a callosal model (it is built on
+    the same hemispheres as its reference), Welch's for one trained from scratch.
+    vals: the report's {model key: {metric: {seed: value}}} (results.per_seed)."""
+    rows = []
+    nan = dict(diff=float("nan"), lo=float("nan"), hi=float("nan"), method="")
+    for key in sorted(k for k in vals if k.split("/")[0] in STAGES):
+        ref = _reference(key)
+        row = dict(model=key, reference=ref)
+        for metric in ("fine_acc", "coarse_acc"):
+            a, b = vals[key].get(metric, {}), vals.get(ref, {}).get(metric, {})
+            d = stats.difference(a, b, key.startswith("callosal/")) if a and b else nan
+            row.update({f"{metric}_{k}": v for k, v in d.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@register_section
+def markdown_section(vals: dict) -> list[str]:
+    """Lines for results.md ([] without callosal runs)."""
+    comp = comparison(vals)
+    if comp.empty:
+        return []
+    lines = ["", "## Callosal models against the bilateral model of their condition", "",
+             "Difference of mean test accuracy (callosal minus bilateral), percentage points, "
+             "95% confidence interval over seeds (paired for a callosal model: it shares its "
+             "hemispheres with its reference; Welch's for one trained from scratch). "
+             "`callosal_unspecialised` is trained from scratch; its reference is still the "
+             "specialised bilateral model.", ""]
+    rows = [[r["model"], r["reference"], results_md.row_ci(r, "fine_acc"),
+             results_md.row_ci(r, "coarse_acc")] for _, r in comp.iterrows()]
+    return lines + results_md.table(["model", "against", "Δ fine [95% CI]", "Δ coarse [95% CI]"],
+                                    rows)

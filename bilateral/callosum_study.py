@@ -8,8 +8,8 @@
   (traffic.csv, traffic.png, gates.png, attribution.csv, metrics.json, meta.json), where
   results.csv picks the metrics up; the head attribution and Grad-CAM localisation are the
   bilateral model's (analysis.head_attribution, cam.gradcam), applied to the callosal one.
-- `comparison(df)` / `markdown_section(df)`: each callosal model against the bilateral model
-  of its condition (callosal minus bilateral, 95% intervals over seeds), for results.md.
+(Its results.md section, each callosal model against the bilateral model of its condition, is
+callosum.markdown_section, registered with the stages.)
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import cam, callosum, figures, results, results_md, runs, stages, stats, train
+from . import cam, callosum, data, figures, plan, runs, train
 from .analysis import condition, measures, plots
 from .seeds import derive_seed
 
@@ -73,7 +73,7 @@ DIRECTION_LABEL = {"to_left": "right → left", "to_right": "left → right"}
 
 def traffic_figure(table: pd.DataFrame, title: str):
     """Bars per link and direction: the overall ratio, and one dot per coarse class."""
-    fig = plots._figure(figsize=(6.5, 3.2))
+    fig = plots.figure(figsize=(6.5, 3.2))
     ax = fig.subplots()
     overall = table[table.coarse_class == "all"].reset_index(drop=True)
     labels = [f"{r.depth}\n{DIRECTION_LABEL[r.direction]}" for r in overall.itertuples()]
@@ -95,7 +95,7 @@ def traffic_figure(table: pd.DataFrame, title: str):
 def gate_figure(tr: dict, title: str):
     """Histogram of the gate values of every channel and image, per link and direction."""
     gated = [(k, g["gate"]) for k, g in tr["links"].items() if "gate" in g]
-    fig = plots._figure(figsize=(3.2 * max(1, len(gated)), 2.8))
+    fig = plots.figure(figsize=(3.2 * max(1, len(gated)), 2.8))
     axes = np.atleast_1d(fig.subplots(1, max(1, len(gated)), squeeze=False)[0])
     for ax, ((depth, d), g) in zip(axes, gated):
         ax.hist(g.flatten().numpy(), bins=40, range=(0, 1), color="C4")
@@ -126,21 +126,21 @@ def traffic_metrics(table: pd.DataFrame, tr: dict, prefix: str) -> dict:
 # ------------------------------------------------------------------------------ analysis
 
 def out_dir(cfg, seed) -> Path:
-    c = stages.stage_config(cfg, "callosal")
-    return (Path(cfg.out_dir) / cfg.experiment / "analysis" / "callosal"
-            / stages.run_name("callosal", c) / f"seed={seed}")
+    c = plan.stage_config(cfg, "callosal")
+    return (runs.experiment_dir(cfg) / "analysis" / "callosal"
+            / plan.spec("callosal").run_name(c) / f"seed={seed}")
 
 
 def analyse(cfg, seed: int, kind: str | None = None, show=False, cam_images=64, log=print) -> dict:
     """Traffic, head attribution and Grad-CAM localisation of one finished callosal run."""
     cfg = dataclasses.replace(cfg, callosum=kind or cfg.callosum)
     device = train.pick_device(cfg.device)
-    _, _, test = stages.load_splits(cfg)
+    _, _, test = data.load_splits(cfg)
     hier = test.hierarchy
-    model = stages.load_run_model("callosal", cfg, seed, hier, device)
+    model = plan.load_run_model("callosal", cfg, seed, hier, device)
     folder, prefix = out_dir(cfg, seed), f"callosum.{cfg.callosum}"
     title = f"{cfg.callosum}, condition {cfg.condition}, seed {seed}"
-    dl = condition._loader(test, device, 512)
+    dl = condition.loader(test, device, 512)
     tr = traffic(model, dl, device, cfg.amp)
     table = traffic_table(tr, hier.coarse_names)
     runs.atomic_write_bytes(folder / "traffic.csv", table.to_csv(index=False).encode())
@@ -162,10 +162,10 @@ def analyse(cfg, seed: int, kind: str | None = None, show=False, cam_images=64, 
 
 def train_sample(cfg, seed, device, n=1000):
     """A seeded sample of the train split: the features' mean over it centres the attribution."""
-    train_split = stages.load_splits(cfg)[0]
+    train_split = data.load_splits(cfg)[0]
     g = torch.Generator().manual_seed(derive_seed(seed, "analysis", "callosal_centre"))
     idx = torch.randperm(len(train_split), generator=g)[:n].sort().values
-    return condition._loader(condition.subset(train_split, idx), device, 512)
+    return condition.loader(condition.subset(train_split, idx), device, 512)
 
 
 def attribution(model, loader, train_loader, device, amp, folder, prefix) -> dict:
@@ -202,45 +202,3 @@ def localisation(model, test, device, n, seed, prefix) -> dict:
                            cls, batch_size=64)
         m[f"{prefix}.cam.area.{side}.mean"] = float(np.nanmean(cam.localisation(maps)))
     return m
-
-
-# -------------------------------------------------------------------------------- results
-
-def _reference(key: str) -> str:
-    """callosal/resnet9-A-add-layer1+layer3 -> bilateral/resnet9-A (same condition)."""
-    backbone, condition = key.split("/", 1)[1].split("-")[:2]
-    return f"bilateral/{backbone}-{condition}"
-
-
-def comparison(df: pd.DataFrame) -> pd.DataFrame:
-    """Each callosal model minus the bilateral model of its condition, per test accuracy, with
-    stats.difference's 95% interval over seeds: paired for a callosal model (it is built on
-    the same hemispheres as its reference), Welch's for one trained from scratch."""
-    vals, rows = results.per_seed(df), []
-    for key in sorted(k for k in vals if k.split("/")[0] in callosum.STAGES):
-        ref = _reference(key)
-        row = dict(model=key, reference=ref)
-        for metric in ("fine_acc", "coarse_acc"):
-            a, b = vals[key].get(metric, {}), vals.get(ref, {}).get(metric, {})
-            d = stats.difference(a, b, key.startswith("callosal/")) if a and b else dict(diff=float("nan"), lo=float("nan"),
-                                                              hi=float("nan"), method="")
-            row.update({f"{metric}_{k}": v for k, v in d.items()})
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def markdown_section(df: pd.DataFrame) -> list[str]:
-    """Lines for results.md ([] without callosal runs)."""
-    comp = comparison(df)
-    if comp.empty:
-        return []
-    lines = ["", "## Callosal models against the bilateral model of their condition", "",
-             "Difference of mean test accuracy (callosal minus bilateral), percentage points, "
-             "95% confidence interval over seeds (paired for a callosal model: it shares its "
-             "hemispheres with its reference; Welch's for one trained from scratch). "
-             "`callosal_unspecialised` is trained from scratch; its reference is still the "
-             "specialised bilateral model.", ""]
-    rows = [[r["model"], r["reference"], results_md._row_ci(r, "fine_acc"),
-             results_md._row_ci(r, "coarse_acc")] for _, r in comp.iterrows()]
-    return lines + results_md._table(["model", "against", "Δ fine [95% CI]", "Δ coarse [95% CI]"],
-                                     rows)

@@ -27,12 +27,15 @@ CALLOSUM_DEPTHS = ("prep", "layer1", "layer2", "layer3")  # ResNet-9 depths, see
 CALLOSUM_TRAIN = ("connections", "all")
 
 
-def __getattr__(name):
-    """STAGES: the stage names, from the registry in plan.py (which later modules extend)."""
-    if name == "STAGES":
-        from . import plan
-        return tuple(plan.STAGES)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# More checks of validate, added by modules that know what config does not (registry.py adds
+# the check of stage_epochs' stage names): config.py imports nothing of this package.
+CHECKS: list = []
+
+
+def short(value, n: int = 60) -> str:
+    """A value as an error message quotes it: at most n characters of its text."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
 
 
 @dataclass
@@ -171,14 +174,8 @@ def validate(cfg: Config) -> Config:
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
-    from . import plan  # the registry of stages; imported late, as plan builds on this module
-    trained = [s for s, spec in plan.STAGES.items() if spec.build]  # an ensemble trains nothing
-    for stage, n in cfg.stage_epochs.items():
-        if stage not in trained:
-            raise ConfigError(f"stage_epochs: unknown stage {stage!r}; "
-                              f"allowed: {', '.join(trained)}")
-        if n <= 0:
-            raise ConfigError(f"stage_epochs: {stage} must be positive, got {n}")
+    for check in CHECKS:
+        check(cfg)
     for key in ("kwta_k", "kwta_k_batch", "dropout"):
         v = getattr(cfg, key)
         if not (0 < v <= 1 or key == "dropout" and v == 0):

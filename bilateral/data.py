@@ -132,6 +132,28 @@ def load_dataset(name, split, data_dir=None, download=False, *, val_size=None, s
     return Split(images, fine, hier.coarse_of(fine), hier, name)
 
 
+@functools.lru_cache(maxsize=4)
+def _splits(dataset, data_dir, val_size, split_seed, synthetic_size):
+    kw = dict(data_dir=data_dir, val_size=val_size, split_seed=split_seed)
+    if dataset == "synthetic":  # the images themselves are drawn from the split seed
+        kw.update(size=synthetic_size, seed=split_seed)
+    return tuple(load_dataset(dataset, s, **kw) for s in ("train", "val", "test"))
+
+
+def load_splits(cfg):
+    """(train, val, test) of a config's dataset, read once per process."""
+    return _splits(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.split_seed, cfg.synthetic_size)
+
+
+def check_available(cfg, download: bool = False):
+    """Stop at once (FileNotFoundError with the loader's message) when the data is missing."""
+    if download and cfg.dataset == "cifar100":
+        load_dataset("cifar100", "test", data_dir=cfg.data_dir, download=True)
+        return
+    kw = dict(size=cfg.synthetic_size, seed=cfg.split_seed) if cfg.dataset == "synthetic" else {}
+    load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, download=download, **kw)
+
+
 def check_splits(splits):
     """Every split a run uses must hold images: val chooses the best epoch and the ensemble
     members, test gives the reported figures."""

@@ -393,12 +393,40 @@ def count_total(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def params_table(n_fine=100, n_coarse=20) -> str:
+# ---------------------------------------------------------------------- the study's hemispheres
+
+def hemisphere_arch(cfg, side: str) -> tuple[str, bool]:
+    """(backbone name, k-WTA on?) of a hemisphere: conditions B and D give the left the
+    pyramid, C and D put k-WTA into both."""
+    name = "resnet9_pyramid" if side == "left" and cfg.condition in ("B", "D") else cfg.backbone
+    return name, cfg.condition in ("C", "D")
+
+
+def hemisphere_backbone(cfg, side: str) -> nn.Module:
+    name, kwta = hemisphere_arch(cfg, side)
+    kw = dict(k=cfg.kwta_k, k_batch=cfg.kwta_k_batch, kwta_eval=cfg.kwta_eval) if kwta else {}
+    return build_backbone(name, cfg.width, bn_momentum=cfg.bn_momentum, **kw)
+
+
+# Relative training cost per epoch, measured on CPU at width 1 (ResNet-9 = 1), see README.
+# VGG-11: 0.83 per step at batch 64 (one measurement on a shared CPU; its FLOPs ratio is 0.72).
+BACKBONE_COST = {"resnet9": 1.0, "resnet9_pyramid": 4.2, "resnet18": 1.5, "resnet34": 2.9,
+                 "vgg11": 0.8}
+KWTA_COST = {"resnet9": 1.6, "resnet9_pyramid": 6.2}
+
+
+def hemisphere_cost(cfg, side: str) -> float:
+    name, kwta = hemisphere_arch(cfg, side)
+    return (KWTA_COST if kwta else BACKBONE_COST)[name]
+
+
+def params_table(n_fine=100, n_coarse=20, extra_rows=()) -> str:
     """Markdown table of the total and trainable parameters of every model of the study
     (width 1). The specialised bilateral model trains only its heads but holds its frozen
     hemispheres too; the study's argument is about total capacity.
 
     k-WTA adds no parameters (only running thresholds), so conditions C and D count as A and B.
+    `python -m bilateral params-table` adds the callosal models (callosum.params_rows).
     """
     uni = lambda name, heads=HEAD_NAMES: Unilateral(build_backbone(name), n_fine, n_coarse, heads)
     frz = lambda m, on: freeze(m) if on else m
@@ -431,7 +459,7 @@ def params_table(n_fine=100, n_coarse=20) -> str:
     with torch.device("meta"):  # no memory, no init cost: counting only
         models = [(label, make()) for label, make in rows]
         lines = [f"| {label} | {count_total(m):,} | {count_trainable(m):,} |" for label, m in models]
-    from . import callosum  # late: callosum builds on this module
-    lines += [f"| {label} | {t:,} | {tr:,} |" for label, t, tr in callosum.params_rows(n_fine, n_coarse)]
+    # extra_rows: (label, total, trainable) of models defined elsewhere (the callosal ones)
+    lines += [f"| {label} | {t:,} | {tr:,} |" for label, t, tr in extra_rows]
     return "\n".join(["| model | total parameters | trainable parameters |", "|---|---:|---:|",
                       *lines])

@@ -15,7 +15,6 @@ Tensors are batch-first: a packed batch is (B, N, 3, H, W), packed logits are (B
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -182,7 +181,7 @@ def _splitter(packed: PackedModel):
     return rules
 
 
-def _part(t, rule, i, n):
+def part(t, rule, i, n):
     if rule == "index":
         return t[i]
     if rule == "shared":
@@ -193,7 +192,7 @@ def _part(t, rule, i, n):
 def unpack(packed: PackedModel, i: int) -> dict:
     """Member i's state dict, loadable strictly into the model it was packed from."""
     rules, n = _splitter(packed), packed.n_members
-    return {k: _part(v, rules[k], i, n).detach().clone() for k, v in packed.net.state_dict().items()}
+    return {k: part(v, rules[k], i, n).detach().clone() for k, v in packed.net.state_dict().items()}
 
 
 def param_rules(packed: PackedModel) -> list[str]:
@@ -210,7 +209,7 @@ def split_optimizer(packed: PackedModel, opt_state: dict, i: int) -> dict:
     state = {}
     for idx, s in opt_state["state"].items():
         shape = lambda t: torch.is_tensor(t) and t.dim() > 0  # noqa: E731 (step counters are shared)
-        state[idx] = {k: _part(v, rules[idx], i, n).clone() if shape(v) else v for k, v in s.items()}
+        state[idx] = {k: part(v, rules[idx], i, n).clone() if shape(v) else v for k, v in s.items()}
     return {"state": state, "param_groups": copy.deepcopy(opt_state["param_groups"])}
 
 
@@ -263,179 +262,3 @@ class PackedLoader:
             return
         for bs in zip(*self.loaders):
             yield {k: torch.stack([b[k] for b in bs], 1) for k in bs[0]}
-
-
-# ----------------------------------------------------------------------------- run records
-# A plan's runs (plan.Run: stage, cfg reduced to the stage's fields, seed, name, path).
-
-PACKABLE_STAGES = ("hemisphere", "unilateral", "resnet18", "resnet34")
-MAX_MEMBERS = 10  # a larger group is split (memory grows with N; see the benchmark)
-
-
-def _architecture(run) -> str:
-    from . import stages
-    if run.stage == "hemisphere":
-        return stages.hemisphere_arch(run.cfg, run.cfg.side)[0]
-    return run.cfg.backbone if run.stage == "unilateral" else run.stage
-
-
-def packs(cfg) -> bool:
-    """pack: on, off, or auto: on where the runs train on CUDA. On a CPU, PyTorch's grouped
-    convolutions ran slower than the N plain ones (bench section 6: 0.3-0.8x at widths 1/8 and
-    1/4 on 2 cores), so auto leaves CPU runs apart."""
-    from . import train
-    return cfg.pack == "on" or cfg.pack == "auto" and train.pick_device(cfg.device).type == "cuda"
-
-
-def pack_key(run):
-    """Runs with equal keys can share one packed model: one stage and config (so one
-    architecture, data and recipe), differing only in seed or pool member. None: never packed."""
-    from . import config as C
-    if not packs(run.cfg) or run.stage not in PACKABLE_STAGES \
-            or _architecture(run) not in PACKABLE_BACKBONES:
-        return None
-    ident = C.identity(run.cfg)
-    ident.pop("member")
-    return run.stage, repr(sorted(ident.items()))
-
-
-def packable_groups(runs_, max_members=MAX_MEMBERS) -> list[list]:
-    """The runs split into groups to train together, in the runs' order (a group stands where
-    its first run stood): the same run across seeds and the pool members of a seed share a
-    group; runs that cannot be packed stay alone. Give it the runs still to train."""
-    groups, by_key = [], {}
-    for r in runs_:
-        key = pack_key(r)
-        if key is None:
-            groups.append([r])
-            continue
-        g = by_key.get(key)
-        if g is None or len(g) >= max_members:
-            g = by_key[key] = []
-            groups.append(g)
-        g.append(r)
-    return groups
-
-
-def train_runs(group, force=False, log=print) -> list[dict]:
-    """Train the runs of one packable group as one packed model, each run claimed (runs.claim)
-    for the whole training, and write each run's record through the very functions that
-    stages.run_stage uses; returns each run's metrics, in order. `force`: one bool, or one per
-    run. Finished runs are read; a single run left, or runs whose checkpoints stand at
-    different epochs, are trained (or resumed) one by one."""
-    import contextlib
-
-    from . import config as C
-    from . import data, runs, stages
-    keys = {pack_key(r) for r in group}
-    if len(keys) != 1 or None in keys:
-        raise ValueError("train_runs needs runs of one packable group (see packed.packable_groups)")
-    forces = list(force) if isinstance(force, (list, tuple)) else [force] * len(group)
-    data.check_splits(stages.load_splits(group[0].cfg))  # as run_stage: before any folder is claimed
-    C.check_device(group[0].cfg.device)
-    with contextlib.ExitStack() as held:
-        for r in group:
-            held.enter_context(runs.claim(r.path))
-        results = {j: stages.check_claimed(r, f, log) for j, (r, f) in enumerate(zip(group, forces))}
-        todo = [j for j, m in results.items() if m is None]
-        if len(todo) == 1 or len({_ckpt_epoch(group[j].path / "checkpoint.pt") for j in todo}) > 1:
-            for j in todo:
-                results[j] = stages._run_claimed(group[j], False, log)
-        elif todo:
-            results.update(zip(todo, _train_packed([group[j] for j in todo], log)))
-    return [results[j] for j in range(len(group))]
-
-
-def _ckpt_epoch(path):
-    from . import runs
-    return runs.load_torch(path)["epoch"] if path.exists() else 0
-
-
-def _train_packed(group, log):
-    """stages._train for N claimed runs at once: the same seeds, loaders, models and records
-    (stages.record_training, finish_model, seal), with one packed model in between."""
-    import time
-
-    from . import runs, stages, train
-    cfg0, stage = group[0].cfg, group[0].stage
-    if cfg0.threads:
-        torch.set_num_threads(cfg0.threads)
-    device = train.pick_device(cfg0.device)
-    if device.type == "cpu":
-        train.keep_freed_memory()
-    t0 = time.perf_counter()
-    hp = train.hyper(cfg0, stage)
-    members, gens, train_dls = [], [], []
-    for r in group:
-        rseed = stages.run_seed(stage, r.name, r.seed)
-        torch.manual_seed(rseed)  # as stages._train: the member's init, then its dropout stream
-        train_dl, val_dl, test_dl, hier = stages.loaders(r.cfg, device, hp.batch_size, rseed, r.cfg.augment)
-        model = r.spec.build(r.cfg, hier, r.seed)
-        gens.append(_member_generator(device, rseed))
-        members.append(model)
-        train_dls.append(train_dl)
-        stages.record_training(r, device, rseed, hp, model, False, train_dl, val_dl)
-    net = pack(members, gens).to(device)
-    if train.use_channels_last(cfg0, device):
-        net.net.to(memory_format=torch.channels_last)
-        net.channels_last = True
-    forward = torch.compile(net) if cfg0.compile else net
-    log(f"[packed x{len(group)}] " + ", ".join(r.key for r in group))
-
-    def on_epoch(histories):
-        for r, h in zip(group, histories):
-            runs.write_csv(r.path / "history.csv", h)
-    _, bests = train.fit(
-        net, forward, PackedLoader(train_dls), PackedLoader([val_dl] * len(group)),
-        heads=group[0].heads, hp=hp, device=device, fine_to_coarse=hier.fine_to_coarse,
-        ckpt_path=[r.path / "checkpoint.pt" for r in group], amp=cfg0.amp, progress=cfg0.progress,
-        log=lambda m: log(f"[packed {stage} x{len(group)}] {m}"), on_epoch=on_epoch)
-    results = []
-    for i, r in enumerate(group):
-        model = members[i].to(device)
-        model.load_state_dict(unpack(net, i), strict=True)
-        model.eval()
-        metrics = stages.finish_model(r, model, model, bests[i], hp, hier, device, val_dl, test_dl)
-        share = (time.perf_counter() - t0) / len(group)  # the run's share of the packed training
-        results.append(stages.seal(r, metrics, share, log))
-    return results
-
-
-def _member_generator(device, rseed):
-    if torch.device(device).type == "cpu":
-        g = torch.Generator()
-        g.set_state(torch.get_rng_state())  # continues the stream its separate run would use
-        return g
-    return torch.Generator(device).manual_seed(rseed)  # as torch.manual_seed seeds CUDA
-
-
-@dataclass(frozen=True, eq=False)
-class Group:
-    """The runs of one packable group as one job of a sweep (bilateral/sweep.py): it trains
-    them packed and writes one record per run. Quacks like the plan.Run a job otherwise holds."""
-    runs: tuple
-    retrain: frozenset = frozenset()  # the members a forced job retrains (the stale ones)
-
-    @property
-    def cfg(self):
-        return self.runs[0].cfg
-
-    @property
-    def stage(self):
-        return self.runs[0].stage
-
-    @property
-    def key(self) -> str:
-        return f"{self.runs[0].key}+{len(self.runs) - 1}"
-
-    def upstream(self) -> list:
-        return [u for r in self.runs for u in r.upstream()]
-
-    def status(self) -> str:
-        return "finished" if all(r.status() == "finished" for r in self.runs) else "in_progress"
-
-    def metrics(self):
-        return None
-
-    def train(self, force: bool = False, log=print) -> list[dict]:
-        return train_runs(list(self.runs), [force and r in self.retrain for r in self.runs], log)

@@ -3,15 +3,16 @@
 Notebooks 01-05 run in order for every seed (a failure stops that seed's chain only), then
 06_results once over all seeds. Executed copies go to outputs/<experiment>/notebooks/seed=<k>/.
 The stages reuse finished runs with the same config, so rerunning after an interruption
-continues where it stopped. The notebooks themselves call `notebook_setup` (below) to find the
-repository and read the params file, so they behave the same from JupyterLab, Colab or here.
+continues where it stopped. The notebooks themselves call `notebook_setup` (notebook.py,
+re-exported here) to find the repository and read the params file, so they behave the same
+from JupyterLab, Colab or here. Several seeds run on an executor (execute/), locally or as
+SLURM jobs.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
+import functools
 import json
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -19,119 +20,18 @@ import time
 from pathlib import Path
 
 from . import config as C
+from . import data, plan, runs, sweep
+from .execute import EXECUTORS, Job
+from .execute.jobs import say
+from .notebook import (PACKAGE_ROOT, experiment_dir, figure_dir, find_root, histories,  # noqa: F401
+                       notebook_config, notebook_setup, read_runs, runs_of, runs_table, train_runs)
 
 PER_SEED = ("01_data", "02_hemispheres", "03_bilateral", "04_baselines", "05_analysis",
             "07_callosum")  # 07 goes beyond the paper; 06 gathers every seed, so it runs last
 FINAL = "06_results"
 NOTEBOOKS = tuple(sorted(PER_SEED + (FINAL,)))
 KERNEL = "python3"
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-
-
-# ------------------------------------------------------------------------ notebook helpers
-
-def find_root(start=None) -> Path:
-    """The repository folder (the one holding params/): the working directory or one of its
-    parents, else the checkout this package was imported from."""
-    start = Path.cwd() if start is None else Path(start)
-    for d in (start, *start.resolve().parents):
-        if (d / "params").is_dir() and (d / "bilateral").is_dir():
-            return d.resolve()
-    if (PACKAGE_ROOT / "params").is_dir():
-        return PACKAGE_ROOT
-    raise FileNotFoundError(f"no folder holding params/ found at or above {start}; run the "
-                            f"notebook from a checkout of the repository")
-
-
-def notebook_config(params_file, overrides=None, experiment=None, condition=None,
-                    chdir=True) -> C.Config:
-    """What the `parameters` cell of every notebook turns into: the validated Config.
-
-    A relative params_file is read from the repository root, and the working directory moves
-    there (with chdir), so outputs/ and data/ are the same whether the notebook runs from
-    notebooks/, from the root, or under papermill. `condition` restricts the notebook to one
-    condition; without it, cfg.condition is the preset's first condition.
-    """
-    root = find_root()
-    if chdir:
-        os.chdir(root)
-    path = Path(params_file)
-    if not path.is_absolute():
-        path = root / path
-    overrides = dict(C.parse_overrides(overrides or {}))
-    if experiment:
-        overrides["experiment"] = experiment
-    if condition:
-        overrides.update(condition=condition, conditions=[condition])
-    cfg = C.load(path, overrides)
-    if cfg.condition not in cfg.conditions:
-        cfg = dataclasses.replace(cfg, condition=cfg.conditions[0])
-    return cfg
-
-
-def notebook_setup(params_file, overrides=None, experiment=None, condition=None, seed=0):
-    """The setup cell of a per-seed notebook: its Config (notebook_config), the device it runs
-    on and its seed's figure folder; printed, so the notebook's output says what it ran."""
-    from .train import pick_device  # late: torch is needed only once a notebook runs
-    cfg = notebook_config(params_file, overrides, experiment, condition)
-    device = pick_device(cfg.device)
-    print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {cfg.width}, "
-          f"seed {seed}, device {device}")
-    return cfg, device, figure_dir(cfg, seed)
-
-
-def runs_table(runs):
-    """The runs of a notebook's phase as a table: label, key, status, and what each is built
-    on (a column only when some run is built on others)."""
-    import pandas as pd
-    rows = [{"label": r.label, "key": r.key, "status": r.status(),
-             "built on": ", ".join(u.label for u in r.upstream())} for r in runs]
-    df = pd.DataFrame(rows, columns=["label", "key", "status", "built on"])
-    return df if df["built on"].any() else df.drop(columns="built on")
-
-
-def experiment_dir(cfg: C.Config) -> Path:
-    return Path(cfg.out_dir) / cfg.experiment
-
-
-def figure_dir(cfg: C.Config, seed=None) -> Path:
-    """outputs/<experiment>/figures/seed=<k>/ (or the experiment's figures/ for seed None)."""
-    d = experiment_dir(cfg) / "figures"
-    d = d if seed is None else d / f"seed={seed}"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-# The notebooks ask for the runs of their phase (plan.py); a notebook's name names its phase
-# ("02_hemispheres" -> "hemispheres"). Labels are each run's label in the plan.
-
-def runs_of(cfg: C.Config, notebook: str, seed: int = 0) -> list[tuple[str, str, C.Config]]:
-    """(label, stage, config) of every run a notebook (or phase) trains, in order."""
-    from . import plan
-    return [(r.label, r.stage, r.cfg) for r in plan.phase_runs(cfg, notebook, seed)]
-
-
-def train_runs(cfg: C.Config, notebook: str, seed: int) -> dict:
-    """Train every run of a notebook's phase (a finished one with the same config is just
-    read); {label: metrics}."""
-    from . import plan
-    return {r.label: r.train() for r in plan.phase_runs(cfg, notebook, seed)}
-
-
-def read_runs(cfg: C.Config, notebook: str, seed: int) -> dict:
-    """{label: metrics} of the finished runs of a notebook's phase (missing, unfinished and
-    stale ones are left out)."""
-    from . import plan
-    return {r.label: r.metrics() for r in plan.phase_runs(cfg, notebook, seed)
-            if r.status() == "finished"}
-
-
-def histories(cfg: C.Config, notebook: str, seed: int) -> dict:
-    """{label: history DataFrame} of the trained runs of a notebook's phase (ensembles have
-    none)."""
-    from . import plan
-    out = {r.label: r.history() for r in plan.phase_runs(cfg, notebook, seed)}
-    return {k: v for k, v in out.items() if not v.empty}
+check_data = data.check_available  # the name notebook 01 calls
 
 
 # ------------------------------------------------------------------------------- planning
@@ -193,10 +93,6 @@ def papermill_execute(source: Path, output: Path, parameters: dict, cwd: Path):
                                kernel_name=KERNEL, progress_bar=False, log_output=False)
 
 
-def say(msg):
-    print(msg, flush=True)
-
-
 def run_chain(seed, notebooks, nb_dir, out_dir, parameters, cwd, env=None, execute=None,
               log=say) -> list[Result]:
     """Run notebooks in order for one seed; the first failure skips the rest."""
@@ -224,27 +120,12 @@ def run_chain(seed, notebooks, nb_dir, out_dir, parameters, cwd, env=None, execu
     return results
 
 
-def _chain_job(kwargs):  # top level, so a spawned worker can unpickle it
-    return run_chain(**kwargs)
-
-
-def seed_env(i: int, jobs: int) -> dict:
-    """Environment of the i-th seed's kernels: its own GPU, or its share of the CPU threads."""
-    if jobs <= 1:
-        return {}
-    env = {}
-    try:
-        import torch
-        n_gpu = torch.cuda.device_count()
-    except Exception:  # noqa: BLE001
-        n_gpu = 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if n_gpu:
-        ids = visible.split(",") if visible else [str(g) for g in range(n_gpu)]
-        env["CUDA_VISIBLE_DEVICES"] = ids[i % len(ids)]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
+def chain_on_node(kw):
+    """One seed's notebook chain as an executor's job (a local worker, a SLURM job), with the
+    kernel pinned to that process's interpreter."""
+    with tempfile.TemporaryDirectory(prefix="bilateral-kernel-") as d:
+        pin_kernel(d)
+        return run_chain(**kw)
 
 
 def summary(results: list[Result]) -> str:
@@ -261,16 +142,6 @@ def summary(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def check_data(cfg: C.Config, download: bool = False):
-    """Stop at once (FileNotFoundError with the loader's message) when the data is missing."""
-    from . import data
-    if download and cfg.dataset == "cifar100":
-        data.load_dataset("cifar100", "test", data_dir=cfg.data_dir, download=True)
-        return
-    kw = dict(size=cfg.synthetic_size, seed=cfg.split_seed) if cfg.dataset == "synthetic" else {}
-    data.load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, download=download, **kw)
-
-
 def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, execute=None,
         nb_dir=None, log=say, executor="local", slurm=None) -> tuple[int, list[Result]]:
     """Everything `python -m bilateral run` does; returns (exit code, results).
@@ -280,8 +151,7 @@ def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, e
     overrides = C.parse_overrides(overrides)
     cfg = C.load(params, overrides)                     # bad params stop before anything runs
     notebooks = select(only)
-    from .plan import parse_seeds
-    seeds = parse_seeds(seeds)                          # 0-4, [0, 1, 2], "0,2": each once, in order
+    seeds = plan.parse_seeds(seeds)                          # 0-4, [0, 1, 2], "0,2": each once, in order
     if jobs < 1:
         raise C.ConfigError(f"--jobs must be at least 1, got {jobs}")
     nb_dir = Path(nb_dir) if nb_dir else find_root() / "notebooks"
@@ -297,7 +167,6 @@ def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, e
                                                           or executor == "slurm"):
             overrides[key] = str(Path(getattr(cfg, key)).resolve())
     cfg = C.load(params, overrides)
-    from . import sweep
     options = {**cfg.slurm, **(slurm or {})}
     if executor == "slurm" and any(n in notebooks for n in PER_SEED[1:4]):
         code, _ = sweep.sweep(params, seeds, "slurm", slurm=options, overrides=overrides, log=log)
@@ -306,7 +175,7 @@ def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, e
             return code, []
     else:
         sweep.announce(cfg, seeds, jobs, log)
-    exp_dir = Path(cfg.out_dir) / cfg.experiment
+    exp_dir = runs.experiment_dir(cfg)
     parameters = dict(params_file=str(params), overrides=overrides)
     per_seed = [n for n in notebooks if n in PER_SEED]
     jobs = min(jobs, len(seeds))
@@ -325,8 +194,7 @@ def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, e
         os.environ.update(saved)
         kernel_dir.cleanup()
     text = summary(results) + f"\nwall time {time.perf_counter() - t0:.0f}s"
-    from .runs import atomic_write_bytes
-    atomic_write_bytes(exp_dir / "notebooks" / "summary.txt", (text + "\n").encode())
+    runs.atomic_write_bytes(exp_dir / "notebooks" / "summary.txt", (text + "\n").encode())
     log("\n" + text)
     return (0 if all(r.status == "ok" for r in results) else 1), results
 
@@ -335,21 +203,27 @@ def _run_all(seeds, per_seed, notebooks, jobs, nb_dir, root, parameters, exp_dir
              slurm=None):
     results: list[Result] = []
     if per_seed:
-        jobs_kw = [dict(seed=s, notebooks=per_seed, nb_dir=nb_dir, cwd=root, parameters=parameters,
-                        out_dir=exp_dir / "notebooks" / f"seed={s}", env=seed_env(i, jobs),
-                        execute=execute)
-                   for i, s in enumerate(seeds)]
-        if slurm is not None:  # one SLURM job per seed
-            from .slurm import run_chains_slurm
-            results += run_chains_slurm(jobs_kw, slurm, exp_dir / "jobs" / "notebooks", log)
-        elif jobs == 1:
-            for kw in jobs_kw:
+        chains = [dict(seed=s, notebooks=per_seed, nb_dir=nb_dir, cwd=root, parameters=parameters,
+                       out_dir=exp_dir / "notebooks" / f"seed={s}", execute=execute)
+                  for s in seeds]
+        if slurm is None and jobs == 1:
+            for kw in chains:
                 results += run_chain(**kw, log=log)
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-                for res in pool.map(_chain_job, jobs_kw):
-                    results += res
+        else:  # one job per seed: local workers (each its share of threads, or its GPU) or SLURM
+            executor = "slurm" if slurm is not None else "local"
+            folder = str(exp_dir / "jobs" / "notebooks")
+            todo = [Job(f"notebooks seed={kw['seed']}", functools.partial(chain_on_node, kw),
+                        folder=folder, name="notebooks") for kw in chains]
+            if executor == "slurm":
+                log(f"the notebooks of {len(chains)} seed(s) as SLURM jobs")
+            options = slurm if slurm is not None else {"workers": jobs}
+            for kw, o in zip(chains, EXECUTORS[executor](todo, {}, options, log)):
+                if o.status == "ok":
+                    results += o.value
+                else:  # the job died: its notebooks count as failed
+                    why = o.error.strip().splitlines()[-1] if o.error.strip() else o.status
+                    results += [Result(nb, kw["seed"], "failed", error=why, output=o.log)
+                                for nb in kw["notebooks"]]
     if FINAL in notebooks:
         results += run_chain(None, [FINAL], nb_dir, exp_dir / "notebooks",
                              dict(parameters, seeds=seeds), root, execute=execute, log=log)
@@ -357,10 +231,9 @@ def _run_all(seeds, per_seed, notebooks, jobs, nb_dir, root, parameters, exp_dir
 
 
 def main(args) -> int:
-    from .sweep import slurm_options
     code, _ = run(args.params, seeds=args.seeds, only=args.only, jobs=args.jobs,
                   overrides=args.overrides, download=args.download, executor=args.executor,
-                  slurm=slurm_options(args))
+                  slurm=sweep.slurm_options(args))
     return code
 
 

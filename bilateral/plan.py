@@ -1,11 +1,12 @@
 """The study as a plan of runs: every kind of run declared once, and the runs a study holds.
 
 Read top to bottom:
-1. `Stage`: one kind of run (hemisphere, bilateral, ...): the config fields it uses, its name,
-   label, heads, builder, recipe group, phase, upstream runs and relative cost. `register` adds
-   one, so a later module (e.g. bilateral/callosum.py) adds a stage without editing this file.
+1. Stages: each kind of run (hemisphere, bilateral, ...) is a registry.Stage, declared once in
+   its module (stages.py: the paper's; callosum.py: the corpus callosum's); this is the one
+   module that names those modules, so importing it gives the whole study.
 2. `Run`: (stage, config, seed) and all that is known of it on disk: folder, status, metrics,
-   history, model, upstream runs, cost. `Run.train()` makes it (stages.run_stage).
+   history, model, upstream runs, cost. `Run.train()` makes it (runner.train_runs); `run_stage`
+   trains one from the command line's terms.
 3. Provenance: a run built on other runs records the sha256 of their model.pt files in its
    config.json; when one of those files changes (retrained) the dependant is stale.
 4. `plan(cfg, seeds)`: the whole study as a list of runs in dependency order; `phase_runs` the
@@ -23,171 +24,19 @@ deterministic on a CPU) leaves its dependants current.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+# The stage modules, each registering its stages; this order is the order of the study's tables.
+from . import stages  # noqa: F401  isort: skip  (the paper's stages first)
+from . import callosum  # noqa: F401  isort: skip  (beyond the paper)
 from . import config as C
-from . import runs, stages, train
+from . import models, runner, runs, train
+from .registry import (KWTA_FIELDS, OPTIONAL, PHASES, STAGES, VARIANT_FIELDS, Stage,  # noqa: F401
+                       register, spec, stage_config)
 
-PHASES = ("hemispheres", "bilateral", "baselines", "callosum")  # callosum: bilateral/callosum.py
 STATUSES = ("finished", "in_progress", "stale", "missing")
-
-# Fields only some stages use. A stage's config resets the ones it does not use to their
-# defaults, so they neither appear in its record nor make two identical runs look different.
-OPTIONAL = ("condition", "side", "backbone", "augment", "head_augment", "member", "ensemble_size")
-KWTA_FIELDS = ("kwta_k", "kwta_k_batch", "kwta_eval")  # used under conditions C and D only
-VARIANT_FIELDS = ("condition", "side", "member", "ensemble_size", "callosum")  # what `--set` picks a run by
-
-# Relative training cost per epoch, measured on CPU at width 1 (ResNet-9 = 1), see README.
-# VGG-11: 0.83 per step at batch 64 (one measurement on a shared CPU; its FLOPs ratio is 0.72).
-BACKBONE_COST = {"resnet9": 1.0, "resnet9_pyramid": 4.2, "resnet18": 1.5, "resnet34": 2.9,
-                 "vgg11": 0.8}
-KWTA_COST = {"resnet9": 1.6, "resnet9_pyramid": 6.2}
-CACHED_HEADS_COST = 0.02  # an epoch of the bilateral heads on cached features
-
-
-# ------------------------------------------------------------------------------- 1. stages
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    phase: str                                   # one of PHASES: which notebook trains it
-    title: str                                   # the kind of model, in tables and --help
-    help: str                                    # one line for --help
-    uses: tuple[str, ...]                        # which OPTIONAL fields it uses
-    run_name: Callable[[C.Config], str]          # its folder: <stage>/<run_name>/seed=<k>
-    label: Callable[[C.Config], str]             # how notebooks and figures call one run
-    variants: Callable[[C.Config], list[dict]]   # the runs a study asks for (config overrides)
-    epoch_cost: Callable[[C.Config], float]      # per epoch, in ResNet-9 epochs
-    build: Callable | None = None                # (cfg, hier, seed) -> model; None: no training
-    heads: Callable[[C.Config], tuple] = lambda cfg: ("fine", "coarse")
-    upstream: Callable[[C.Config], list[tuple[str, dict]]] = lambda cfg: []
-    fixed_cost: Callable[[C.Config], float] = lambda cfg: 0.0  # once per run
-    recipe: str = "default"                      # "hemisphere": the recipe's hemisphere weight decay
-    heads_only: bool = False                     # trains heads on frozen `features` (cacheable)
-    owns: tuple[str, ...] = ()                   # config fields no other stage uses
-
-
-STAGES: dict[str, Stage] = {}
-
-
-def register(spec: Stage) -> Stage:
-    """Add (or replace) a stage; the study plans it from then on."""
-    if spec.phase not in PHASES:
-        raise ValueError(f"stage {spec.name}: unknown phase {spec.phase!r}; phases: {', '.join(PHASES)}")
-    unknown = set(spec.uses) - set(OPTIONAL) | set(spec.owns) - set(C.FIELD_TYPES)
-    if unknown:
-        raise ValueError(f"stage {spec.name}: unknown fields {sorted(unknown)} in uses/owns; "
-                         f"uses: some of {', '.join(OPTIONAL)}; owns: config fields")
-    STAGES[spec.name] = spec
-    return spec
-
-
-def spec(stage: str) -> Stage:
-    if stage not in STAGES:
-        raise C.ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
-    return STAGES[stage]
-
-
-def stage_config(cfg: C.Config, stage: str) -> C.Config:
-    """cfg with the fields `stage` does not use reset to their defaults."""
-    s, d = spec(stage), C.Config()
-    optional = set(OPTIONAL).union(*(t.owns for t in STAGES.values()))
-    unused = optional - set(s.uses) - set(s.owns)
-    cond = cfg.condition if "condition" in s.uses else d.condition
-    if cond not in ("C", "D"):
-        unused |= set(KWTA_FIELDS)
-    if s.recipe == "hemisphere" or not s.build:  # hemispheres have the larger decay either way
-        unused |= {"weight_decay_equal"}
-    own_epochs = {k: v for k, v in cfg.stage_epochs.items() if k == stage}  # not others' budgets
-    return dataclasses.replace(cfg, stage_epochs=own_epochs, **{k: getattr(d, k) for k in unused})
-
-
-def hemisphere_cost(cfg: C.Config, side: str) -> float:
-    name, kwta = stages.hemisphere_arch(cfg, side)
-    return (KWTA_COST if kwta else BACKBONE_COST)[name]
-
-
-def _pair_cost(cfg):
-    return hemisphere_cost(cfg, "left") + hemisphere_cost(cfg, "right")
-
-
-def _bilateral_epoch_cost(cfg):
-    # with head augmentation the frozen hemispheres run forward (about a third of a training
-    # step) every epoch; without, once (fixed_cost) and the heads train on cached features
-    return _pair_cost(cfg) / 3 if cfg.head_augment else CACHED_HEADS_COST
-
-
-register(Stage(
-    "hemisphere", "hemispheres", "hemisphere",
-    "one backbone, one head: left = fine labels, right = coarse (--set side=...)",
-    uses=("condition", "side", "backbone", "augment"),
-    run_name=lambda c: f"{c.backbone}-{c.condition}-{c.side}",
-    label=lambda c: f"{c.condition} {c.side}",
-    variants=lambda c: [dict(condition=k, side=s) for k in c.conditions for s in C.SIDES],
-    epoch_cost=lambda c: hemisphere_cost(c, c.side),
-    build=lambda c, hier, seed: stages.hemisphere_model(c, c.side, hier),
-    heads=lambda c: ("fine",) if c.side == "left" else ("coarse",),
-    recipe="hemisphere"))
-
-register(Stage(
-    "bilateral", "bilateral", "bilateral (specialised)",
-    "frozen left + right hemispheres of this seed and condition, two new heads",
-    uses=("condition", "backbone", "augment", "head_augment"),
-    run_name=lambda c: f"{c.backbone}-{c.condition}",
-    label=lambda c: f"{c.condition} bilateral",
-    variants=lambda c: [dict(condition=k) for k in c.conditions],
-    epoch_cost=_bilateral_epoch_cost,
-    fixed_cost=lambda c: 0.0 if c.head_augment else _pair_cost(c) / 3,
-    build=lambda c, hier, seed: stages.load_bilateral(c, seed, hier),
-    upstream=lambda c: [("hemisphere", dict(side=s)) for s in C.SIDES],
-    heads_only=True))
-
-register(Stage(
-    "bilateral_unspecialised", "baselines", "bilateral, no specialisation",
-    "the same two-hemisphere model trained end to end from scratch",
-    uses=("condition", "backbone", "augment"),
-    run_name=lambda c: f"{c.backbone}-{c.condition}",
-    label=lambda c: "bilateral, no specialisation",
-    variants=lambda c: [dict(condition="A")],
-    epoch_cost=_pair_cost,
-    build=lambda c, hier, seed: stages.unspecialised_model(c, hier)))
-
-register(Stage(
-    "unilateral", "baselines", "unilateral dual-head",
-    "one backbone with both heads (--set member=i for the ensemble pool)",
-    uses=("backbone", "augment", "member"),
-    run_name=lambda c: f"{c.backbone}-m{c.member}",
-    label=lambda c: f"unilateral m{c.member}",
-    variants=lambda c: [dict(member=m) for m in range(c.pool_size)],
-    epoch_cost=lambda c: BACKBONE_COST[c.backbone],
-    build=lambda c, hier, seed: stages.dual_head_model(c.backbone, c, hier)))
-
-for _depth, _size in (("18", "about the bilateral model's size"),
-                      ("34", "about twice the bilateral model's size")):
-    register(Stage(
-        f"resnet{_depth}", "baselines", f"ResNet-{_depth} dual-head",
-        f"ResNet-{_depth} dual-head baseline ({_size})",
-        uses=("augment",),
-        run_name=lambda c, n=f"resnet{_depth}": n,
-        label=lambda c, d=_depth: f"ResNet-{d}",
-        variants=lambda c: [{}],
-        epoch_cost=lambda c, n=f"resnet{_depth}": BACKBONE_COST[n],
-        build=lambda c, hier, seed, n=f"resnet{_depth}": stages.dual_head_model(n, c, hier)))
-
-register(Stage(
-    "ensemble", "baselines", "ensemble",
-    "top-k unilateral pool members by validation accuracy, logits averaged",
-    uses=("backbone", "augment", "ensemble_size"),   # augment: that of its pool
-    run_name=lambda c: f"{c.backbone}-k{c.ensemble_size}",
-    label=lambda c: f"ensemble k={c.ensemble_size}",
-    variants=lambda c: [dict(ensemble_size=k) for k in c.ensemble_sizes],
-    epoch_cost=lambda c: 0.0,
-    upstream=lambda c: [("unilateral", dict(member=m)) for m in range(c.pool_size)]))
 
 
 # ---------------------------------------------------------------------------------- 2. runs
@@ -211,11 +60,6 @@ class Run:
 
     def __repr__(self):
         return f"Run({self.key})"
-
-    def __reduce__(self):
-        # a worker process that unpickles a run of a stage registered by another module
-        # (bilateral/callosum.py, say) imports that module first
-        return _unpickle_run, (self.stage, self.cfg, self.seed, self.spec.variants.__module__)
 
     @property
     def spec(self) -> Stage:
@@ -327,59 +171,47 @@ class Run:
             raise FileNotFoundError(f"{self.stage} run {self.path} is {status.replace('_', ' ')}; "
                                     f"make it with:\n  {self.command()}")
 
-    def load_model(self, hier, device="cpu"):
-        """The trained model, rebuilt from the config and loaded strictly."""
-        from . import models
+    def load_model(self, hier, device="cpu", hashes: dict | None = None):
+        """The trained model, rebuilt from the config (and its upstream models) and loaded
+        strictly; `hashes` collects {run key: sha256 of the bytes loaded}."""
         self.check_finished()
         if self.spec.build is None:
             raise ValueError(f"{self.stage} runs have no model file of their own")
-        model = self.spec.build(self.cfg, hier, self.seed)
-        models.load_state_strict(model, runs.load_torch(self.path / "model.pt"),
-                                 what=f"{self.stage} run {self.path}")
+        model = self.spec.build(self.cfg, hier, [u.load_model(hier) for u in self.upstream()])
+        state, sha = runs.read_torch(self.path / "model.pt")
+        models.load_state_strict(model, state, what=f"{self.stage} run {self.path}")
+        if hashes is not None:
+            hashes[self.key] = sha
         return model.to(device).eval()
 
-    def train(self, force: bool = False, log=print) -> dict:
+    def __reduce__(self):
+        # a worker process that unpickles a run of a stage registered outside the package
+        # (a user's plug-in module) imports that module first
+        return unpickle_run, (self.stage, self.cfg, self.seed, self.spec.variants.__module__)
+
+    def train(self, force: bool = False, log=print, wait: bool = False) -> dict:
         """Train this run (or read it when finished with the same config); its metrics."""
-        return stages.run_stage(self.stage, self.cfg, self.seed, force=force, log=log)
+        return runner.train_runs([self], force, log, wait)[0]
 
 
-def _unpickle_run(stage, cfg, seed, module):
+def unpickle_run(stage, cfg, seed, module):
     if stage not in STAGES:
-        importlib.import_module(module)
+        importlib.import_module(module)  # a plug-in outside the package registers its stage
     return Run(stage, cfg, seed)
 
 
 # ---------------------------------------------------------------------------- 3. provenance
 
-_HASHES: dict[tuple, str] = {}
-
-
-def file_hash(path) -> str | None:
-    """sha256 of a file, computed once per (path, mtime, size); None when it does not exist."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
-
-
 def upstream_hashes(run: Run) -> dict[str, str | None]:
     """{upstream key: sha256 of its model.pt}: what a run records, and what is checked later."""
-    return {u.key: file_hash(u.path / "model.pt") for u in run.upstream()}
+    return {u.key: runs.file_hash(u.path / "model.pt") for u in run.upstream()}
 
 
 def changed_in(experiment_dir, record: dict) -> list[str]:
     """The recorded upstream runs whose model.pt in experiment_dir changed since: for readers
     that have a folder of records rather than a config (the report). A key is a relative path."""
     return sorted(k for k, h in record.get("upstream", {}).items()
-                  if file_hash(Path(experiment_dir) / k / "model.pt") != h)
+                  if runs.file_hash(Path(experiment_dir) / k / "model.pt") != h)
 
 
 # ---------------------------------------------------------------------------------- 4. plans
@@ -503,8 +335,7 @@ def describe(runs_: list[Run]) -> str:
     if stale:
         lines += ["", "stale (training refuses them without --force):"]
         lines += [f"  {r.key}: {'; '.join(r.stale_reasons())}" for r in stale]
-    from . import packed
-    groups = [g for g in packed.packable_groups(pending(runs_)) if len(g) > 1]
+    groups = [g for g in runner.packable_groups(pending(runs_)) if len(g) > 1]
     if groups:
         lines += ["", f"packed (pack: {runs_[0].cfg.pack}): each group trains as one model, in one job:"]
         lines += [f"  {len(g)} x {g[0].stage} {g[0].name}: runs {_ranges(index[r] for r in g)}"
@@ -525,4 +356,26 @@ def describe(runs_: list[Run]) -> str:
     return "\n".join(lines)
 
 
-from . import callosum  # noqa: E402,F401  registers the callosal stages (it builds on this module)
+
+# ------------------------------------------------------------------------------ 6. running
+
+def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=print,
+              wait: bool = False) -> dict:
+    """Train (or, if already finished with the same config, just read) one run; return its
+    metrics. A run whose upstream runs were retrained since it was built is refused (stale),
+    unless `force`, which retrains it. Bad data stops before the run folder is claimed; a second
+    process asking for a run in progress refuses (runs.RunLocked), or waits with `wait`."""
+    return Run(stage, C.validate(cfg), seed).train(force, log, wait)
+
+
+def build_model(stage, cfg, hier, seed=0):
+    """A stage's untrained model (the bilateral one: the trained hemispheres of `seed`, frozen)."""
+    run = Run(stage, cfg, seed)
+    if run.spec.build is None:
+        raise ValueError(f"stage {stage!r} has no model of its own to build")
+    return run.spec.build(run.cfg, hier, [u.load_model(hier) for u in run.upstream()])
+
+
+def load_run_model(stage, cfg, seed, hier, device="cpu"):
+    """The trained model of a finished run, rebuilt from its config and loaded strictly."""
+    return Run(stage, cfg, seed).load_model(hier, device)

@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from . import plan, results_md
+from .execute.jobs import hms
 from .runs import atomic_write_bytes, cpu_model, read_json
 
 FILES = ("results.csv", "results.md", results_md.FOREST, "results.png")
@@ -35,10 +36,6 @@ def _common(values) -> str:
     if len(c) == 1:
         return next(iter(c))
     return "; ".join(f"{v} ({n} runs)" for v, n in c.most_common())
-
-
-def _hms(s: float) -> str:
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{s / 60:.1f} min"
 
 
 def _cpu(recs) -> str:
@@ -67,7 +64,7 @@ def provenance(exp: Path, command: str | None = None) -> str:
              f"- {len(recs)} finished runs, seeds {', '.join(map(str, sorted(per_seed)))}",
              "- training time per seed (sum of its runs' wall_s; runs of two workers overlap, so "
              "this is compute, not elapsed time): "
-             + ", ".join(f"seed {s}: {_hms(t)}" for s, t in sorted(per_seed.items()))]
+             + ", ".join(f"seed {s}: {hms(t)}" for s, t in sorted(per_seed.items()))]
     if sweep:  # its counts and wall time; the per-run table stays in jobs/summary.txt
         tail = sweep.split("\n\n")[-1]
         lines += [f"- the last sweep over this experiment (what it had left to train): "

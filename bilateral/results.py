@@ -25,8 +25,9 @@ import numpy as np
 import pandas as pd
 from . import config as C
 from . import plan, results_md
+from .registry import SECTIONS
 from .stats import difference, mean_sd, paired, shares_runs
-from .runs import atomic_write_bytes
+from .runs import RecordError, atomic_write_bytes
 
 COLUMNS = ["stage", "model", "condition", "backbone", "seed", "split", "metric", "value"]
 ACC = ("fine_acc", "coarse_acc", "fine_as_coarse_acc")
@@ -220,7 +221,7 @@ def per_seed(df: pd.DataFrame, split="test") -> dict:
 
 
 def _order(keys):
-    stage_rank = {s: i for i, s in enumerate(C.STAGES)}
+    stage_rank = {s: i for i, s in enumerate(plan.STAGES)}
     return sorted(keys, key=lambda k: (stage_rank.get(k.split("/")[0], 99), k))
 
 
@@ -354,8 +355,9 @@ def markdown(exp: Path, df: pd.DataFrame, problems=()) -> str:
         describe(exp, df), summary_table(df), comparison_table(df), kwta_table(df),
         analysis_table(df) if len(an) else None, n_analysis=an.metric.nunique(),
         forest=(exp / results_md.FOREST).exists(), rising_z=RISING_Z)
-    from .callosum_study import markdown_section  # late: callosum_study builds on this module
-    text += "".join(f"{line}\n" for line in markdown_section(df))
+    vals = per_seed(df)
+    for section in SECTIONS:  # plug-ins' sections (callosum.markdown_section, ...)
+        text += "".join(f"{line}\n" for line in section(vals))
     if not problems:
         return text
     title, rest = text.split("\n", 1)  # the unreadable records come right under the title
@@ -370,7 +372,6 @@ def report(experiment_dir) -> dict:
     problems = []
     df = collect(exp, problems)
     if df.empty:
-        from .runs import RecordError
         if problems:
             raise RecordError(f"none of the records under {exp} could be read: " + "; ".join(
                 f"{p} ({why})" for p, why in problems) + "; rebuild the runs with --force")
@@ -429,7 +430,7 @@ def trainable_params(experiment_dir, seed=None) -> pd.DataFrame:
     for k in RECORD_KEYS:
         if k in out:
             out[k] = out[k].astype("Int64")
-    rank = {s: i for i, s in enumerate(C.STAGES)}
+    rank = {s: i for i, s in enumerate(plan.STAGES)}
     out = out.sort_values(["stage", "model", "seed"], key=lambda c: c.map(rank) if c.name == "stage" else c)
     return out[[c for c in out if c not in RECORD_KEYS] + [k for k in RECORD_KEYS if k in out]] \
         .reset_index(drop=True)

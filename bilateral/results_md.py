@@ -41,7 +41,7 @@ def _ci(d: dict) -> str:
     return f"{_signed(d['diff'])} [{_signed(d['lo'])}, {_signed(d['hi'])}] ({d['method']})"
 
 
-def _row_ci(row, metric):
+def row_ci(row, metric):
     return _ci({k: row[f"{metric}_{k}"] for k in ("diff", "lo", "hi", "method")})
 
 
@@ -53,7 +53,7 @@ def _model_cell(row):
     return row["model"] + (f" ↑{row['rising']}/{row['judged']}" if row["rising"] else "")
 
 
-def _table(header, rows) -> list[str]:
+def table(header, rows) -> list[str]:
     # cells are formatted text already: no number parsing (it would re-format "1e-05", "8")
     return pd.DataFrame(rows, columns=header).to_markdown(index=False, disable_numparse=True).splitlines()
 
@@ -91,7 +91,7 @@ def accuracy_section(summ: pd.DataFrame, rising_z: float) -> list[str]:
              _count(r["trainable_params"]), r["epochs"] or "—",
              ", ".join(f"{w:g}" for w in r["weight_decay"]) or "—"]
             for _, r in summ.iterrows()]
-    return lines + _table(["model", "fine", "coarse", "fine→coarse", "total params",
+    return lines + table(["model", "fine", "coarse", "fine→coarse", "total params",
                            "trainable params", "epochs", "weight decay"], rows)
 
 
@@ -126,9 +126,9 @@ def comparison_section(comp: pd.DataFrame, summ: pd.DataFrame) -> list[str]:
              "differences (`ttest_rel`). **Welch**: the models were trained from independent "
              "seeds, Welch's interval (`ttest_ind(equal_var=False)`). One seed gives no "
              "interval.", ""]
-    rows = [[r["model"], _row_ci(r, "fine_acc"), _row_ci(r, "coarse_acc")]
+    rows = [[r["model"], row_ci(r, "fine_acc"), row_ci(r, "coarse_acc")]
             for _, r in comp.iterrows()]
-    return lines + _table(["model", "Δ fine [95% CI]", "Δ coarse [95% CI]"], rows) + \
+    return lines + table(["model", "Δ fine [95% CI]", "Δ coarse [95% CI]"], rows) + \
         decay_note(summ, ref)
 
 
@@ -149,18 +149,18 @@ def kwta_section(kw: pd.DataFrame) -> list[str]:
              *(fmt(r[x]) if isinstance(r.get(x), tuple) else "—" for x in rules),
              _ci(r["threshold_minus_map_only"]) if isinstance(r.get("threshold_minus_map_only"), dict)
              else "—"] for _, r in kw.iterrows()]
-    return lines + _table(["model", "head", *rules, "Δ threshold − map_only"], rows)
+    return lines + table(["model", "head", *rules, "Δ threshold − map_only"], rows)
 
 
-def analysis_section(table: pd.DataFrame | None, n_metrics: int) -> list[str]:
-    if table is None or not len(table):
+def analysis_section(an: pd.DataFrame | None, n_metrics: int) -> list[str]:
+    if an is None or not len(an):
         return []
     lines = ["", "## Analyses", "",
              f"Mean ± sample standard deviation over seeds (n) of the analysis records "
              f"(`bilateral.analysis`); spreads, quantiles and counts are left out here: "
              f"results.csv holds all {n_metrics} metrics (stage `analysis`).", ""]
-    rows = [[metric, *row] for metric, row in zip(table.index, table.values.tolist())]
-    return lines + _table(["metric", *(f"condition {c}" if c else "—" for c in table.columns)], rows)
+    rows = [[metric, *row] for metric, row in zip(an.index, an.values.tolist())]
+    return lines + table(["metric", *(f"condition {c}" if c else "—" for c in an.columns)], rows)
 
 
 def markdown(info: dict, summ, comp, kw, analysis, *, n_analysis=0, forest=False,
@@ -177,7 +177,7 @@ def grid_markdown(df: pd.DataFrame, keys: list[str]) -> str:
              _cell(r, "fine_as_coarse_acc")] for _, r in df.iterrows()]
     lines = [f"# Grid over {', '.join(keys)}", "", "Test accuracy in %, mean ± sample SD over "
              "seeds (n); one experiment per grid point, each with its own results.md.", "",
-             *_table([*keys, "model", "fine", "coarse", "fine→coarse"], rows)]
+             *table([*keys, "model", "fine", "coarse", "fine→coarse"], rows)]
     return "\n".join(lines) + "\n"
 
 

@@ -52,7 +52,7 @@ FIX = "; rebuild the run that wrote it: rerun its train command with --force"
 def run_dir(cfg: C.Config, stage: str, name: str, seed: int) -> Path:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise C.ConfigError(f"seed: must be an integer >= 0, got {seed!r}")
-    return Path(cfg.out_dir) / cfg.experiment / stage / name / f"seed={seed}"
+    return experiment_dir(cfg) / stage / name / f"seed={seed}"
 
 
 def atomic_write_bytes(path: Path, data: bytes):
@@ -104,14 +104,23 @@ def save_torch(path, obj) -> str:
 
 def load_torch(path, map_location="cpu", fix=FIX):
     """Tensors only (weights_only); a file that does not load is a RecordError naming it."""
+    return read_torch(path, map_location, fix)[0]
+
+
+def read_torch(path, map_location="cpu", fix=FIX) -> tuple[object, str]:
+    """(load_torch's object, the sha256 of the very bytes it was loaded from): a run records
+    the hash of what it used, not of a file that may have been replaced since."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, garbage, a pickle with code in it: all untrustworthy
         why = (str(e).strip().splitlines() or [""])[0].split(". ")[0]  # torch's advice to
         # retry without weights_only is left out: that is exactly what must not be done
         raise RecordError(f"{path} does not load ({type(e).__name__}: {why}){fix}") from e
+    return obj, hashlib.sha256(raw).hexdigest()
 
 
 def sha256(path) -> str:
@@ -120,6 +129,26 @@ def sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def file_hash(path) -> str | None:
+    """sha256 of a file, computed once per (path, mtime, size); None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    key = (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _HASHES:
+        _HASHES[key] = sha256(path)
+    return _HASHES[key]
+
+
+def experiment_dir(cfg) -> Path:
+    """outputs/<experiment>: where every record of a study lives."""
+    return Path(cfg.out_dir) / cfg.experiment
 
 
 def git_revision() -> str | None:
@@ -253,11 +282,18 @@ def holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def claim(path: Path, wait: bool = False):
+def claim(path: Path, wait: bool = False, log=None):
     """Hold `path` for this process: an exclusive flock on path/.lock, released on exit (and by
-    the kernel if the process dies, so never stale). Another holder: wait, or RunLocked."""
+    the kernel if the process dies, so never stale). Another holder: wait (saying so through
+    `log`), or RunLocked."""
     path = Path(path)
     lock = path / LOCK
+    if wait and log:
+        try:
+            with claim(path):  # free now: take it below without a word
+                pass
+        except RunLocked as e:
+            log(f"waiting: {e}".split("; wait for it")[0])
     while True:
         path.mkdir(parents=True, exist_ok=True)
         try:

@@ -5,52 +5,43 @@ runs succeeded.
 Read top to bottom:
 1. `to_train`: what a sweep trains (plan.pending: not finished, or downstream of such a run)
    and which of those are retrained (stale, or built on a run being retrained: --force).
-2. `estimate`: how many trainings and how long on this device (Run.cost() x a measured second
+2. `make_jobs`: the runs as jobs for an executor (execute/): one per run or packed group, each
+   a call of `train_job`, with the jobs it waits for.
+3. `estimate`: how many trainings and how long on this device (Run.cost() x a measured second
    per ResNet-9 epoch), printed before any work.
-3. `run_local`: N spawned worker processes, each with its share of the CPU threads or its own
-   GPU; a run is handed out once its upstream runs are ok.
-   (bilateral/slurm.py: the SLURM executor, through submitit.)
-4. `sweep`: the above, a summary (a failed job's traceback, its dependants skipped), the exit
-   code; `expand_grid` turns `--grid key=v1,v2` into one experiment per combination.
-Nothing here imports torch at module level: spawned workers set their threads and GPU first.
+4. `sweep`: the above, an executor (execute.EXECUTORS) running the jobs, a summary (a failed
+   job's traceback, its dependants skipped), the exit code; `expand_grid` turns
+   `--grid key=v1,v2` into one experiment per combination.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
-import contextlib
 import dataclasses
+import functools
 import itertools
-import multiprocessing
-import os
 import shlex
 import shutil
 import sys
 import time
-import traceback
 from pathlib import Path
 
-from . import config as C
+import yaml
 
-EXECUTORS = ("local", "slurm")
-TAIL = 12  # traceback lines a summary keeps of a failed job
+from . import config as C
+from . import data, models, plan, results, runner, runs, train
+from .execute import EXECUTORS, Job
+from .execute.jobs import hms, say
+
 
 
 @dataclasses.dataclass
-class Outcome:
+class RunOutcome:
+    """How one run of a sweep went (a packed job's outcome is each of its runs')."""
     run: object             # plan.Run
     status: str             # ok, failed, skipped (an upstream run failed)
     seconds: float = 0.0
-    error: str = ""         # the last lines of the traceback, or why it was skipped
-    log: str = ""           # the job's log file
-    job_id: str = ""        # SLURM job id
-
-
-def say(msg):
-    print(msg, flush=True)
-
-
-def tail(text: str, n: int = TAIL) -> str:
-    return "\n".join(text.strip().splitlines()[-n:])
+    error: str = ""
+    log: str = ""
+    job_id: str = ""
 
 
 # ----------------------------------------------------------------------- 1. what to train
@@ -61,7 +52,6 @@ def to_train(runs: list, force: bool = False) -> tuple[list, set]:
     Retrained: a run with a record that is stale, or finished/in progress on an upstream run
     that this sweep trains (its record would go stale). Without force they stop the sweep
     before any work, named, as `train` does for one run."""
-    from . import plan
     todo = plan.pending(runs)
     todo_set = set(todo)
     retrain = {r for r in todo if r.status() == "stale"
@@ -73,61 +63,49 @@ def to_train(runs: list, force: bool = False) -> tuple[list, set]:
     return todo, retrain
 
 
-def jobs_of(todo: list, retrain: set) -> tuple[list, set]:
-    """(the jobs of a sweep, those forced): one per run, but where packing is on the runs that
-    packed.packable_groups puts together (a run across seeds, a seed's pool) are one job, a
-    packed.Group, that trains them as one packed model."""
-    from . import packed
-    jobs = [g[0] if len(g) == 1 else packed.Group(tuple(g), frozenset(r for r in g if r in retrain))
-            for g in packed.packable_groups(todo)]
-    return jobs, {j for j in jobs if any(r in retrain for r in members(j))}
+# ------------------------------------------------------------------------------ 2. jobs
+
+def train_job(group: tuple, forces: tuple) -> float:
+    """What one job of a sweep runs (in a worker process or a SLURM job): the runs of `group`
+    (one run, or one packed group) through runner.train_runs; a run that another live process holds
+    is waited for, not refused. Returns the training's seconds."""
+    t0 = time.perf_counter()
+    runner.train_runs(list(group), list(forces), log=say, wait=True)
+    return time.perf_counter() - t0
 
 
-def members(job) -> list:
-    return list(getattr(job, "runs", [job]))
+def all_finished(group: tuple) -> bool:
+    return all(r.status() == "finished" for r in group)
 
 
-def needs(jobs: list) -> dict:
-    """{job: the jobs it waits for}: those that train its runs' upstream runs."""
-    job_of = {r: j for j in jobs for r in members(j)}
-    return {j: list(dict.fromkeys(job_of[u] for r in members(j) for u in r.upstream()
+def jobs_dir(cfg) -> Path:
+    return runs.experiment_dir(cfg) / "jobs"
+
+
+def make_jobs(todo: list, retrain: set, executor: str = "local") -> tuple[list, dict, dict]:
+    """(jobs, {job: the jobs it waits for}, {job: its runs}): one job per run, but where packing
+    is on the runs that runner.packable_groups puts together (a run across seeds, a seed's
+    pool) are one job that trains them as one packed model."""
+    jobs, runs_of = [], {}
+    for g in runner.packable_groups(todo):
+        g = tuple(g)
+        key = g[0].key if len(g) == 1 else f"{g[0].key}+{len(g) - 1}"
+        folder = jobs_dir(g[0].cfg)
+        job = Job(key, functools.partial(train_job, g, tuple(r in retrain for r in g)),
+                  resume=functools.partial(train_job, g, (False,) * len(g)),
+                  cost=sum(r.cost() for r in g), folder=str(folder),
+                  log=str(folder / "local" / f"{key.replace('/', '_')}.log") if executor == "local" else "",
+                  name=f"{g[0].cfg.experiment}:{g[0].stage}", array=g[0].cfg.experiment,
+                  done=functools.partial(all_finished, g))
+        jobs.append(job)
+        runs_of[job] = g
+    job_of = {r: j for j in jobs for r in runs_of[j]}
+    deps = {j: list(dict.fromkeys(job_of[u] for r in runs_of[j] for u in r.upstream()
                                   if u in job_of and job_of[u] is not j)) for j in jobs}
+    return jobs, deps, runs_of
 
 
-def priorities(jobs: list, deps: dict) -> dict:
-    """{job: its estimated cost (plan.Run.cost) plus the costliest chain of jobs that wait on
-    it}. Workers take the ready job of highest priority, so the long chains start first and no
-    long job is left to run alone at the end while the other workers idle."""
-    after = {j: [] for j in jobs}
-    for j, ds in deps.items():
-        for d in ds:
-            after[d].append(j)
-    rank = {}
-    for j in reversed(_topological(jobs, deps)):
-        rank[j] = sum(r.cost() for r in members(j)) + max((rank[k] for k in after[j]), default=0.0)
-    return rank
-
-
-def _topological(jobs: list, deps: dict) -> list:
-    out, seen = [], set()
-
-    def visit(j):
-        if j not in seen:
-            seen.add(j)
-            for d in deps[j]:
-                visit(d)
-            out.append(j)
-    for j in jobs:
-        visit(j)
-    return out
-
-
-def per_run(outcomes: list) -> list:
-    """A packed job's outcome as each of its runs' outcome."""
-    return [dataclasses.replace(o, run=r) for o in outcomes for r in members(o.run)]
-
-
-# --------------------------------------------------------------------------- 2. estimate
+# --------------------------------------------------------------------------- 3. estimate
 
 def train_size(cfg) -> int:
     """Training images per epoch (the split's size; a table, so that no data is read)."""
@@ -141,7 +119,6 @@ def seconds_per_epoch(cfg, device, steps: int = 2) -> float:
     """One ResNet-9 training epoch at the config's width and batch size on `device`, from a few
     timed steps on random images (on a CPU at a smaller batch, scaled: time grows with it)."""
     import torch
-    from . import models, train
     hp = train.hyper(cfg, "unilateral")
     bs = hp.batch_size if device.type != "cpu" else min(hp.batch_size, 16)
     model = models.Unilateral(models.build_backbone("resnet9", cfg.width), 100, 20).to(device)
@@ -170,7 +147,6 @@ def seconds_per_epoch(cfg, device, steps: int = 2) -> float:
 def estimate(todo: list, cfg, device=None, workers: int = 1) -> str:
     """What a sweep prints before any work: trainings, ResNet-9 epochs, and the time on this
     device; a warning when a GPU-sized preset is about to train on a CPU."""
-    from . import train
     if not todo:
         return "nothing to train: every run of the plan is finished"
     device = device or train.pick_device(cfg.device)
@@ -182,104 +158,12 @@ def estimate(todo: list, cfg, device=None, workers: int = 1) -> str:
     total = sum(r.cost() * sec.get(r.cfg.experiment, 0.0) for r in todo)
     per = " to ".join(dict.fromkeys(f"{v:.1f}s" for v in sorted(sec.values()))) or "0s"
     lines = [f"{len(todo)} trainings to run, {cost:,.1f} ResNet-9 epochs; on {device} one epoch "
-             f"takes about {per} (measured), so about {_hms(total)} of training in all"
-             + (f", about {_hms(total / workers)} on {workers} workers at best" if workers > 1 else "")]
+             f"takes about {per} (measured), so about {hms(total)} of training in all"
+             + (f", about {hms(total / workers)} on {workers} workers at best" if workers > 1 else "")]
     if device.type == "cpu" and cfg.dataset == "cifar100" and cfg.width >= 0.5:
         lines.append(f"warning: this preset (CIFAR-100 at width {cfg.width:g}) is sized for a GPU "
                      f"and this device is a CPU; on a CPU use params/fashion_mnist.yaml")
     return "\n".join(lines)
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-# ----------------------------------------------------------------------------- 3. local
-
-def _init_worker(envs):
-    """A spawned worker takes one environment (threads, GPU) before torch is imported."""
-    os.environ.update(envs.get())
-
-
-def train_one(run, force: bool, log_path=None) -> Outcome:
-    """Train one run, its output to log_path; failures come back as an Outcome, not raised."""
-    t0 = time.perf_counter()
-    out = Outcome(run, "ok", log=str(log_path or ""))
-    with contextlib.ExitStack() as stack:
-        if log_path:
-            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            f = stack.enter_context(open(log_path, "a"))
-            stack.enter_context(contextlib.redirect_stdout(f))
-            stack.enter_context(contextlib.redirect_stderr(f))
-        try:
-            run.train(force=force)
-        except Exception:  # noqa: BLE001 - one failed run must not stop the others
-            text = traceback.format_exc()
-            print(text, flush=True)
-            out.status, out.error = "failed", tail(text)
-    out.seconds = time.perf_counter() - t0
-    return out
-
-
-def jobs_dir(run) -> Path:
-    return Path(run.cfg.out_dir) / run.cfg.experiment / "jobs"
-
-
-def _skip_reason(run, deps, done) -> str | None:
-    bad = [u.key for u in deps[run] if u in done and done[u].status != "ok"]
-    return f"upstream run {', '.join(bad)} did not finish" if bad else None
-
-
-def run_local(todo: list, retrain: set, jobs: int = 1, log=say) -> list[Outcome]:
-    """Every run of `todo` on `jobs` worker processes (in this process for jobs=1)."""
-    from .pipeline import seed_env
-    deps = needs(todo)
-    rank = priorities(todo, deps)
-    waiting, done, running = sorted(todo, key=lambda j: -rank[j]), {}, {}
-    pool = None
-    if jobs > 1:
-        ctx = multiprocessing.get_context("spawn")
-        envs = ctx.Queue()
-        for i in range(jobs):
-            envs.put(seed_env(i, jobs))
-        pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                      initargs=(envs,))
-    try:
-        while waiting or running:
-            for r in list(waiting):  # highest priority first; a run waits for its upstream runs
-                why = _skip_reason(r, deps, done)
-                if why:
-                    done[r] = _report(Outcome(r, "skipped", error=why), len(done) + 1, len(todo), log)
-                elif all(u in done for u in deps[r]) and len(running) < jobs:
-                    args = (r, r in retrain, jobs_dir(r) / "local" / f"{r.key.replace('/', '_')}.log")
-                    if pool is None:
-                        log(f"[{len(done) + 1}/{len(todo)}] {r.key} ...")
-                        done[r] = _report(train_one(*args), len(done) + 1, len(todo), log)
-                    else:
-                        running[pool.submit(train_one, *args)] = r
-                else:
-                    continue
-                waiting.remove(r)
-            if running:
-                finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for fut in finished:
-                    r = running.pop(fut)
-                    try:
-                        done[r] = fut.result()
-                    except Exception as e:  # noqa: BLE001 - a worker died (memory, signal)
-                        done[r] = Outcome(r, "failed", error=f"worker process died: {e!r}")
-                    _report(done[r], len(done), len(todo), log)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return [done[r] for r in todo]
-
-
-def _report(o: Outcome, i: int, n: int, log) -> Outcome:
-    log(f"[{i}/{n}] {o.run.key} {o.status} ({o.seconds:.0f}s)"
-        + (f": {o.error.splitlines()[-1]}" if o.error else ""))
-    return o
 
 
 # ------------------------------------------------------------------- 4. sweep and grids
@@ -287,7 +171,6 @@ def _report(o: Outcome, i: int, n: int, log) -> Outcome:
 def parse_grid(items) -> dict:
     """`--grid key=v1,v2` (repeatable) -> {key: [v1, v2]}; values are read as YAML, so
     `--grid conditions=[A],[A,B]` gives two lists."""
-    import yaml
     out = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
@@ -319,7 +202,7 @@ def expand_grid(params, overrides=None, grid=None) -> list[tuple[C.Config, dict]
     return out
 
 
-def summary(outcomes: list[Outcome]) -> str:
+def summary(outcomes: list[RunOutcome]) -> str:
     w = max([len(o.run.key) for o in outcomes] + [3])
     lines = [f"{'run':<{w}}  {'status':<7}  {'time':>6}  log"]
     for o in outcomes:
@@ -345,18 +228,15 @@ def absolute_dirs(params, overrides) -> dict:
 
 def announce(cfg, seeds, workers: int = 1, log=say):
     """The plan's size and the estimate, for `python -m bilateral run` (local)."""
-    from . import plan
-    runs = plan.plan(cfg, seeds)
-    todo = plan.pending(runs)
-    log(f"{len(runs)} runs in the plan, {len(runs) - len(todo)} finished")
+    runs_ = plan.plan(cfg, seeds)
+    todo = plan.pending(runs_)
+    log(f"{len(runs_)} runs in the plan, {len(runs_) - len(todo)} finished")
     log(estimate(todo, cfg, workers=workers))
 
 
 def sweep(params, seeds=(0,), executor="local", jobs=1, slurm=None, overrides=None, grid=None,
-          force=False, log=say, command=None) -> tuple[int, list[Outcome]]:
+          force=False, log=say, command=None) -> tuple[int, list[RunOutcome]]:
     """Everything `python -m bilateral sweep` does; (exit code, outcomes)."""
-    from . import pipeline, plan
-    from . import slurm as slurm_executor
     if executor not in EXECUTORS:
         raise C.ConfigError(f"--executor: unknown value {executor!r}; allowed: {', '.join(EXECUTORS)}")
     if jobs < 1:
@@ -369,41 +249,40 @@ def sweep(params, seeds=(0,), executor="local", jobs=1, slurm=None, overrides=No
         raise C.ConfigError("--executor slurm: no SLURM here (sbatch not found); "
                             "use --executor local, or start one with scripts/slurm-up.sh")
     for cfg in {(c.dataset, c.data_dir): c for c, _ in points}.values():
-        pipeline.check_data(cfg)
+        data.check_available(cfg)
     seeds = plan.parse_seeds(seeds)
-    runs = [r for cfg, _ in points for r in plan.plan(cfg, seeds)]
-    todo, retrain = to_train(runs, force)
+    runs_ = [r for cfg, _ in points for r in plan.plan(cfg, seeds)]
+    todo, retrain = to_train(runs_, force)
     log(f"{len(points)} experiment(s) ({', '.join(c.experiment for c, _ in points)}), seeds "
-        f"{', '.join(map(str, seeds))}: {len(runs)} runs, {len(runs) - len(todo)} finished")
+        f"{', '.join(map(str, seeds))}: {len(runs_)} runs, {len(runs_) - len(todo)} finished")
     workers = jobs if executor == "local" else options.get("max_parallel", len(todo) or 1)
     log(estimate(todo, points[0][0], workers=workers))
     t0 = time.perf_counter()
-    units, forced = jobs_of(todo, retrain)
-    outcomes = per_run(run_local(units, forced, jobs, log) if executor == "local"
-                       else slurm_executor.run_slurm(units, forced, options, log))
+    job_list, deps, runs_of = make_jobs(todo, retrain, executor)
+    opts = {"workers": jobs} if executor == "local" else options
+    outcomes = [RunOutcome(r, o.status, o.seconds, o.error, o.log, o.job_id)
+                for o in EXECUTORS[executor](job_list, deps, opts, log) for r in runs_of[o.job]]
     text = summary(outcomes) + f"\nwall time {time.perf_counter() - t0:.0f}s" if todo else "nothing to do"
     if command:
         text = f"command: {command}\n{text}"
-    from .runs import atomic_write_bytes
     for cfg, _ in points:
-        atomic_write_bytes(Path(cfg.out_dir) / cfg.experiment / "jobs" / "summary.txt", (text + "\n").encode())
+        runs.atomic_write_bytes(jobs_dir(cfg) / "summary.txt", (text + "\n").encode())
     log("\n" + text)
     code = 0 if all(o.status == "ok" for o in outcomes) else 1
     if len(points) > 1 and code == 0:
-        from . import results
         out = Path(points[0][0].out_dir) / f"{C.load(params, overrides).experiment}-grid"
-        results.grid_report([(Path(c.out_dir) / c.experiment, p) for c, p in points], out)
+        results.grid_report([(runs.experiment_dir(c), p) for c, p in points], out)
     return code, outcomes
 
 
 def slurm_options(a) -> dict:
     """The `slurm:` options given on the command line (--partition ... --max-parallel)."""
     opts = dict(partition=a.partition, time=a.time, gpus=a.gpus, cpus=a.cpus,
-                mem_gb=_mem_gb(a.mem) if a.mem else None, max_parallel=a.max_parallel)
+                mem_gb=mem_gb(a.mem) if a.mem else None, max_parallel=a.max_parallel)
     return {k: v for k, v in opts.items() if v is not None}
 
 
-def _mem_gb(text: str) -> float:
+def mem_gb(text: str) -> float:
     """'16G', '16GB', '512M' or '16' (GB) per job."""
     t = str(text).strip().upper().removesuffix("B")
     scale = {"G": 1, "M": 1 / 1024, "T": 1024}.get(t[-1:], None)

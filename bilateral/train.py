@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from . import packed, runs
+from .registry import spec
 from .seeds import derive_seed
 
-# weight_decay is (recipe group "hemisphere", everything else; see plan.Stage.recipe): the
+# weight_decay is (recipe group "hemisphere", everything else; see registry.Stage.recipe): the
 # original regularised hemispheres harder.
 RECIPES = {
     "original": dict(optimizer="adam", lr=1e-4, batch_size=256, epochs=180,
@@ -39,7 +40,6 @@ class Hyper:
 
 def hyper(cfg, stage: str) -> Hyper:
     r = dict(RECIPES[cfg.recipe])
-    from .plan import spec  # the stage's recipe group; a late import: plan builds on this module
     # weight_decay_equal: the ablation that gives every stage the hemispheres' value
     group = 0 if spec(stage).recipe == "hemisphere" or cfg.weight_decay_equal else 1
     r["weight_decay"] = r["weight_decay"][group]

@@ -45,7 +45,7 @@ if "google.colab" in sys.modules:  # on Colab: fetch the repository and install 
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "/content/bilateral-brain"], check=True)
     os.chdir("/content/bilateral-brain")
 
-from bilateral import pipeline, stages, figures
+from bilateral import pipeline, data, figures
 cfg, device, figures_dir = pipeline.notebook_setup(params_file, overrides, experiment, seed=seed)
 
 # %% [markdown]
@@ -53,7 +53,7 @@ cfg, device, figures_dir = pipeline.notebook_setup(params_file, overrides, exper
 
 # %%
 pipeline.check_data(cfg, download=True)
-train_split, val_split, test_split = stages.load_splits(cfg)
+train_split, val_split, test_split = data.load_splits(cfg)
 hier = train_split.hierarchy
 print(f"{len(train_split)} train, {len(val_split)} validation, {len(test_split)} test images; "
       f"{hier.n_fine} fine and {hier.n_coarse} coarse classes")

@@ -66,7 +66,7 @@ if "google.colab" in sys.modules:  # on Colab: fetch the repository and install 
     os.chdir("/content/bilateral-brain")
 
 import pandas as pd
-from bilateral import pipeline, plan, data, stages, callosum, callosum_study, results, figures
+from bilateral import pipeline, plan, data, callosum, callosum_study, results, figures
 cfg, device, figures_dir = pipeline.notebook_setup(params_file, overrides, experiment, condition, seed=seed)
 print(f"callosal kinds {cfg.callosum_kinds or 'none (set callosum_kinds)'} at "
       f"{' + '.join(cfg.callosum_at)}, training {cfg.callosum_train}")
@@ -111,10 +111,10 @@ import torch
 specialised = [r for r in callosal_runs if r.stage == "callosal"]
 if specialised:
     c = specialised[0].cfg
-    _, _, test_split = stages.load_splits(cfg)
+    _, _, test_split = data.load_splits(cfg)
     hier = test_split.hierarchy
     bil = plan.Run("bilateral", c, seed).load_model(hier, device)
-    fresh = callosum.load_callosal(c, seed, hier).to(device).eval()
+    fresh = plan.build_model("callosal", c, hier, seed).to(device).eval()
     fresh.heads.load_state_dict(bil.heads.state_dict())
     x = next(iter(data.DeviceLoader(test_split, 256, device=device, shuffle=False,
                                     augment=False)))["x"]
@@ -139,7 +139,7 @@ frame.round(4)
 # %%
 from IPython.display import Markdown
 df = results.collect(pipeline.experiment_dir(cfg))
-Markdown("\n".join(callosum_study.markdown_section(df)) or "no callosal runs yet")
+Markdown("\n".join(callosum.markdown_section(results.per_seed(df))) or "no callosal runs yet")
 
 # %% [markdown]
 # ## Traffic: how much crosses?

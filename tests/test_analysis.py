@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bilateral import analysis, cam, figures, plan, stages, train
+from bilateral import analysis, cam, data, figures, plan, train
 from bilateral import config as C
 from bilateral.analysis import measures as M
 
@@ -29,9 +29,9 @@ def study(tmp_path_factory):
     for cond in ("A", "B"):
         c = dataclasses.replace(cfg, condition=cond)
         for side in ("left", "right"):
-            stages.run_stage("hemisphere", dataclasses.replace(c, side=side), 0, log=lambda m: None)
-        stages.run_stage("bilateral", c, 0, log=lambda m: None)
-    stages.run_stage("bilateral_unspecialised", cfg, 0, log=lambda m: None)
+            plan.run_stage("hemisphere", dataclasses.replace(c, side=side), 0, log=lambda m: None)
+        plan.run_stage("bilateral", c, 0, log=lambda m: None)
+    plan.run_stage("bilateral_unspecialised", cfg, 0, log=lambda m: None)
     yield cfg
     torch.set_num_threads(threads)
 
@@ -122,10 +122,10 @@ def test_compare_tabulates_seeds(analysed):
 
 def _models(cfg, cond="A"):
     cfg = dataclasses.replace(cfg, condition=cond)
-    hier = stages.load_splits(cfg)[0].hierarchy
-    left = stages.load_run_model("hemisphere", dataclasses.replace(cfg, side="left"), 0, hier)
-    right = stages.load_run_model("hemisphere", dataclasses.replace(cfg, side="right"), 0, hier)
-    bil = stages.load_run_model("bilateral", cfg, 0, hier)
+    hier = data.load_splits(cfg)[0].hierarchy
+    left = plan.load_run_model("hemisphere", dataclasses.replace(cfg, side="left"), 0, hier)
+    right = plan.load_run_model("hemisphere", dataclasses.replace(cfg, side="right"), 0, hier)
+    bil = plan.load_run_model("bilateral", cfg, 0, hier)
     return left, right, bil
 
 
@@ -133,7 +133,7 @@ def test_batched_gradcam_equals_the_library_kind_by_kind(study):
     """cam_maps (one forward, one backward per target, both hemispheres at once) against the
     grad-cam library's GradCAM called once per kind and hemisphere, as before."""
     left, right, bil = _models(study, "B")
-    test = stages.load_splits(study)[2]
+    test = data.load_splits(study)[2]
     x = analysis.condition.normalised(test, torch.arange(10), "cpu")
     with torch.no_grad():
         lo, ro, bo = left(x), right(x), bil(x)
@@ -168,12 +168,12 @@ def test_one_pass_outputs_equal_each_models_own_predictions(study, loaded):
     the hemisphere models' own, and the train-sample features equal their backbones'."""
     c = loaded
     left, right, bil = _models(study, "B")
-    dl = analysis.condition._loader(c.test_split, "cpu", 64)
+    dl = analysis.condition.loader(c.test_split, "cpu", 64)
     for model, key, head in ((left, "left_logits", "fine"), (right, "right_logits", "coarse")):
         own = train.predict(model, dl, "cpu", False)[0][head]
         assert torch.allclose(own, c.out[key], atol=1e-5)
         assert torch.equal(own.argmax(1), c.out[key].argmax(1))
-    tr = analysis.condition._loader(analysis.condition.subset(c.train_split, c.train_idx), "cpu", 64)
+    tr = analysis.condition.loader(analysis.condition.subset(c.train_split, c.train_idx), "cpu", 64)
     feats = train.predict(lambda x: {"f": left.backbone(x)}, tr, "cpu", False)[0]["f"]
     assert torch.allclose(feats, c.train_out["left_feat"], atol=1e-5)
     assert len(c.train_idx) == len(c.train_split)  # 10,000 asked for, fewer there

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from bilateral import cam, callosum, callosum_study, config as C, data, models, stages, train
+from bilateral import cam, callosum, callosum_study, config as C, data, models, plan, train
 
 W = 1 / 32
 SIDES = {"A": ("resnet9", "resnet9"), "B": ("resnet9_pyramid", "resnet9")}  # B: unequal widths
@@ -168,22 +168,22 @@ def test_callosal_stages_train_record_and_analyse(tmp_path):
                            device="cpu", threads=1, conditions=["B"], condition="B",
                            callosum="concat", callosum_kinds=["concat"]))
     for side in ("left", "right"):
-        stages.run_stage("hemisphere", dataclasses.replace(cfg, side=side), 0)
-    stages.run_stage("bilateral", cfg, 0)
-    m = stages.run_stage("callosal", cfg, 0)
+        plan.run_stage("hemisphere", dataclasses.replace(cfg, side=side), 0)
+    plan.run_stage("bilateral", cfg, 0)
+    m = plan.run_stage("callosal", cfg, 0)
     assert set(m["test"]) == {"fine_acc", "coarse_acc", "fine_as_coarse_acc"}
-    hier = stages.load_splits(cfg)[0].hierarchy
-    model = stages.load_run_model("callosal", cfg, 0, hier)
-    hemi = stages.load_hemisphere(cfg, "left", 0, hier)
+    hier = data.load_splits(cfg)[0].hierarchy
+    model = plan.load_run_model("callosal", cfg, 0, hier)
+    hemi = plan.load_run_model("hemisphere", dataclasses.replace(cfg, side="left"), 0, hier).backbone
     for k, v in hemi.state_dict().items():  # trained through, but not into, the hemispheres
         assert torch.equal(model.left.state_dict()[k], v), k
-    u = stages.run_stage("callosal_unspecialised", dataclasses.replace(cfg, condition="A"), 0)
+    u = plan.run_stage("callosal_unspecialised", dataclasses.replace(cfg, condition="A"), 0)
     assert u["test"]["fine_acc"] >= 0
     metrics = callosum_study.analyse(cfg, 0, cam_images=4, log=lambda *_: None)
     assert "callosum.concat.layer1.to_left.ratio.mean" in metrics
     assert (callosum_study.out_dir(cfg, 0) / "traffic.png").exists()
     from bilateral import results
-    comp = callosum_study.comparison(results.collect(tmp_path / "t"))
+    comp = callosum.comparison(results.per_seed(results.collect(tmp_path / "t")))
     assert list(comp.model) == ["callosal/resnet9-B-concat-layer1+layer3",
                                 "callosal_unspecialised/resnet9-A-concat-layer1+layer3"]
     assert list(comp.reference) == ["bilateral/resnet9-B", "bilateral/resnet9-A"]
@@ -215,11 +215,11 @@ def test_bad_scale_or_backbone_stops_before_any_work():
 
 def test_run_names_and_unused_fields():
     cfg = C.from_dict({"callosum": "gate", "callosum_train": "all", "backbone_lr_scale": 0.5})
-    c = stages.stage_config(cfg, "callosal")
-    assert stages.run_name("callosal", c) == "resnet9-A-gate-layer1+layer3-all0.5"
-    u = stages.stage_config(cfg, "callosal_unspecialised")
-    assert stages.run_name("callosal_unspecialised", u) == "resnet9-A-gate-layer1+layer3"
-    h = stages.stage_config(dataclasses.replace(cfg, side="left"), "hemisphere")
+    c = plan.stage_config(cfg, "callosal")
+    assert plan.Run("callosal", c, 0).name == "resnet9-A-gate-layer1+layer3-all0.5"
+    u = plan.stage_config(cfg, "callosal_unspecialised")
+    assert plan.Run("callosal_unspecialised", u, 0).name == "resnet9-A-gate-layer1+layer3"
+    h = plan.stage_config(dataclasses.replace(cfg, side="left"), "hemisphere")
     assert (h.callosum, h.callosum_train) == ("add", "connections")  # defaults: same identity
 
 
@@ -250,4 +250,4 @@ def test_the_plan_holds_the_callosal_runs_after_their_hemispheres_only_when_kind
         assert all(keys.index(u) < keys.index(r.key) for u in ups)
     assert ours[4].upstream() == []
     assert plan.phase_runs(cfg, "07_callosum", 0) == ours
-    assert "callosal" in C.STAGES and "callosal_unspecialised" in C.STAGES
+    assert "callosal" in tuple(plan.STAGES) and "callosal_unspecialised" in tuple(plan.STAGES)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bilateral import config as C
-from bilateral import models, packed, runs, stages, train
+from bilateral import models, packed, plan, runner, runs, train
 from bilateral.plan import Run
 
 N = 3
@@ -85,7 +85,7 @@ def test_packed_steps_equal_separate_steps(arch, recipe):
             torch.testing.assert_close(lp[i], ls[0], **TOL)
         rules = packed.param_rules(net)
         for rule, pp, p in zip(rules, net.net.parameters(), m.parameters()):
-            torch.testing.assert_close(packed._part(pp.grad, rule, i, N), p.grad, **TOL)
+            torch.testing.assert_close(packed.part(pp.grad, rule, i, N), p.grad, **TOL)
         state_p, state_m = packed.unpack(net, i), m.state_dict()
         assert list(state_p) == list(state_m)
         assert any("running_var" in k for k in state_m)
@@ -130,13 +130,13 @@ def test_packed_run_records_match_separate_runs(tmp_path):
     # four steps; at 0.01 the packed and separate weights stay within 1e-6
     cfg = _cfg(tmp_path, "separate", lr=0.01)
     for m in range(2):
-        stages.run_stage("unilateral", dataclasses.replace(cfg, member=m), 0, log=lambda s: None)
+        plan.run_stage("unilateral", dataclasses.replace(cfg, member=m), 0, log=lambda s: None)
     pk = _cfg(tmp_path, "packed", lr=0.01)
-    plan = [Run("unilateral", dataclasses.replace(pk, member=m), s)
+    runs_ = [Run("unilateral", dataclasses.replace(pk, member=m), s)
             for s in (0, 1) for m in range(2)]
-    (group,) = packed.packable_groups(plan)
+    (group,) = runner.packable_groups(runs_)
     assert len(group) == 4
-    metrics = packed.train_runs(group, log=lambda s: None)
+    metrics = runner.train_runs(group, log=lambda s: None)
     assert len(metrics) == 4
     for m in range(2):
         a = tmp_path / "separate" / "unilateral" / f"resnet9-m{m}" / "seed=0"
@@ -159,20 +159,20 @@ def test_packed_run_records_match_separate_runs(tmp_path):
             # to 8e-5; float64 steps agree to 1e-5 above); another member's weights differ by 0.7
             torch.testing.assert_close(sb[k].float(), sa[k].float(), atol=1e-3, rtol=0)
     # the packed records are finished runs: a rerun reads them
-    again = packed.train_runs(group, log=lambda s: None)
+    again = runner.train_runs(group, log=lambda s: None)
     assert [x["test"] for x in again] == [x["test"] for x in metrics]
 
 
 def test_packed_resume_from_member_checkpoints(tmp_path):
     """Killed after epoch 1 of 2: resuming packed ends where an uninterrupted packed run ends."""
     base = _cfg(tmp_path, "whole", epochs=2, synthetic_size=200)
-    plan = lambda cfg: [Run("unilateral", dataclasses.replace(cfg, member=m), 0)
+    runs_ = lambda cfg: [Run("unilateral", dataclasses.replace(cfg, member=m), 0)
                         for m in range(2)]  # noqa: E731
-    whole = packed.train_runs(plan(base), log=lambda s: None)
+    whole = runner.train_runs(runs_(base), log=lambda s: None)
     cut = _cfg(tmp_path, "cut", epochs=2, synthetic_size=200)
 
     def die(*a, **kw):  # killed right after the first epoch's checkpoints were written
-        for r in plan(cut):  # every member's folder is held while the pack trains
+        for r in runs_(cut):  # every member's folder is held while the pack trains
             with pytest.raises(runs.RunLocked):
                 with runs.claim(r.path):
                     pass
@@ -180,21 +180,21 @@ def test_packed_resume_from_member_checkpoints(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runs, "write_csv", die)
         with pytest.raises(KeyboardInterrupt):
-            packed.train_runs(plan(cut), log=lambda s: None)
+            runner.train_runs(runs_(cut), log=lambda s: None)
     ck = tmp_path / "cut" / "unilateral" / "resnet9-m1" / "seed=0" / "checkpoint.pt"
     assert runs.load_torch(ck)["epoch"] == 1
-    resumed = packed.train_runs(plan(cut), log=lambda s: None)
+    resumed = runner.train_runs(runs_(cut), log=lambda s: None)
     assert [r["val"] for r in resumed] == [r["val"] for r in whole]
 
 
 def test_pack_off_and_unpackable_runs_stay_alone(tmp_path):
     cfg = _cfg(tmp_path, "x")
     off = dataclasses.replace(cfg, pack="off")
-    plan = [Run("unilateral", dataclasses.replace(off, member=m), 0) for m in range(2)]
-    plan += [Run("ensemble", cfg, 0)]
-    assert [len(g) for g in packed.packable_groups(plan)] == [1, 1, 1]
+    runs_ = [Run("unilateral", dataclasses.replace(off, member=m), 0) for m in range(2)]
+    runs_ += [Run("ensemble", cfg, 0)]
+    assert [len(g) for g in runner.packable_groups(runs_)] == [1, 1, 1]
     with pytest.raises(C.ConfigError, match="pack"):
         C.from_dict({"pack": "sometimes"})
     assert C.load(None, ["pack=off"]).pack == "off" and C.load(None, ["pack=on"]).pack == "on"  # YAML's bools
     auto = [Run("unilateral", dataclasses.replace(cfg, member=m, pack="auto", device="cpu"), 0) for m in range(2)]
-    assert [len(g) for g in packed.packable_groups(auto)] == [1, 1]  # auto: CUDA only
+    assert [len(g) for g in runner.packable_groups(auto)] == [1, 1]  # auto: CUDA only

@@ -15,6 +15,7 @@ from papermill.exceptions import PapermillExecutionError
 
 from bilateral import config as C
 from bilateral import pipeline, plan, results
+from bilateral.execute.jobs import worker_env
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -110,15 +111,15 @@ def test_describe_error_names_the_cell():
 
 def test_each_job_gets_its_share_of_threads_or_its_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert pipeline.seed_env(0, 1) == {}
-    env = pipeline.seed_env(1, 2)
+    assert worker_env(0, 1) == {}
+    env = worker_env(1, 2)
     assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
     assert "CUDA_VISIBLE_DEVICES" not in env
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert [pipeline.seed_env(i, 2)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]
+    assert [worker_env(i, 2)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
-    assert [pipeline.seed_env(i, 2)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["4", "6", "4"]
+    assert [worker_env(i, 2)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["4", "6", "4"]
 
 
 def test_the_kernel_is_this_interpreter(tmp_path, monkeypatch):
@@ -187,7 +188,7 @@ def test_smoke_results_hold_every_model_condition_and_seed(smoke):
             for r in plan.plan(cfg, [0, 1])]
     assert len(want) == 2 * (8 + 4 + 1 + 5 + 2 + 2 + 4 + 1)  # ... + callosal: 4 conditions, 1 from scratch
     assert set(want) <= have, sorted(set(want) - have)
-    assert {s for s, *_ in want} == set(C.STAGES)            # every stage of the study
+    assert {s for s, *_ in want} == set(tuple(plan.STAGES))            # every stage of the study
     assert {c for *_, c, _, _ in want} >= {"A", "B", "C", "D"}
     # the report command rebuilds the same table from the records
     before = (exp / "results.csv").read_bytes()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bilateral import config as C
-from bilateral import models, runs, stages, train
+from bilateral import data, models, plan, runner, runs, train
 
 ROOT = Path(__file__).parents[1]
 
@@ -32,13 +32,13 @@ def study(tmp_path_factory):
     for cond in "ABCD":
         c = dataclasses.replace(cfg, condition=cond)
         for side in ("left", "right"):
-            out[("hemisphere", cond, side)] = stages.run_stage("hemisphere", dataclasses.replace(c, side=side), 0)
-        out[("bilateral", cond)] = stages.run_stage("bilateral", c, 0)
-    out["bilateral_unspecialised"] = stages.run_stage("bilateral_unspecialised", cfg, 0)
+            out[("hemisphere", cond, side)] = plan.run_stage("hemisphere", dataclasses.replace(c, side=side), 0)
+        out[("bilateral", cond)] = plan.run_stage("bilateral", c, 0)
+    out["bilateral_unspecialised"] = plan.run_stage("bilateral_unspecialised", cfg, 0)
     for m in range(cfg.pool_size):
-        out[("unilateral", m)] = stages.run_stage("unilateral", dataclasses.replace(cfg, member=m), 0)
+        out[("unilateral", m)] = plan.run_stage("unilateral", dataclasses.replace(cfg, member=m), 0)
     for s in ("resnet18", "resnet34", "ensemble"):
-        out[s] = stages.run_stage(s, cfg, 0)
+        out[s] = plan.run_stage(s, cfg, 0)
     return cfg, out
 
 
@@ -71,11 +71,11 @@ def test_config_records_provenance_and_the_resolved_parameters(study):
 def test_bilateral_trains_only_its_heads_on_frozen_hemispheres(study):
     cfg, _ = study
     rec = runs.read_json(runs.run_dir(cfg, "bilateral", "resnet9-A", 0) / "config.json")
-    f = stages.hemisphere_backbone(cfg, "left").out_features * 2
+    f = models.hemisphere_backbone(cfg, "left").out_features * 2
     assert rec["trainable_params"] == f * 12 + 12 + f * 4 + 4  # synthetic: 12 fine, 4 coarse
-    hier = stages.load_splits(cfg)[0].hierarchy
-    model = stages.load_run_model("bilateral", cfg, 0, hier)
-    left = stages.load_hemisphere(cfg, "left", 0, hier)
+    hier = data.load_splits(cfg)[0].hierarchy
+    model = plan.load_run_model("bilateral", cfg, 0, hier)
+    left = plan.load_run_model("hemisphere", dataclasses.replace(cfg, side="left"), 0, hier).backbone
     for k, v in left.state_dict().items():
         assert torch.equal(model.left.state_dict()[k], v), k
 
@@ -85,7 +85,7 @@ def test_total_params_count_the_frozen_hemispheres_and_the_members(study):
     rec = lambda stage, name: runs.read_json(  # noqa: E731
         runs.run_dir(cfg, stage, name, 0) / "config.json")
     left = rec("hemisphere", "resnet9-A-left")
-    backbone = models.count_total(stages.hemisphere_backbone(cfg, "left"))  # A: both sides alike
+    backbone = models.count_total(models.hemisphere_backbone(cfg, "left"))  # A: both sides alike
     bil = rec("bilateral", "resnet9-A")
     assert left["total_params"] == left["trainable_params"] > backbone
     assert bil["total_params"] == 2 * backbone + bil["trainable_params"]  # frozen + heads
@@ -106,7 +106,7 @@ def test_kwta_runs_record_their_test_metrics_under_every_eval_rule(study):
 
 def test_stage_budgets_and_equal_weight_decay(tmp_path):
     cfg = tiny(tmp_path, recipe="original", stage_epochs={"resnet34": 3, "hemisphere": 2})
-    hp = lambda c, stage: train.hyper(stages.stage_config(c, stage), stage)  # noqa: E731
+    hp = lambda c, stage: train.hyper(plan.stage_config(c, stage), stage)  # noqa: E731
     assert [hp(cfg, s).epochs for s in ("hemisphere", "bilateral", "resnet34")] == [2, 1, 3]
     assert [hp(cfg, s).weight_decay for s in ("hemisphere", "resnet34")] == [1e-3, 1e-5]
     eq = dataclasses.replace(cfg, weight_decay_equal=True)
@@ -114,17 +114,17 @@ def test_stage_budgets_and_equal_weight_decay(tmp_path):
     # another stage's budget, or a switch a stage does not use, does not split its runs
     other = dataclasses.replace(eq, stage_epochs={"resnet34": 9, "hemisphere": 2})
     for stage in ("hemisphere",):
-        assert C.identity(stages.stage_config(other, stage)) == C.identity(stages.stage_config(cfg, stage))
-    assert C.identity(stages.stage_config(other, "resnet34")) != C.identity(
-        stages.stage_config(cfg, "resnet34"))
+        assert C.identity(plan.stage_config(other, stage)) == C.identity(plan.stage_config(cfg, stage))
+    assert C.identity(plan.stage_config(other, "resnet34")) != C.identity(
+        plan.stage_config(cfg, "resnet34"))
 
 
 def test_condition_b_uses_the_pyramid_left(study):
     cfg, _ = study
-    hier = stages.load_splits(cfg)[0].hierarchy
+    hier = data.load_splits(cfg)[0].hierarchy
     b = dataclasses.replace(cfg, condition="B")
-    left = stages.load_hemisphere(b, "left", 0, hier)
-    right = stages.load_hemisphere(b, "right", 0, hier)
+    left = plan.load_run_model("hemisphere", dataclasses.replace(b, side="left"), 0, hier).backbone
+    right = plan.load_run_model("hemisphere", dataclasses.replace(b, side="right"), 0, hier).backbone
     assert left.out_features < right.out_features
 
 
@@ -132,20 +132,20 @@ def test_finished_run_is_reused_and_a_different_config_refused(study, capsys):
     cfg, out = study
     c = dataclasses.replace(cfg, side="left")
     t0 = time.perf_counter()
-    again = stages.run_stage("hemisphere", c, 0)
+    again = plan.run_stage("hemisphere", c, 0)
     assert again == out[("hemisphere", "A", "left")]
     assert "already finished" in capsys.readouterr().out
     assert time.perf_counter() - t0 < 2
     with pytest.raises(runs.RunConflict, match="dropout: 0.6 -> 0.5"):
-        stages.run_stage("hemisphere", dataclasses.replace(c, dropout=0.5), 0)
+        plan.run_stage("hemisphere", dataclasses.replace(c, dropout=0.5), 0)
 
 
 def test_parameters_a_stage_does_not_use_do_not_split_its_runs(study):
     cfg, out = study
     # unilateral ignores condition and side; a hemisphere under A ignores k
-    m = stages.run_stage("unilateral", dataclasses.replace(cfg, condition="C", side="right"), 0)
+    m = plan.run_stage("unilateral", dataclasses.replace(cfg, condition="C", side="right"), 0)
     assert m == out[("unilateral", 0)]
-    m = stages.run_stage("hemisphere", dataclasses.replace(cfg, kwta_k=0.5), 0)
+    m = plan.run_stage("hemisphere", dataclasses.replace(cfg, kwta_k=0.5), 0)
     assert m == out[("hemisphere", "A", "left")]
 
 
@@ -160,13 +160,13 @@ def test_ensemble_chooses_members_by_validation_never_test(study):
         m["val"] = {"fine_acc": i / 10, "coarse_acc": i / 10}
         m["test"] = {"fine_acc": 1 - i / 10, "coarse_acc": 1 - i / 10}
         runs.write_json(p, m)
-    e = stages.run_stage("ensemble", dataclasses.replace(cfg, experiment="t", ensemble_size=2), 0, force=True)
+    e = plan.run_stage("ensemble", dataclasses.replace(cfg, experiment="t", ensemble_size=2), 0, force=True)
     assert e["members"] == [1, 2]
 
 
 def test_missing_hemisphere_names_the_run_and_the_command(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        stages.run_stage("bilateral", tiny(tmp_path, condition="C"), 3)
+        plan.run_stage("bilateral", tiny(tmp_path, condition="C"), 3)
     msg = str(e.value)
     assert "hemisphere/resnet9-C-left/seed=3" in msg
     assert "python -m bilateral train hemisphere" in msg and "condition=C" in msg and "--seed 3" in msg
@@ -174,17 +174,17 @@ def test_missing_hemisphere_names_the_run_and_the_command(tmp_path):
 
 def test_missing_pool_members_are_listed(tmp_path):
     with pytest.raises(FileNotFoundError, match="3 more unilateral runs"):
-        stages.run_stage("ensemble", tiny(tmp_path), 0)
+        plan.run_stage("ensemble", tiny(tmp_path), 0)
 
 
 def test_cached_features_give_the_same_head_gradients_as_recomputing(study):
     cfg, _ = study
-    hier = stages.load_splits(cfg)[0].hierarchy
-    model = stages.load_bilateral(cfg, 0, hier)
-    _, val_dl, _, _ = stages.loaders(cfg, "cpu", 64, 0, augment=False)
+    hier = data.load_splits(cfg)[0].hierarchy
+    model = plan.build_model("bilateral", cfg, hier, 0)
+    _, val_dl, _, _ = runner.loaders(cfg, "cpu", 64, 0, augment=False)
     hp = train.hyper(cfg, "bilateral")
-    live = stages.bilateral_forward(model, val_dl, val_dl, val_dl, False, hp, 0, "cpu", False)[0]
-    cached, _, cached_val, _ = stages.bilateral_forward(model, val_dl, val_dl, val_dl, True, hp, 0, "cpu", False)
+    live = runner.bilateral_forward(model, val_dl, val_dl, val_dl, False, hp, 0, "cpu", False)[0]
+    cached, _, cached_val, _ = runner.bilateral_forward(model, val_dl, val_dl, val_dl, True, hp, 0, "cpu", False)
     grads = []
     for fwd, batch in ((live, next(iter(val_dl))), (cached, next(iter(cached_val)))):
         model.train()
@@ -253,7 +253,7 @@ def test_cli_stops_before_any_work_with_a_message(tmp_path, args, words):
 def test_help_lists_the_stages():
     p = _cli(["--help"])
     out = p.communicate(timeout=60)[0]
-    for s in C.STAGES:
+    for s in tuple(plan.STAGES):
         assert s in out
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from bilateral import config as C
-from bilateral import plan, runs, slurm, stages, sweep
+from bilateral import plan, runs, sweep
+from bilateral.execute import jobs as execjobs
+from bilateral.execute import slurm
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -45,11 +47,11 @@ def metrics_of(runs_) -> dict:
 
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory):
-    """The reference: every run of the plan in order in this process (stages.run_stage)."""
+    """The reference: every run of the plan in order in this process (plan.run_stage)."""
     out = tmp_path_factory.mktemp("sequential")
     runs_ = the_plan(out)
     for r in runs_:
-        stages.run_stage(r.stage, r.cfg, r.seed, log=lambda m: None)
+        plan.run_stage(r.stage, r.cfg, r.seed, log=lambda m: None)
     return metrics_of(runs_)
 
 
@@ -74,9 +76,13 @@ def test_priorities_start_the_longest_chains_first(tmp_path):
     the jobs that wait on it, and so on): every upstream run outranks the runs built on it, the
     pyramid k-WTA hemisphere outranks the plain one, and ensembles (no training) come last."""
     cfg = C.load(ROOT / "params" / "fashion_mnist.yaml", [f"out_dir={tmp_path}"])
-    jobs = plan.plan(cfg, [0, 1])
-    deps = sweep.needs(jobs)
-    rank = sweep.priorities(jobs, deps)
+    job_list, job_deps, runs_of = sweep.make_jobs(plan.plan(cfg, [0, 1]), set())
+    assert all(len(rs) == 1 for rs in runs_of.values())  # pack: auto leaves CPU runs apart
+    job_rank = execjobs.priorities(job_list, job_deps)
+    run_of = {j: runs_of[j][0] for j in job_list}
+    jobs = [run_of[j] for j in job_list]
+    deps = {run_of[j]: [run_of[u] for u in job_deps[j]] for j in job_list}
+    rank = {run_of[j]: r for j, r in job_rank.items()}
 
     def chains(j):  # every chain from j downstream, spelled out
         after = [k for k in jobs if j in deps[k]]
@@ -135,7 +141,7 @@ def test_a_failing_run_skips_its_dependants_only(executor, tmp_path, capsys, req
     for t in (text, summary):
         assert "4 of 6 trainings ran; 1 failed, 1 skipped" in t
         assert "load" in t and "Error" in t  # the traceback's last lines: torch.load failed
-        assert "upstream run hemisphere/resnet9-A-left/seed=0 did not finish" in t
+        assert "upstream job hemisphere/resnet9-A-left/seed=0 did not finish" in t
 
 
 def test_stale_runs_need_force(tmp_path):
@@ -195,15 +201,16 @@ def test_slurm_job_signalled_mid_run_requeues_and_resumes(slurm_cluster, tmp_pat
     more = ["conditions=[A]", "baselines=[]", "epochs=6"]
     run = next(r for r in the_plan(tmp_path / "slurm", [0], *more) if r.stage == "hemisphere")
     todo, _ = sweep.to_train([run])
-    jobs = slurm.submit(todo, set(), {"cpus": 1}, log=lambda m: None)
-    job = jobs[run]
+    job_list, deps, _ = sweep.make_jobs(todo, set(), "slurm")
+    jobs = slurm.submit(job_list, deps, {"cpus": 1}, log=lambda m: None)
+    job = jobs[job_list[0]]
     history = run.path / "history.csv"
     while not (history.exists() and len(history.read_text().splitlines()) >= 2):  # epoch 1 done
         assert not job.paths.result_pickle.exists(), "the job ended before it was signalled"
         time.sleep(0.1)
     # what SLURM sends before a time limit (--signal=USR2@90) or on preemption
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
-    [outcome] = slurm.wait(jobs, log=lambda m: None, poll=1)
+    [outcome] = slurm.wait(jobs, deps, log=lambda m: None, poll=1)
     assert outcome.status == "ok", outcome.error
     info = subprocess.run(["scontrol", "show", "job", job.job_id], capture_output=True, text=True).stdout
     assert "Restarts=1" in info  # requeued once
@@ -250,7 +257,7 @@ def test_slurm_options_are_validated_and_translated():
     assert p["partition"] == "gpu" and p["time"] == 90 and p["gpus_per_node"] == 1
     assert p["cpus_per_task"] == 8 and p["mem"] == "16384MB" and p["array_parallelism"] == 4
     assert p["additional_parameters"]["kill-on-invalid-dep"] == "yes"
-    assert sweep._mem_gb("512M") == 0.5 and sweep._mem_gb("16G") == 16
+    assert sweep.mem_gb("512M") == 0.5 and sweep.mem_gb("16G") == 16
     assert "slurm" not in C.identity(C.load(SMOKE, ["slurm={partition: gpu}"]))
 
 

@@ -93,7 +93,7 @@ def collect(cfg):
     """Every analysis metrics.json of the experiment: a long DataFrame (condition, seed, metric, value)."""
     import pandas as pd
     rows = []
-    base = Path(cfg.out_dir) / cfg.experiment / "analysis"
+    base = runs.experiment_dir(cfg) / "analysis"
     for f in sorted(base.glob("*/seed=*/metrics.json")):
         seed = int(f.parent.name.split("=", 1)[1])
         for k, v in runs.read_json(f).items():

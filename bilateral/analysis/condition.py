@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import data, plan, runs, stages, train
+from .. import data, plan, runs, train
 from ..seeds import derive_seed
 from . import measures
 
@@ -79,7 +79,7 @@ def generator(seed, *purpose) -> torch.Generator:
 
 
 def out_dir(cfg, condition, seed) -> Path:
-    return Path(cfg.out_dir) / cfg.experiment / "analysis" / condition / f"seed={seed}"
+    return runs.experiment_dir(cfg) / "analysis" / condition / f"seed={seed}"
 
 
 # --------------------------------------------------------------------------- the condition
@@ -135,7 +135,7 @@ def load(cfg, seed: int, condition: str, device=None, **kw) -> Condition:
         for k in ("left", "right", "bilateral"):
             condition_runs(cfg, seed, condition)[k].check_finished()
     device = train.pick_device(cfg.device if device is None else device)
-    train_split, _, test_split = stages.load_splits(cfg)
+    train_split, _, test_split = data.load_splits(cfg)
     hier = test_split.hierarchy
     r = condition_runs(cfg, seed, condition)
     left, right, bil = (r[k].load_model(hier, device) for k in ("left", "right", "bilateral"))
@@ -143,8 +143,8 @@ def load(cfg, seed: int, condition: str, device=None, **kw) -> Condition:
 
     n_tr = min(p["probe_train"], len(train_split))
     train_idx = torch.randperm(len(train_split), generator=generator(seed, "probe sample"))[:n_tr].sort().values
-    test_dl = _loader(test_split, device, p["batch_size"])
-    train_dl = _loader(subset(train_split, train_idx), device, p["batch_size"])
+    test_dl = loader(test_split, device, p["batch_size"])
+    train_dl = loader(subset(train_split, train_idx), device, p["batch_size"])
     run = lambda fn, dl: train.predict(fn, dl, device, cfg.amp)[0]  # noqa: E731
     out = run(outputs(bil, left.heads["fine"], right.heads["coarse"]), test_dl)
     train_out = run(features(bil), train_dl)
@@ -168,13 +168,13 @@ def subset(split, idx):
     return data.Split(split.images[idx], split.fine[idx], split.coarse[idx], split.hierarchy, split.name)
 
 
-def _loader(split, device, batch_size):
+def loader(split, device, batch_size):
     return data.DeviceLoader(split, batch_size, device=device, shuffle=False, augment=False)
 
 
 def normalised(split, idx, device):
     """The images idx of a split as the models take them (one batch, no augmentation)."""
-    dl = _loader(subset(split, idx), device, max(1, len(idx)))
+    dl = loader(subset(split, idx), device, max(1, len(idx)))
     return next(iter(dl))["x"]
 
 

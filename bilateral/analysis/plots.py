@@ -11,7 +11,7 @@ from .. import cam
 from .measures import HEMI_CODES
 
 
-def _figure(**kw):
+def figure(**kw):
     from matplotlib.figure import Figure
     return Figure(**kw)
 
@@ -20,7 +20,7 @@ def _figure(**kw):
 
 def outcome_heatmaps(tables: dict, title: str = ""):
     """The 4x4 outcome-scenario counts of each condition ({condition: table}) as heatmaps."""
-    fig = _figure(figsize=(4.6 * len(tables), 4.2), layout="constrained")
+    fig = figure(figsize=(4.6 * len(tables), 4.2), layout="constrained")
     axes = fig.subplots(1, len(tables), squeeze=False)
     for ax, (cond, table) in zip(axes.flat, tables.items()):
         t = table.drop(index="total", columns="total", errors="ignore")
@@ -42,7 +42,7 @@ def outcome_heatmaps(tables: dict, title: str = ""):
 
 def localisation_figure(samp: pd.DataFrame, kinds, frac: float, title: str):
     """Box plots of the localisation measure (columns area.<kind> of samp) per heatmap kind."""
-    fig = _figure(figsize=(7, 3))
+    fig = figure(figsize=(7, 3))
     ax = fig.subplots()
     vals = [samp[f"area.{k}"].dropna().to_numpy() for k in kinds]
     if all(len(v) for v in vals):
@@ -77,7 +77,7 @@ def grid_figure(images, maps, columns, row_labels, title):
     # margins in inches, so the figure needs no bbox_inches="tight" (which draws it twice)
     tile, left, top, bottom = 0.95, 0.1 + 0.055 * max(map(len, row_labels)), 0.75, 0.1
     w, h = tile * n_cols + left + 0.1, tile * n_rows + top + bottom
-    fig = _figure(figsize=(w, h))
+    fig = figure(figsize=(w, h))
     ax = fig.add_axes((left / w, bottom / h, tile * n_cols / w, tile * n_rows / h))
     ax.imshow(mosaic, interpolation="nearest")
     ax.set_xticks([step * (c + 0.5) for c in range(n_cols)])
@@ -140,7 +140,7 @@ def similarity_joint(points: pd.DataFrame, title: str, by: str = "bilateral"):
 def attribution_figure(df: pd.DataFrame, coarse_names, title: str):
     """Left share of each head's predicted logit (centred and uncentred features), the mean
     signed contributions of each half, and the centred left share per true coarse class."""
-    fig = _figure(figsize=(14, 3.6), layout="constrained")
+    fig = figure(figsize=(14, 3.6), layout="constrained")
     ax0, ax1, ax2 = fig.subplots(1, 3, gridspec_kw=dict(width_ratios=[1.2, 1.2, 3]))
     overall = df[df["coarse_class"] == "all"]
     cen, unc = overall[overall.centring == "centred"], overall[overall.centring == "uncentred"]

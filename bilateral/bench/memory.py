@@ -38,7 +38,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _memory_child(spec: dict) -> dict:
+def memory_child(spec: dict) -> dict:
     """Runs in a fresh interpreter: load the train split, build the model, train a few steps;
     report the RSS before training, the peak RSS during training and overall (VmHWM of this
     process image: ru_maxrss would carry over the forking parent's peak), and peak CUDA memory."""
@@ -105,7 +105,7 @@ def bench_memory(device, sz, log) -> dict:
     out = {"config": conf}
     pipelines = ["project"] + (["conventional"] if sz["mem_conventional"] else [])
     code = ("import json,sys; from bilateral.bench import memory; "
-            "print('BENCH-MEMORY ' + json.dumps(memory._memory_child(json.loads(sys.argv[1]))))")
+            "print('BENCH-MEMORY ' + json.dumps(memory.memory_child(json.loads(sys.argv[1]))))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parents[2])] + [x for x in [os.environ.get("PYTHONPATH")] if x]))
     procs = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import models, packed, stages, train
-from .common import Stepper, base_config, cycle, loadavg, ratio, section_config, subset, timed
+from .common import Stepper, base_config, cycle, load_splits, loadavg, ratio, section_config, subset, timed
 from .conventional import project_loader
 
 
@@ -21,7 +21,7 @@ def _members(cfg, hier, n, device):
     out = []
     for i in range(n):
         torch.manual_seed(i)
-        out.append(stages.build_model("unilateral", cfg, hier).to(device))
+        out.append(stages.dual_head_model(cfg.backbone, cfg, hier).to(device))
     return out
 
 
@@ -91,10 +91,9 @@ def _step_rate(device, sz, train_split, width, *, compile_=False, channels_last=
     return {"img_per_s": n * sz["batch"] * sz["cpu_steps"] / dt, "first_step_s": first}
 
 
-def _threads_child(spec) -> dict:
+def threads_child(spec) -> dict:
     """In a fresh interpreter: images/s with `threads` torch threads (and the process-wide
     switches: glibc keeping freed memory, k-WTA selecting with torch's kthvalue)."""
-    from .common import load_splits
     if spec.get("keep_freed"):
         train.keep_freed_memory()
     models.SELECT_WITH_NUMPY = not spec.get("kthvalue", False)
@@ -108,7 +107,7 @@ def _threads_child(spec) -> dict:
 def _workers(sz, width, workers, threads, members, **switches) -> float:
     """Total images/s of `workers` processes side by side with `threads` threads each."""
     code = ("import json,sys; from bilateral.bench import packing; "
-            "print('BENCH-THREADS ' + json.dumps(packing._threads_child(json.loads(sys.argv[1]))))")
+            "print('BENCH-THREADS ' + json.dumps(packing.threads_child(json.loads(sys.argv[1]))))")
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [x for x in [os.environ.get("PYTHONPATH")] if x]))
     spec = json.dumps({"sizes": sz, "width": width, "threads": threads, "members": members, **switches})

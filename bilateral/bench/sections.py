@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .. import data, models, stages, train
+from .. import data, models, runner, stages, train
 from .common import (CUDA_ONLY, Stepper, base_config, busy_machine, cycle, loadavg, ratio,
                      section_config, subset, sync, threads, timed)
 from .conventional import conventional_loader, project_loader, to_device
@@ -69,8 +69,8 @@ def bench_bilateral(device, sz, splits, log) -> dict:
     cfg = base_config(sz, sz["bi_width"])
     hp = dataclasses.replace(train.hyper(cfg, "bilateral"), batch_size=sz["batch"])
     torch.manual_seed(0)  # untrained hemispheres: the cost of a forward does not depend on the weights
-    model = models.Bilateral(models.freeze(stages.hemisphere_backbone(cfg, "left")),
-                             models.freeze(stages.hemisphere_backbone(cfg, "right")),
+    model = models.Bilateral(models.freeze(models.hemisphere_backbone(cfg, "left")),
+                             models.freeze(models.hemisphere_backbone(cfg, "right")),
                              hier.n_fine, hier.n_coarse, dropout=cfg.dropout).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -98,7 +98,7 @@ def bench_bilateral(device, sz, splits, log) -> dict:
     # the project: features of all three splits once, then heads on the cache
     sync(device)
     t0 = time.perf_counter()
-    fwd_c, ftrain, _, _ = stages.bilateral_forward(model, train_dl, val_dl, test_dl, True, hp, 0, device, True)
+    fwd_c, ftrain, _, _ = runner.bilateral_forward(model, train_dl, val_dl, test_dl, True, hp, 0, device, True)
     sync(device)
     cache_s = time.perf_counter() - t0
     epoch(fwd_c, ftrain)  # warm-up
@@ -113,7 +113,7 @@ def bench_bilateral(device, sz, splits, log) -> dict:
                         epoch(fwd_c, ftrain, sz["bi_cached_epochs"]))
     log("  cached epoch: " + ", ".join(f"{k} {v:.3f}s" for k, v in robust.items()))
     # the original: the frozen hemispheres run again for every batch
-    fwd_r, *_ = stages.bilateral_forward(model, train_dl, val_dl, test_dl, False, hp, 0, device, True)
+    fwd_r, *_ = runner.bilateral_forward(model, train_dl, val_dl, test_dl, False, hp, 0, device, True)
     recompute = epoch(fwd_r, train_dl, 1)[0]
     log(f"  recompute epoch {recompute:.1f}s")
     cached_s = statistics.median(cached)

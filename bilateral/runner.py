@@ -1,0 +1,375 @@
+"""Trains runs and writes their records: one sequence for every run, alone or packed.
+
+`train_runs(runs)` is the whole of it, read top to bottom: check the data and device, claim every
+run's folder (runs.claim), check each claimed folder (`check_claimed`: finished with the same
+config -> its metrics; stale or foreign -> refused), then for the runs left: build each model
+(`prepare`: its seed, loaders, upstream models, config.json), train (train.fit; several runs
+of one packable group as one packed model), and seal each (`finish_model`, `seal`).
+
+A run here is a plan.Run (stage, cfg, seed, path, spec, upstream(), load_model() ...); this
+module reads those attributes and never imports plan.py, which builds on it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+
+import torch
+
+from . import config as C
+from . import data, models, packed, runs, train
+from .seeds import derive_seed
+
+
+def run_seed(stage: str, name: str, seed: int) -> int:
+    """A distinct, stable torch seed per run: pool members and the two hemispheres of a seed
+    must not start from the same weights by accident."""
+    return derive_seed(seed, "run", stage, name)
+
+
+def tag(run) -> str:
+    return f"[{run.stage} {run.name} seed={run.seed}]"
+
+
+def loaders(cfg, device, batch_size, seed, augment):
+    train_split, val_split, test_split = data.load_splits(cfg)
+    cl = train.use_channels_last(cfg, device)
+    eval_bs = max(batch_size, 512)
+    return (data.DeviceLoader(train_split, batch_size, device=device, shuffle=True, augment=augment,
+                              seed=seed, subset_per_class=cfg.subset_per_class, channels_last=cl),
+            data.DeviceLoader(val_split, eval_bs, device=device, shuffle=False, augment=False,
+                              channels_last=cl),
+            data.DeviceLoader(test_split, eval_bs, device=device, shuffle=False, augment=False,
+                              channels_last=cl),
+            train_split.hierarchy)
+
+
+# ----------------------------------------------------------------------------------- train
+
+def train_runs(group, force=False, log=print, wait=False) -> list[dict]:
+    """Train (or, when finished with the same config, read) each run of `group`; their metrics.
+
+    One run, or the runs of one packable group (`packable_groups`), trained as one packed model.
+    `force`: one bool or one per run (retrain a finished, stale or different run). `wait`: a
+    run another live process holds is waited for instead of refused (runs.RunLocked)."""
+    group = list(group)
+    forces = list(force) if isinstance(force, (list, tuple)) else [force] * len(group)
+    cfg0 = group[0].cfg
+    data.check_splits(data.load_splits(cfg0))  # bad data stops before any folder is claimed
+    C.check_device(cfg0.device)
+    if len(group) > 1 and len({pack_key(r) for r in group} | {None}) != 2:
+        raise ValueError("runner.train_runs trains one run, or the runs of one packable group "
+                         "(see runner.packable_groups)")
+    with contextlib.ExitStack() as held:
+        for r in group:
+            held.enter_context(runs.claim(r.path, wait=wait, log=log))
+        results = {j: check_claimed(r, f, log) for j, (r, f) in enumerate(zip(group, forces))}
+        todo = [j for j, m in results.items() if m is None]
+        if len(todo) > 1 and len({_ckpt_epoch(group[j].path / "checkpoint.pt") for j in todo}) > 1:
+            for j in todo:  # members at different epochs resume one by one
+                results[j] = train_claimed([group[j]], log)[0]
+        elif todo:
+            results.update(zip(todo, train_claimed([group[j] for j in todo], log)))
+    return [results[j] for j in range(len(group))]
+
+
+def check_claimed(run, force, log) -> dict | None:
+    """A claimed run's folder checked before training: its metrics when it is finished with
+    the same config, None when it is to be trained (or resumed); stale or foreign: raises."""
+    path = run.path
+    status = runs.prepare(path, C.identity(run.cfg), force, rebuild=run.command())  # checks the records
+    changed = run.changed_upstream() if status != "new" else []  # force has cleared a stale run
+    if changed:
+        raise runs.RunConflict(f"{run.key} is stale: it was built on {', '.join(changed)}, "
+                               f"retrained or removed since; use --force to retrain it")
+    if status == "done":
+        log(f"{tag(run)} already finished with the same config: {path}")
+        return runs.read_json(path / "metrics.json")
+    return None
+
+
+def train_claimed(group, log) -> list[dict]:
+    """Train claimed runs (one, or one packable group) and seal each; their metrics."""
+    cfg0 = group[0].cfg
+    if cfg0.threads:
+        torch.set_num_threads(cfg0.threads)
+    device = train.pick_device(cfg0.device)
+    if device.type == "cpu":
+        train.keep_freed_memory()
+    t0 = time.perf_counter()
+    if group[0].spec.build is None:
+        say = lambda m: log(f"{tag(group[0])} {m}")  # noqa: E731
+        return [seal(group[0], evaluate_ensemble(group[0], device, say), time.perf_counter() - t0, log)]
+    hp = train.hyper(cfg0, group[0].stage)
+    built = [prepare(r, device, hp) for r in group]
+    if len(group) == 1:
+        fitted = [_fit_one(group[0], built[0], device, hp, log)]
+    else:
+        fitted = _fit_packed(group, built, device, hp, log)
+    out = []
+    for r, b, (model, forward, best, dls) in zip(group, built, fitted):
+        metrics = finish_model(r, model, forward, best, hp, b["hier"], device, *dls)
+        out.append(seal(r, metrics, (time.perf_counter() - t0) / len(group), log))
+    return out
+
+
+def prepare(run, device, hp) -> dict:
+    """A run's untrained model, loaders and config.json, in the order that fixes its numbers:
+    the run's seed, its loaders, its upstream models (loaded as they are hashed), its model."""
+    cfg = run.cfg
+    rseed = run_seed(run.stage, run.name, run.seed)
+    torch.manual_seed(rseed)
+    # head_augment: the stages built on frozen hemispheres (bilateral, callosal)
+    augment = cfg.head_augment if "head_augment" in run.spec.uses else cfg.augment
+    train_dl, val_dl, test_dl, hier = loaders(cfg, device, hp.batch_size, rseed, augment)
+    hashes = {}
+    ups = [u.load_model(hier, "cpu", hashes) for u in run.upstream()]
+    model = run.spec.build(cfg, hier, ups)
+    generator = member_generator(device, rseed)  # continues the stream a packed member draws from
+    cached = run.spec.heads_only and not cfg.head_augment
+    record(run, device, hashes, {
+        "name": run.name, "run_seed": rseed, "hyper": dataclasses.asdict(hp),
+        "trainable_params": models.count_trainable(model), "total_params": models.count_total(model),
+        "cached_features": cached, "n_train": train_dl.n, "n_val": val_dl.n})
+    return dict(model=model, loaders=(train_dl, val_dl, test_dl), hier=hier, rseed=rseed,
+                generator=generator, cached=cached)
+
+
+def _fit_one(run, b, device, hp, log):
+    cfg, path = run.cfg, run.path
+    model = b["model"].to(device)
+    if train.use_channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
+    forward, (train_dl, val_dl, test_dl) = model, b["loaders"]
+    if run.spec.heads_only:
+        forward, train_dl, val_dl, test_dl = bilateral_forward(
+            model, train_dl, val_dl, test_dl, b["cached"], hp, b["rseed"], device, cfg.amp)
+    if cfg.compile:
+        forward = torch.compile(forward)
+    history, best = train.fit(
+        model, forward, train_dl, val_dl, heads=run.heads, hp=hp, device=device,
+        fine_to_coarse=b["hier"].fine_to_coarse, ckpt_path=path / "checkpoint.pt", amp=cfg.amp,
+        progress=cfg.progress, log=lambda m: log(f"{tag(run)} {m}"),
+        on_epoch=lambda h: runs.write_csv(path / "history.csv", h))
+    return model, forward, best, (val_dl, test_dl)
+
+
+def _fit_packed(group, built, device, hp, log):
+    """The runs of one packable group as one packed model (packed.py): each member keeps its
+    own initialisation, loader and dropout stream, so it computes what its own run would."""
+    cfg0, stage = group[0].cfg, group[0].stage
+    net = packed.pack([b["model"] for b in built], [b["generator"] for b in built]).to(device)
+    if train.use_channels_last(cfg0, device):
+        net.net.to(memory_format=torch.channels_last)
+        net.channels_last = True
+    forward = torch.compile(net) if cfg0.compile else net
+    log(f"[packed x{len(group)}] " + ", ".join(r.key for r in group))
+    val_dl, test_dl = built[0]["loaders"][1:]
+
+    def on_epoch(histories):
+        for r, h in zip(group, histories):
+            runs.write_csv(r.path / "history.csv", h)
+    _, bests = train.fit(
+        net, forward, packed.PackedLoader([b["loaders"][0] for b in built]),
+        packed.PackedLoader([val_dl] * len(group)),
+        heads=group[0].heads, hp=hp, device=device, fine_to_coarse=built[0]["hier"].fine_to_coarse,
+        ckpt_path=[r.path / "checkpoint.pt" for r in group], amp=cfg0.amp, progress=cfg0.progress,
+        log=lambda m: log(f"[packed {stage} x{len(group)}] {m}"), on_epoch=on_epoch)
+    out = []
+    for i, b in enumerate(built):
+        model = b["model"].to(device)
+        model.load_state_dict(packed.unpack(net, i), strict=True)
+        model.eval()
+        out.append((model, model, bests[i], b["loaders"][1:]))
+    return out
+
+
+def member_generator(device, rseed):
+    if torch.device(device).type == "cpu":
+        g = torch.Generator()
+        g.set_state(torch.get_rng_state())  # continues the stream its separate run would use
+        return g
+    return torch.Generator(device).manual_seed(rseed)  # as torch.manual_seed seeds CUDA
+
+
+def _ckpt_epoch(path):
+    return runs.load_torch(path)["epoch"] if path.exists() else 0
+
+
+# --------------------------------------------------------------------------------- records
+
+def record(run, device, upstream: dict, extra: dict):
+    """config.json: the config, provenance, and the sha256 of every upstream model.pt, taken
+    from the very bytes the run loaded (runs not loaded, such as an ensemble's unchosen pool
+    members, are hashed from their files)."""
+    hashes = {u.key: upstream.get(u.key) or runs.file_hash(u.path / "model.pt") for u in run.upstream()}
+    rec = {"config": C.identity(run.cfg), "resolved": dataclasses.asdict(run.cfg),
+           "stage": run.stage, "seed": run.seed, "upstream": hashes,
+           **runs.provenance(device), **extra}
+    runs.write_json(run.path / "config.json", rec)
+
+
+def seal(run, metrics, wall_s, log) -> dict:
+    """The end of every training: wall time, metrics.json with model.pt's sha256, a log line."""
+    metrics["wall_s"] = wall_s
+    runs.finish(run.path, metrics)
+    log(f"{tag(run)} done in {metrics['wall_s']:.0f}s: " + ", ".join(
+        f"test {k} {v:.2%}" for k, v in metrics["test"].items()))
+    return metrics
+
+
+def finish_model(run, model, forward, best, hp, hier, device, val_dl, test_dl) -> dict:
+    """A trained model's metrics (last and best epoch, val and test) and its model.pt, the
+    reported epoch's state. Always in eval mode, whatever path led here (a run resumed after
+    its last epoch trains nothing, and must still evaluate as the uninterrupted run did)."""
+    cfg, stage, heads = run.cfg, run.stage, run.heads
+    model.eval()
+    f2c = hier.fine_to_coarse
+    ev = lambda dl: train.evaluate(forward, dl, device, f2c, cfg.amp)  # noqa: E731
+    out = {"val": {"last": ev(val_dl)}, "test_last": ev(test_dl)}
+    if best["epoch"] == hp.epochs:  # the best state is the last one: the same numbers, unevaluated
+        out["val"]["best"], out["test_best"] = out["val"]["last"], out["test_last"]
+    else:
+        last_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(best["state"])
+        out["val"]["best"], out["test_best"] = ev(val_dl), ev(test_dl)
+        if cfg.report_epoch == "last":
+            model.load_state_dict(last_state)
+    runs.save_torch(run.path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
+    # not the bilateral heads: they were trained on features made under one rule (and cached)
+    kwta = {} if stage == "bilateral" else kwta_test_metrics(model, ev, test_dl,
+                                                             out[f"test_{cfg.report_epoch}"])
+    return {"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
+            "test_best": out["test_best"], "val": out["val"][cfg.report_epoch], "val_all": out["val"],
+            "best_epoch": best["epoch"], "epochs": hp.epochs, "report": cfg.report_epoch,
+            "heads": list(heads), **kwta}
+
+
+def kwta_test_metrics(model, ev, test_dl, own_test=None) -> dict:
+    """The reported model's test metrics under every k-WTA evaluation rule (conditions C, D):
+    the rule changes evaluation only, so one trained run shows them all side by side
+    ({"test_kwta_threshold": {...}, "test_kwta_map_only": ..., "test_kwta_batch": ...}).
+    own_test: the model's test metrics under its own rule, already computed (not redone)."""
+    own = models.set_kwta_eval(model, "threshold")
+    if own is None:
+        return {}
+    out = {}
+    for rule in models.KWTA.EVAL_RULES:
+        models.set_kwta_eval(model, rule)
+        out[f"test_kwta_{rule}"] = own_test if rule == own and own_test is not None else ev(test_dl)
+    models.set_kwta_eval(model, own)
+    return out
+
+
+# ----------------------------------------------------------------------- frozen hemispheres
+
+def bilateral_forward(model, train_dl, val_dl, test_dl, cached, hp, seed, device, amp):
+    """The bilateral heads see frozen hemispheres. Without augmentation the hemispheres'
+    features never change, so compute them once and train the heads on the cache (the
+    original recomputed them every batch); with augmentation run them without autograd."""
+    if not cached:
+        def forward(x):
+            with torch.no_grad():
+                feats = model.features(x)
+            return model.classify(feats.float())
+        return forward, train_dl, val_dl, test_dl
+    feats = [cache_features(model, dl, device, amp) for dl in (train_dl, val_dl, test_dl)]
+    return (model.classify,
+            train.FeatureLoader(*feats[0], hp.batch_size, shuffle=True, seed=seed),
+            train.FeatureLoader(*feats[1], 1024, shuffle=False),
+            train.FeatureLoader(*feats[2], 1024, shuffle=False))
+
+
+@torch.no_grad()
+def cache_features(model, loader, device, amp=True):
+    ctx, _ = train.autocast(device, amp)
+    xs, fine, coarse = [], [], []
+    model.eval()
+    for batch in loader:
+        with ctx:
+            xs.append(model.features(batch["x"]).float())
+        fine.append(batch["fine"])
+        coarse.append(batch["coarse"])
+    return torch.cat(xs), torch.cat(fine), torch.cat(coarse)
+
+
+# -------------------------------------------------------------------------------- ensembles
+
+def pool_metrics(run) -> dict:
+    """Validation metrics of every unilateral run in an ensemble's pool."""
+    pool = run.upstream()
+    missing = [r.command() for r in pool if r.status() != "finished"]
+    if missing:
+        raise FileNotFoundError(f"the ensemble needs {len(missing)} more unilateral runs of seed "
+                                f"{run.seed}; make them with:\n  " + "\n  ".join(missing))
+    return {r.cfg.member: r.metrics() for r in pool}
+
+
+def evaluate_ensemble(run, device, log) -> dict:
+    """Top-k unilateral runs by validation accuracy (never test), logits averaged per head."""
+    cfg = run.cfg
+    pool = pool_metrics(run)
+    ranked = sorted(pool, key=lambda m: -train.score(pool[m]["val"], ("fine", "coarse")))
+    chosen = sorted(ranked[:cfg.ensemble_size])
+    _, val_dl, test_dl, hier = loaders(cfg, device, 512, 0, False)
+    by_member, hashes = {u.cfg.member: u for u in run.upstream()}, {}
+    members = [by_member[m].load_model(hier, device, hashes) for m in chosen]
+    model = models.Ensemble(members).to(device).eval()
+    record(run, device, hashes, {"name": run.name, "members": chosen,
+                                 "trainable_params": models.count_trainable(model),
+                                 "total_params": models.count_total(model)})
+    f2c = hier.fine_to_coarse
+    val = train.evaluate(model, val_dl, device, f2c, cfg.amp)
+    test = train.evaluate(model, test_dl, device, f2c, cfg.amp)
+    log(f"members {chosen} chosen by validation accuracy from a pool of {cfg.pool_size}")
+    return {"test": test, "val": val, "members": chosen, "report": "last",
+            "pool_val": {m: pool[m]["val"] for m in pool}, "heads": ["fine", "coarse"]}
+
+
+# ---------------------------------------------------------------------------------- packing
+
+PACKABLE_STAGES = ("hemisphere", "unilateral", "resnet18", "resnet34")
+MAX_MEMBERS = 10  # a larger group is split (memory grows with N; see the benchmark)
+
+
+def architecture(run) -> str:
+    if run.stage == "hemisphere":
+        return models.hemisphere_arch(run.cfg, run.cfg.side)[0]
+    return run.cfg.backbone if run.stage == "unilateral" else run.stage
+
+
+def packs(cfg) -> bool:
+    """pack: on, off, or auto: on where the runs train on CUDA. On a CPU, PyTorch's grouped
+    convolutions ran slower than the N plain ones (bench section 6: 0.3-0.8x at widths 1/8 and
+    1/4 on 2 cores), so auto leaves CPU runs apart."""
+    return cfg.pack == "on" or cfg.pack == "auto" and train.pick_device(cfg.device).type == "cuda"
+
+
+def pack_key(run):
+    """Runs with equal keys can share one packed model: one stage and config (so one
+    architecture, data and recipe), differing only in seed or pool member. None: never packed."""
+    if not packs(run.cfg) or run.stage not in PACKABLE_STAGES \
+            or architecture(run) not in packed.PACKABLE_BACKBONES:
+        return None
+    ident = C.identity(run.cfg)
+    ident.pop("member")
+    return run.stage, repr(sorted(ident.items()))
+
+
+def packable_groups(runs_, max_members=MAX_MEMBERS) -> list[list]:
+    """The runs split into groups to train together, in the runs' order (a group stands where
+    its first run stood): the same run across seeds and the pool members of a seed share a
+    group; runs that cannot be packed stay alone. Give it the runs still to train."""
+    groups, by_key = [], {}
+    for r in runs_:
+        key = pack_key(r)
+        if key is None:
+            groups.append([r])
+            continue
+        g = by_key.get(key)
+        if g is None or len(g) >= max_members:
+            g = by_key[key] = []
+            groups.append(g)
+        g.append(r)
+    return groups
