@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import shutil
 import sys
+from pathlib import Path
 
 from . import bench, callosum, data, models, pipeline, plan, publish, results, runs, sweep
 from . import config as C
@@ -82,6 +84,8 @@ def main(argv=None):
                      "DIR (a tracked folder such as results/fashion_mnist)")
     rep.add_argument("--command", help="the command that ran the study, for PROVENANCE.md "
                      "(default: the one the last sweep recorded)")
+    rep.add_argument("--force", action="store_true", help="--publish into a non-empty folder "
+                     "that is not an earlier publication, replacing what it holds")
 
     b = sub.add_parser("bench", help="fast path against the conventional pipeline")
     b.add_argument("--device", default="auto")
@@ -107,10 +111,21 @@ def main(argv=None):
         code = exit_code(e)
         if code is None:
             raise
-        hint = ("; check that path, or set out_dir/data_dir to another place"
-                if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else "")
-        print("error: " + " ".join(str(e).split()) + hint, file=sys.stderr)
+        hint = disk_hint(e) if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else ""
+        print("error: " + C.clip(" ".join(str(e).split()), 2000) + hint, file=sys.stderr)
         return code
+
+
+def disk_hint(e: OSError) -> str:
+    """Where a write failed and, for a full disk, how much room is left there."""
+    where = getattr(e, "filename", None)
+    if not where:
+        return "; set out_dir/data_dir to another place"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        folder = next((p for p in [Path(where), *Path(where).parents] if p.exists()), Path("/"))
+        free = shutil.disk_usage(folder).free
+        return f" (writing {where}; {free / 2**20:,.0f} MiB free on {folder}); free some space or set out_dir to another disk"
+    return f" (at {where}); check that path, or set out_dir/data_dir to another place"
 
 
 def exit_code(e: BaseException) -> int | None:
@@ -118,7 +133,7 @@ def exit_code(e: BaseException) -> int | None:
     run is another config's or another process's), None for a bug: its traceback is shown."""
     if isinstance(e, RunConflict):
         return 3
-    if isinstance(e, (C.ConfigError, DataError, RecordError, FileNotFoundError,
+    if isinstance(e, (C.ConfigError, DataError, RecordError, publish.PublishError, FileNotFoundError,
                       PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)):
         return 2
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG):
@@ -152,9 +167,11 @@ def dispatch(a):
         print(plan.describe(plan.plan(cfg, seeds)))
         return 0
     if a.cmd == "report":
+        if a.publish:  # a bad destination stops before the report is rebuilt
+            publish.check_destination(Path(a.experiment_dir), Path(a.publish), a.force)
         results.report(a.experiment_dir)
         if a.publish:
-            for path in publish.publish(a.experiment_dir, a.publish, a.command):
+            for path in publish.publish(a.experiment_dir, a.publish, a.command, a.force):
                 print(f"published {path}")
         return 0
     if a.cmd == "bench":

@@ -33,9 +33,14 @@ CHECKS: list = []
 
 
 def short(value, n: int = 60) -> str:
-    """A value as an error message quotes it: at most n characters of its text."""
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
+    """A value as an error message quotes it (repr): at most n characters of it."""
+    return clip(repr(value), n)
+
+
+def clip(text: str, n: int = 60) -> str:
+    """Text in an error message: at most n characters, then how long it was."""
+    text = str(text)
+    return text if len(text) <= n else text[:n] + f"... ({len(text):,} characters)"
 
 
 @dataclass
@@ -135,11 +140,11 @@ def _check_type(key, value, tp):
         return _check_type(key, value, inner)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}{_hint(key)}")
+            raise ConfigError(f"{key}: expected a list, got {short(value)}{_hint(key)}")
         return [_check_type(key, v, args[0]) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {short(value)}")
         return {_check_type(key, k, args[0]): _check_type(key, v, args[1]) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -152,7 +157,7 @@ def _check_type(key, value, tp):
         raise ConfigError(f"{key}: must be a finite number, got {value}")
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
             or not isinstance(value, tp):
-        raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}"
+        raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {short(value)}"
                           f" ({type(value).__name__}){_hint(key)}")
     return value
 
@@ -164,11 +169,11 @@ _HINTS = typing.get_type_hints(Config)
 def validate(cfg: Config) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"{key}: unknown value {getattr(cfg, key)!r}; allowed: {', '.join(allowed)}")
+            raise ConfigError(f"{key}: unknown value {short(getattr(cfg, key))}; allowed: {', '.join(allowed)}")
     for key, allowed in LIST_CHOICES.items():
         for v in getattr(cfg, key):
             if v not in allowed:
-                raise ConfigError(f"{key}: unknown value {v!r}; allowed: {', '.join(allowed)}")
+                raise ConfigError(f"{key}: unknown value {short(v)}; allowed: {', '.join(allowed)}")
     positive = ["width", "synthetic_size", "pool_size", "ensemble_size", "backbone_lr_scale"] + [
         k for k in ("epochs", "batch_size", "lr", "subset_per_class", "threads") if getattr(cfg, k) is not None]
     for key in positive:
@@ -190,7 +195,7 @@ def validate(cfg: Config) -> Config:
     if not 0 <= cfg.member < cfg.pool_size:
         raise ConfigError(f"member: must be in 0..{cfg.pool_size - 1}, got {cfg.member}")
     if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
-        raise ConfigError(f"device: unknown value {cfg.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+        raise ConfigError(f"device: unknown value {short(cfg.device)}; allowed: auto, cpu, cuda, cuda:N, mps")
     _check_name(cfg.experiment)
     _check_slurm(cfg.slurm)
     _check_grid(cfg.grid)
@@ -213,7 +218,7 @@ def _check_name(name):
     bad = (name in ("", ".", "..") or "/" in name or "\\" in name or name != name.strip()
            or any(not ch.isprintable() for ch in name) or len(name.encode()) > 200)
     if bad:
-        raise ConfigError(f"experiment: {name!r} is not a folder name; use letters, digits, "
+        raise ConfigError(f"experiment: {short(name)} is not a folder name; use letters, digits, "
                           f"'-', '_' or '.', without '/', '\\' or a bare '..', at most 200 bytes")
 
 
@@ -240,7 +245,7 @@ GRID_EXCLUDED = ("experiment", "out_dir", "slurm", "grid")
 def _check_slurm(options: dict):
     for key, value in options.items():
         if key not in SLURM_KEYS:
-            raise ConfigError(f"slurm.{key}: unknown option; allowed: {', '.join(SLURM_KEYS)}")
+            raise ConfigError(f"slurm.{clip(key)}: unknown option; allowed: {', '.join(SLURM_KEYS)}")
         value = _check_type(f"slurm.{key}", value, SLURM_KEYS[key])
         if key in ("time", "gpus", "cpus", "mem_gb", "max_parallel") and value < (key != "gpus"):
             raise ConfigError(f"slurm.{key}: must be {'>= 0' if key == 'gpus' else 'positive'}, got {value}")
@@ -250,9 +255,9 @@ def _check_grid(grid: dict):
     for key, values in grid.items():
         if key not in FIELD_TYPES or key in GRID_EXCLUDED:
             allowed = [k for k in FIELD_TYPES if k not in GRID_EXCLUDED]
-            raise ConfigError(f"grid.{key}: not a parameter a grid can vary; allowed: {', '.join(allowed)}")
+            raise ConfigError(f"grid.{clip(key)}: not a parameter a grid can vary; allowed: {', '.join(allowed)}")
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+            raise ConfigError(f"grid.{key}: expected a non-empty list of values, got {short(values)}")
         for v in values:
             _check_type(f"grid.{key}", v, _HINTS[key])
 
@@ -260,12 +265,29 @@ def _check_grid(grid: dict):
 def from_dict(values: dict) -> Config:
     unknown = sorted(set(values) - set(FIELD_TYPES))
     if unknown:
-        raise ConfigError(f"unknown parameter(s): {', '.join(unknown)}; "
+        raise ConfigError(f"unknown parameter(s): {clip(', '.join(map(str, unknown)), 200)}; "
                           f"allowed: {', '.join(FIELD_TYPES)}")
     if isinstance(values.get("pack"), bool):  # YAML reads an unquoted `pack: on/off` as true/false
         values = {**values, "pack": "on" if values["pack"] else "off"}
     typed = {k: _check_type(k, v, _HINTS[k]) for k, v in values.items()}
     return validate(Config(**typed))
+
+
+MAX_VALUE_CHARS = 10_000        # one --set/--grid value
+MAX_PARAMS_BYTES = 1_000_000    # a params file (the presets are about 1 KB)
+
+
+def parse_value(raw: str, what: str):
+    """One value from the command line (`--set`, `--grid`), read as YAML by the same loader as
+    params files: no aliases, no tags that build objects, a bounded size."""
+    if len(raw) > MAX_VALUE_CHARS:
+        raise ConfigError(f"{what}: the value is {len(raw):,} characters long; at most "
+                          f"{MAX_VALUE_CHARS:,}")
+    try:
+        return yaml.load(raw, Loader=_UniqueKeys) if raw.strip() else None  # safe: a SafeLoader
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: the value is not valid YAML ({_yaml_why(e)}); "
+                          f"write it as YAML, in quotes if it is text") from None
 
 
 def parse_overrides(items) -> dict:
@@ -275,13 +297,9 @@ def parse_overrides(items) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {short(item)}")
         key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_why(e)}); "
-                              f"write it as YAML, in quotes if it is text") from None
+        out[key.strip()] = parse_value(raw, f"--set {clip(item, 80)}")
     return out
 
 
@@ -289,12 +307,20 @@ def _yaml_why(e) -> str:
     """A YAML error in one line: what, and where (1-based line and column)."""
     mark = getattr(e, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-    return where + (getattr(e, "problem", None) or str(e).splitlines()[0])
+    return clip(where + (getattr(e, "problem", None) or str(e).splitlines()[0]), 200)
 
 
 class _UniqueKeys(yaml.SafeLoader):
     """yaml.safe_load, except that a key given twice is an error (PyYAML keeps the last one
-    silently, so `epochs: 1` further down a file would quietly win)."""
+    silently, so `epochs: 1` further down a file would quietly win), and that aliases are
+    refused: a few hundred bytes of nested aliases expand to gigabytes (a "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed; "
+                                              "write the value out", mark)
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -315,6 +341,9 @@ def read_params(path) -> dict:
                           f"params/smoke.yaml")
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
+    if path.stat().st_size > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a params file holds at most "
+                          f"{MAX_PARAMS_BYTES:,} (the presets are about 1 KB)")
     try:
         values = yaml.load(path.read_text(), Loader=_UniqueKeys)  # safe: a SafeLoader
     except yaml.YAMLError as e:

@@ -218,7 +218,7 @@ def _cifar100(official, data_dir, download):
             download_and_extract_archive(CIFAR100_URL, str(root), md5=CIFAR100_MD5)
         except Exception as e:
             raise FileNotFoundError(f"download of {CIFAR100_URL} failed ({e}).\n{msg}") from e
-    meta = _unpickle(folder / "meta")
+    meta = unpickle_cifar(folder / "meta")
     fine_names = tuple(_text(s) for s in meta.get("fine_label_names", ()))
     coarse_names = tuple(_text(s) for s in meta.get("coarse_label_names", ()))
     if (len(fine_names), len(coarse_names)) != (100, 20):
@@ -243,15 +243,34 @@ class _CifarUnpickler(pickle.Unpickler):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-100 file holds "
                                          f"only lists, bytes, numbers and numpy arrays")
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        return _empty_only(found) if name == "_reconstruct" else found
 
 
-def _unpickle(path):
+def _empty_only(reconstruct):
+    """numpy pickles start every array empty (shape (0,)) and fill it from bytes the file holds;
+    a crafted file asking for a large empty array would allocate gigabytes from a few bytes."""
+    def guarded(cls, shape, dtype):
+        dims = shape if isinstance(shape, tuple) else (shape,)
+        if not all(isinstance(d, int) for d in dims) or math.prod(dims) > 1:
+            raise pickle.UnpicklingError(f"refused an array of shape {str(shape)[:40]} made from "
+                                         f"nothing (numpy writes arrays as shape (0,) + data)")
+        return reconstruct(cls, shape, dtype)
+    return guarded
+
+
+MAX_CIFAR_BYTES = 512 * 2**20  # the published train file is 158 MB
+
+
+def unpickle_cifar(path):
     """A CIFAR-100 pickle, through the restricted unpickler; a file that claims to be the
     published one (its name, and the published image count) must also match the published md5."""
     path = Path(path)
     md5, count = CIFAR100_FILES.get(path.name, (None, None))
     official = md5 is not None and _md5(path) == md5
+    if path.stat().st_size > MAX_CIFAR_BYTES:
+        raise DataError(f"{path}: {path.stat().st_size:,} bytes, larger than any CIFAR-100 file "
+                        f"(at most {MAX_CIFAR_BYTES:,}); delete {path.parent} and download it again")
     try:
         with open(path, "rb") as f:
             d = _CifarUnpickler(f, encoding="bytes").load()
@@ -278,7 +297,7 @@ def _md5(path):
 
 @functools.lru_cache(maxsize=4)
 def _cifar_arrays(path, mtime, nbytes):
-    d = _unpickle(path)
+    d = unpickle_cifar(path)
     try:
         data = np.asarray(d["data"], dtype=np.uint8)
         fine = np.asarray(d["fine_labels"], dtype=np.int64)

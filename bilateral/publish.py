@@ -10,22 +10,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from . import plan, results_md
+from . import plan, results_md, runs
 from .execute.jobs import hms
-from .runs import atomic_write_bytes, cpu_model, read_json
+from .runs import cpu_model, read_json
 
 FILES = ("results.csv", "results.md", results_md.FOREST, "results.png")
 
 
 def _records(exp: Path) -> list[tuple[dict, dict]]:
-    """(config.json, metrics.json) of every finished run of the experiment."""
+    """(config.json, metrics.json) of every run the report used: sealed, and not built on runs
+    retrained since (the runs results.run_rows keeps)."""
     out = []
     for m in sorted(exp.glob("*/*/seed=*/metrics.json")):
         if m.parents[2].name in plan.STAGES:  # not analysis/<condition>/seed=k
-            out.append((read_json(m.parent / "config.json"), read_json(m)))
+            rec = read_json(m.parent / "config.json")
+            if runs.finished(m.parent) and not plan.changed_in(exp, rec):
+                out.append((rec, read_json(m)))
     return out
 
 
@@ -72,15 +76,44 @@ def provenance(exp: Path, command: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish(exp, dest, command: str | None = None) -> list[Path]:
-    """Copy the report of `exp` (rebuild it first) and its provenance into `dest`."""
+class PublishError(ValueError):
+    """A destination publish will not write into (without --force)."""
+
+
+def check_destination(exp: Path, dest: Path, force: bool = False):
+    """Refuse a destination inside the outputs folder (another experiment's or a run's folder)
+    and a non-empty folder that is not an earlier publication, unless `force`."""
+    exp, dest = exp.resolve(), dest.resolve()
+    out_dir = exp.parent
+    if dest == out_dir or out_dir in dest.parents or dest in exp.parents:
+        raise PublishError(f"--publish {dest}: inside the outputs folder {out_dir} (runs and "
+                           f"experiments live there); publish into a tracked folder such as "
+                           f"results/{exp.name}")
+    if not force and dest.is_dir() and any(dest.iterdir()) and not (dest / "PROVENANCE.md").exists():
+        raise PublishError(f"--publish {dest}: a non-empty folder that is not an earlier "
+                           f"publication (no PROVENANCE.md); choose an empty or new folder, or "
+                           f"add --force to replace what it holds")
+
+
+def publish(exp, dest, command: str | None = None, force: bool = False) -> list[Path]:
+    """Copy the report of `exp` (rebuild it first) and its provenance into `dest`, whole: the
+    publication is built in a temporary folder beside `dest` and swapped in, replacing every
+    file of an earlier one; a failure leaves the earlier publication as it was."""
     exp, dest = Path(exp), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in FILES:
-        if (exp / name).exists():
-            shutil.copyfile(exp / name, dest / f".{name}.tmp")
-            (dest / f".{name}.tmp").replace(dest / name)  # a reader never sees half a file
-            written.append(dest / name)
-    atomic_write_bytes(dest / "PROVENANCE.md", provenance(exp, command).encode())
-    return written + [dest / "PROVENANCE.md"]
+    check_destination(exp, dest, force)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=dest.parent))
+    try:
+        names = [name for name in FILES if (exp / name).exists()]
+        for name in names:
+            shutil.copyfile(exp / name, new / name)
+        (new / "PROVENANCE.md").write_text(provenance(exp, command))
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        if dest.exists():
+            dest.rename(old)
+        new.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    return [dest / name for name in names] + [dest / "PROVENANCE.md"]

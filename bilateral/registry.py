@@ -78,7 +78,7 @@ def register_section(section: Callable[[dict], list[str]]) -> Callable:
 
 def spec(stage: str) -> Stage:
     if stage not in STAGES:
-        raise C.ConfigError(f"unknown stage {C.short(stage)!r}; allowed: {', '.join(STAGES)}")
+        raise C.ConfigError(f"unknown stage {C.short(stage)}; allowed: {', '.join(STAGES)}")
     return STAGES[stage]
 
 
@@ -102,7 +102,7 @@ def check_stage_epochs(cfg: C.Config):
     trained = [s for s, st in STAGES.items() if st.build]
     for stage, n in cfg.stage_epochs.items():
         if stage not in trained:
-            raise C.ConfigError(f"stage_epochs: unknown stage {C.short(stage)!r}; "
+            raise C.ConfigError(f"stage_epochs: unknown stage {C.short(stage)}; "
                                 f"allowed: {', '.join(trained)}")
         if n <= 0:
             raise C.ConfigError(f"stage_epochs: {stage} must be positive, got {n}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from . import config as C
-from . import plan, results_md
+from . import plan, results_md, runs
 from .registry import SECTIONS
 from .stats import difference, mean_sd, paired, shares_runs
 from .runs import RecordError, atomic_write_bytes
@@ -133,9 +133,11 @@ def run_rows(exp: Path, problems: list | None = None) -> list[dict]:
             if problems is not None and len(problems) > seen:
                 continue  # half a record would give rows without their condition or seed
             changed = plan.changed_in(exp, rec)
-            if changed:  # built on runs retrained since: its numbers are not the study's
+            if changed or not runs.finished(run):
                 why = (f"stale, built on {', '.join(changed)} before they were retrained "
-                       f"(retrain it with --force)")
+                       f"(retrain it with --force)") if changed else (
+                       "its seal (metrics.json) does not match its model.pt or history.csv: "
+                       "interrupted while sealing, or changed since (retrain it with --force)")
                 if problems is None:
                     print(f"left out {run.relative_to(exp)}: {why}")
                 else:

@@ -152,6 +152,9 @@ def _fit_one(run, b, device, hp, log):
         fine_to_coarse=b["hier"].fine_to_coarse, ckpt_path=path / "checkpoint.pt", amp=cfg.amp,
         progress=cfg.progress, log=lambda m: log(f"{tag(run)} {m}"),
         on_epoch=lambda h: runs.write_csv(path / "history.csv", h))
+    # again after fit: a run resumed after its last epoch trains nothing, and the kill may have
+    # come between the last checkpoint (which holds the whole history) and history.csv
+    runs.write_csv(path / "history.csv", history)
     return model, forward, best, (val_dl, test_dl)
 
 
@@ -170,12 +173,13 @@ def _fit_packed(group, built, device, hp, log):
     def on_epoch(histories):
         for r, h in zip(group, histories):
             runs.write_csv(r.path / "history.csv", h)
-    _, bests = train.fit(
+    histories, bests = train.fit(
         net, forward, packed.PackedLoader([b["loaders"][0] for b in built]),
         packed.PackedLoader([val_dl] * len(group)),
         heads=group[0].heads, hp=hp, device=device, fine_to_coarse=built[0]["hier"].fine_to_coarse,
         ckpt_path=[r.path / "checkpoint.pt" for r in group], amp=cfg0.amp, progress=cfg0.progress,
         log=lambda m: log(f"[packed {stage} x{len(group)}] {m}"), on_epoch=on_epoch)
+    on_epoch(histories)  # as in _fit_one: whole histories after a resume past the last epoch
     out = []
     for i, b in enumerate(built):
         model = b["model"].to(device)

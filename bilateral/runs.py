@@ -1,9 +1,11 @@
 """Run records on disk: outputs/<experiment>/<stage>/<name>/seed=<k>/.
 
 A run folder holds config.json (resolved parameters and provenance), history.csv (a row per
-epoch), metrics.json (written last: its presence means the run finished), model.pt (state dict
-only) and, while training, checkpoint.pt. Every write goes to a temporary file first and is
-then renamed, so a run killed at any moment leaves either the old file or the new one.
+epoch), model.pt (state dict only), metrics.json and, while training, checkpoint.pt. Every write
+goes to a temporary file first and is then renamed, so a run killed at any moment leaves either
+the old file or the new one. metrics.json is the seal, written last: it records the sha256 of
+model.pt and of history.csv, and a run is finished only when it is there and both still match
+(`finished`), so a record killed half-way is never taken for a finished one.
 
 One writer per run: `claim(path)` holds an exclusive lock on path/.lock (fcntl.flock) while a
 process works on the run. The kernel drops the lock when its process dies, however it dies, so a
@@ -68,6 +70,11 @@ def atomic_write_bytes(path: Path, data: bytes):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None:  # a full disk says where: the file being written
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -210,7 +217,10 @@ def prepare(path: Path, identity: dict, force: bool = False, rebuild: str | None
                           f"use another experiment name, or --force to replace it")
     if (path / "metrics.json").exists():
         verify(path, fix)
+        (path / "checkpoint.pt").unlink(missing_ok=True)  # killed while sealing: stale now
+        remove_litter(path)
         return "done"
+    remove_litter(path)  # temporary files of writes a kill interrupted
     if (path / "checkpoint.pt").exists():
         load_torch(path / "checkpoint.pt", fix=fix)  # a bad one stops before anything is written
         return "resume"
@@ -241,7 +251,10 @@ def verify(path: Path, fix: str = FIX) -> dict:
             raise RecordError(f"{model} does not match the sha256 recorded in metrics.json "
                               f"(changed or truncated since the run){fix}")
         load_torch(model, fix=fix)
-    _check_history(path / "history.csv", metrics.get("epochs"), fix)
+    history = path / "history.csv"
+    _check_history(history, metrics.get("epochs"), fix)
+    if metrics.get("history_sha256") is not None and file_hash(history) != metrics["history_sha256"]:
+        raise RecordError(f"{history} does not match the sha256 recorded in metrics.json{fix}")
     return metrics
 
 
@@ -259,15 +272,40 @@ def _check_history(path: Path, epochs, fix):
 
 
 def finish(path: Path, metrics: dict):
-    """Seal a run: record model.pt's sha256, write metrics.json last, drop the checkpoint."""
-    if (path / "model.pt").is_file():
-        metrics["model_sha256"] = sha256(path / "model.pt")
+    """Seal a run: record the sha256 of model.pt and history.csv in metrics.json, written last;
+    then drop the checkpoint and any temporary file an interrupted write left."""
+    path = Path(path)
+    for key, name in (("model_sha256", "model.pt"), ("history_sha256", "history.csv")):
+        if (path / name).is_file():
+            metrics[key] = sha256(path / name)
     write_json(path / "metrics.json", metrics)
     (path / "checkpoint.pt").unlink(missing_ok=True)
+    remove_litter(path)
+
+
+def remove_litter(path: Path) -> list[str]:
+    """Remove the temporary files of writes that were interrupted (.<name>.<random>, see
+    atomic_write_bytes); the names removed."""
+    gone = []
+    for f in Path(path).glob(".*"):
+        if f.is_file() and f.name != LOCK:
+            f.unlink(missing_ok=True)
+            gone.append(f.name)
+    return gone
 
 
 def finished(path: Path) -> bool:
-    return (Path(path) / "metrics.json").exists()
+    """Sealed and whole: metrics.json is there, and model.pt and history.csv are the files its
+    seal names (sha256, read once per file version)."""
+    path = Path(path)
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(metrics, dict):
+        return False
+    return all(file_hash(path / name) == metrics[key] for key, name in
+               (("model_sha256", "model.pt"), ("history_sha256", "history.csv")) if key in metrics)
 
 
 # ------------------------------------------------------------------------- one writer per run

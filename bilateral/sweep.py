@@ -24,11 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from . import config as C
 from . import data, models, plan, results, runner, runs, train
 from .execute import EXECUTORS, Job
+from .execute import slurm as slurm_executor
 from .execute.jobs import hms, say
 
 
@@ -169,14 +168,14 @@ def estimate(todo: list, cfg, device=None, workers: int = 1) -> str:
 # ------------------------------------------------------------------- 4. sweep and grids
 
 def parse_grid(items) -> dict:
-    """`--grid key=v1,v2` (repeatable) -> {key: [v1, v2]}; values are read as YAML, so
-    `--grid conditions=[A],[A,B]` gives two lists."""
+    """`--grid key=v1,v2` (repeatable) -> {key: [v1, v2]}; values are read as YAML by the loader
+    of `--set` (config.parse_value), so `--grid conditions=[A],[A,B]` gives two lists."""
     out = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not raw.strip():
-            raise C.ConfigError(f"--grid expects key=v1,v2,..., got {item!r}")
-        out[key.strip()] = yaml.safe_load(f"[{raw}]")
+            raise C.ConfigError(f"--grid expects key=v1,v2,..., got {C.short(item)}")
+        out[key.strip()] = C.parse_value(f"[{raw}]", f"--grid {C.clip(item, 80)}")
     return out
 
 
@@ -248,6 +247,11 @@ def sweep(params, seeds=(0,), executor="local", jobs=1, slurm=None, overrides=No
     if executor == "slurm" and not shutil.which("sbatch"):
         raise C.ConfigError("--executor slurm: no SLURM here (sbatch not found); "
                             "use --executor local, or start one with scripts/slurm-up.sh")
+    if executor == "slurm":
+        try:
+            slurm_executor.check(options)
+        except ValueError as e:
+            raise C.ConfigError(f"--executor slurm: {e}") from None
     for cfg in {(c.dataset, c.data_dir): c for c, _ in points}.values():
         data.check_available(cfg)
     seeds = plan.parse_seeds(seeds)

@@ -189,6 +189,8 @@ def test_a_retrained_hemisphere_makes_its_bilateral_run_stale(pair, capsys):
     other = plan.Run("hemisphere", dataclasses.replace(left.cfg, epochs=2, out_dir=f"{cfg.out_dir}-2"), 0)
     other.train()
     runs.save_torch(left.path / "model.pt", runs.load_torch(other.path / "model.pt"))
+    assert left.status() == "in_progress"  # a model.pt its seal does not name: not finished
+    runs.finish(left.path, left.metrics())  # sealed again, as a real retraining ends
     assert left.status() == "finished"
     assert bil.status() == "stale" and bil.changed_upstream() == [left.key]
     with pytest.raises(runs.RunConflict, match="hemisphere/resnet9-A-left/seed=0"):

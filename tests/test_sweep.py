@@ -41,6 +41,7 @@ def metrics_of(runs_) -> dict:
         m = r.metrics()
         assert m is not None, f"{r.key} did not finish"
         m.pop("wall_s")
+        m.pop("history_sha256", None)  # history.csv holds each epoch's seconds
         out[r.key] = m
     return out
 

@@ -58,6 +58,21 @@ def slurm_parameters(options: dict, n_jobs: int) -> dict:
     return p
 
 
+def check(options: dict) -> None:
+    """Ask the cluster whether it would take a job with these options, before anything is
+    submitted (`sbatch --test-only`); ValueError with the cluster's own words when it would not."""
+    p = slurm_parameters(options, 1)
+    args = ["sbatch", "--test-only", "--wrap", "true", f"--time={p['time']}",
+            f"--cpus-per-task={p['cpus_per_task']}"]
+    args += [f"--{k}={p[k]}" for k in ("partition", "account", "qos", "constraint", "mem") if k in p]
+    if "gpus_per_node" in p:
+        args.append(f"--gpus-per-node={p['gpus_per_node']}")
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode != 0:
+        said = " ".join((out.stderr or out.stdout).split()) or f"sbatch exited {out.returncode}"
+        raise ValueError(f"the cluster refuses these job options ({said[:300]})")
+
+
 def groups(jobs: list, deps: dict) -> list[list]:
     """Jobs that wait for the same jobs, by dependency level: each is one submission (a job
     array when it holds more than one)."""
