@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import bench, callosum, data, models, pipeline, plan, publish, results, runs, sweep
+from . import bench, budget, callosum, data, models, pipeline, plan, publish, results, runs, sweep
 from . import config as C
 from .data import DataError
 from .execute import EXECUTORS
@@ -73,6 +73,15 @@ def main(argv=None):
                     help="one experiment per combination (repeatable)")
     sw.add_argument("--force", action="store_true", help="retrain stale runs and their dependants")
     add_executor_args(sw, "local worker processes (each its share of the CPU threads or its own GPU)")
+
+    bu = sub.add_parser("budget", help="each model's budget on validation: every run at several "
+                                       "budgets under the wsd schedule (one long run per model, "
+                                       "shorter budgets branched from it)")
+    add_study_args(bu)
+    bu.add_argument("--budgets", nargs="+", type=int, default=[4, 8, 16, 32], metavar="EPOCHS")
+    bu.add_argument("--threshold", type=float, default=budget.THRESHOLD,
+                    help="points of validation accuracy within the best budget (default 0.3)")
+    bu.add_argument("--jobs", type=int, default=1, help="local worker processes")
 
     pl = sub.add_parser("plan", help="every run of the study: status, dependencies, cost; "
                                      "trains nothing")
@@ -159,6 +168,9 @@ def dispatch(a):
         return pipeline.main(a)
     if a.cmd == "sweep":
         return sweep.main(a)
+    if a.cmd == "budget":
+        return budget.run(a.params, a.budgets, a.seeds, jobs=a.jobs, overrides=a.overrides,
+                          threshold=a.threshold)
     if a.cmd == "plan":
         seeds = plan.parse_seeds(a.seeds)
         cfg = C.load(a.params, a.overrides)

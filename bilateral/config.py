@@ -79,6 +79,14 @@ class Config:
     weight_decay: float | None = None
     label_smoothing: float | None = None
     report_epoch: str = "last"         # which epoch's test metrics tables report
+    schedule: str | None = None        # lr schedule; None: the recipe's (SCHEDULES)
+    warmup_epochs: float = 1.0         # wsd: warm-up epochs, the same for every budget
+    decay_frac: float = 0.2            # wsd: the last ceil(decay_frac x epochs) epochs decay to 0
+    # wsd budgets: keep_at keeps the checkpoints of these epochs (checkpoint-e<k>.pt);
+    # branch_from is an experiment folder holding this run at a longer budget, whose kept
+    # checkpoint at this budget's decay start the run starts from (sweep --grid epochs=...)
+    keep_at: list[int] = field(default_factory=list)
+    branch_from: str | None = None
     # epochs per stage, over `epochs` (e.g. {resnet34: 12}): deep baselines converge slower
     stage_epochs: dict[str, int] = field(default_factory=dict)
     weight_decay_equal: bool = False   # True: the hemispheres' weight decay for every stage
@@ -111,13 +119,15 @@ CHOICES = {
     "recipe": RECIPES, "side": SIDES, "report_epoch": REPORTS, "kwta_eval": KWTA_EVAL,
     "callosum": CALLOSUM_KINDS, "callosum_train": CALLOSUM_TRAIN, "pack": ("auto", "on", "off"),
 }
+SCHEDULES = ("constant", "warmup_linear", "wsd")
 LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES,
                 "callosum_at": CALLOSUM_DEPTHS, "callosum_kinds": CALLOSUM_KINDS}
 
 # Keys that do not change what a run computes, so a finished run with other values is the
 # same run (a different device is allowed to pick up where another left off).
 NOT_IDENTITY = {"out_dir", "data_dir", "progress", "conditions", "baselines", "device", "slurm", "grid",
-                "threads", "ensemble_sizes", "pool_size", "callosum_kinds", "pack"}
+                "threads", "ensemble_sizes", "pool_size", "callosum_kinds", "pack", "keep_at",
+                "branch_from"}
 
 
 class ConfigError(ValueError):
@@ -179,6 +189,12 @@ def validate(cfg: Config) -> Config:
     for key in positive:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {getattr(cfg, key)}")
+    if cfg.schedule is not None and cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"schedule: unknown value {short(cfg.schedule)}; allowed: "
+                          f"{', '.join(SCHEDULES)} (or leave it out for the recipe's)")
+    if not 0 < cfg.decay_frac < 1 or cfg.warmup_epochs <= 0:
+        raise ConfigError(f"decay_frac must be in (0, 1) and warmup_epochs positive, got "
+                          f"{cfg.decay_frac} and {cfg.warmup_epochs}")
     for check in CHECKS:
         check(cfg)
     for key in ("kwta_k", "kwta_k_batch", "dropout"):

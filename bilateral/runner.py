@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from pathlib import Path
 
 import torch
 
@@ -147,15 +148,44 @@ def _fit_one(run, b, device, hp, log):
             model, train_dl, val_dl, test_dl, b["cached"], hp, b["rseed"], device, cfg.amp)
     if cfg.compile:
         forward = torch.compile(forward)
+    branch(run, hp, log)
     history, best = train.fit(
         model, forward, train_dl, val_dl, heads=run.heads, hp=hp, device=device,
         fine_to_coarse=b["hier"].fine_to_coarse, ckpt_path=path / "checkpoint.pt", amp=cfg.amp,
         progress=cfg.progress, log=lambda m: log(f"{tag(run)} {m}"),
-        on_epoch=lambda h: runs.write_csv(path / "history.csv", h))
+        on_epoch=lambda h: runs.write_csv(path / "history.csv", h),
+        keep_at=tuple(k for k in cfg.keep_at if k < hp.epochs))
     # again after fit: a run resumed after its last epoch trains nothing, and the kill may have
     # come between the last checkpoint (which holds the whole history) and history.csv
     runs.write_csv(path / "history.csv", history)
     return model, forward, best, (val_dl, test_dl)
+
+
+BRANCH_MAY_DIFFER = {"experiment", "epochs", "stage_epochs"}
+
+
+def branch(run, hp, log) -> bool:
+    """A wsd run at budget b starts from the same run at a longer budget (cfg.branch_from, an
+    experiment folder) as it stood when b's decay starts: until then the two runs compute the
+    same thing (train.lr_factor), so this saves those epochs and changes no number. Only a run
+    not started yet, whose source kept that epoch's checkpoint with the same config."""
+    cfg, path = run.cfg, run.path
+    if not cfg.branch_from or hp.schedule != "wsd" or (path / "checkpoint.pt").exists():
+        return False
+    start = train.decay_start(hp.epochs, hp.decay_frac)
+    src = Path(cfg.branch_from) / run.stage / run.name / f"seed={run.seed}"
+    kept = train.kept_checkpoint(src / "checkpoint.pt", start)
+    if start < 1 or not kept.is_file() or not (src / "config.json").is_file():
+        log(f"{tag(run)} no checkpoint of epoch {start} in {src}: trains from the start")
+        return False
+    other = runs.read_json(src / "config.json").get("config", {})
+    changes = [c for c in C.diff(other, C.identity(cfg)) if c.split(":")[0] not in BRANCH_MAY_DIFFER]
+    if changes:
+        log(f"{tag(run)} {src} is another run ({'; '.join(changes)}): trains from the start")
+        return False
+    runs.atomic_write_bytes(path / "checkpoint.pt", kept.read_bytes())
+    log(f"{tag(run)} branches from {kept} (epoch {start} of {hp.epochs})")
+    return True
 
 
 def _fit_packed(group, built, device, hp, log):

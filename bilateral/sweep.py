@@ -99,8 +99,13 @@ def make_jobs(todo: list, retrain: set, executor: str = "local") -> tuple[list, 
         jobs.append(job)
         runs_of[job] = g
     job_of = {r: j for j in jobs for r in runs_of[j]}
-    deps = {j: list(dict.fromkeys(job_of[u] for r in runs_of[j] for u in r.upstream()
-                                  if u in job_of and job_of[u] is not j)) for j in jobs}
+    by_place = {(str(runs.experiment_dir(r.cfg)), r.stage, r.name, r.seed): r for r in job_of}
+    deps = {}
+    for j in jobs:
+        ups = [u for r in runs_of[j] for u in r.upstream()]
+        ups += [by_place.get((r.cfg.branch_from, r.stage, r.name, r.seed))  # its wsd trunk
+                for r in runs_of[j] if r.cfg.branch_from]
+        deps[j] = list(dict.fromkeys(job_of[u] for u in ups if u in job_of and job_of[u] is not j))
     return jobs, deps, runs_of
 
 
@@ -198,6 +203,32 @@ def expand_grid(params, overrides=None, grid=None) -> list[tuple[C.Config, dict]
         point = dict(zip(keys, values))
         name = base.experiment + "-" + "-".join(f"{k}={_fmt(v)}" for k, v in point.items())
         out.append((C.load(params, {**overrides, **point, "grid": {}, "experiment": name}), point))
+    return wsd_branches(out)
+
+
+def wsd_branches(points: list) -> list:
+    """A grid over `epochs` under the wsd schedule: the longest budget of each combination of
+    the other keys keeps the checkpoints where the shorter ones' decays start, and each shorter
+    one branches from it (runner.branch; make_jobs runs it after its trunk). About 1.2 times the
+    longest budget instead of the sum of all budgets, and the same numbers."""
+    if not any("epochs" in p for _, p in points) or points[0][0].schedule != "wsd":
+        return points
+    if any(c.stage_epochs for c, _ in points):
+        raise C.ConfigError("--grid epochs under schedule wsd: set stage_epochs: {} (a budget grid "
+                            "gives every stage the same budgets)")
+    groups = {}
+    for cfg, p in points:
+        groups.setdefault(repr(sorted((k, v) for k, v in p.items() if k != "epochs")), []).append((cfg, p))
+    out = []
+    for members in groups.values():
+        trunk = max(members, key=lambda m: m[0].epochs)[0]
+        starts = sorted({train.decay_start(c.epochs, c.decay_frac) for c, _ in members if c is not trunk})
+        for cfg, p in members:
+            if cfg is trunk:
+                cfg = dataclasses.replace(cfg, keep_at=starts)
+            else:
+                cfg = dataclasses.replace(cfg, branch_from=str(runs.experiment_dir(trunk)))
+            out.append((cfg, p))
     return out
 
 

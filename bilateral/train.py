@@ -7,6 +7,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,15 @@ class Hyper:
     weight_decay: float
     label_smoothing: float
     schedule: str
+    warmup_epochs: float = 1.0   # wsd: linear warm-up over this many epochs (whatever the budget)
+    decay_frac: float = 0.2      # wsd: the last ceil(decay_frac x epochs) epochs decay to zero
 
 
 def hyper(cfg, stage: str) -> Hyper:
     r = dict(RECIPES[cfg.recipe])
+    if cfg.schedule is not None:
+        r["schedule"] = cfg.schedule
+    r.update(warmup_epochs=cfg.warmup_epochs, decay_frac=cfg.decay_frac)
     # weight_decay_equal: the ablation that gives every stage the hemispheres' value
     group = 0 if spec(stage).recipe == "hemisphere" or cfg.weight_decay_equal else 1
     r["weight_decay"] = r["weight_decay"][group]
@@ -50,9 +56,29 @@ def hyper(cfg, stage: str) -> Hyper:
     return Hyper(**r)
 
 
-def lr_factor(schedule: str, step: int, total: int) -> float:
+def decay_start(epochs: int, decay_frac: float) -> int:
+    """wsd: the epoch its decay starts (the constant phase ends there). Whole epochs, so a
+    shorter budget branches from a longer run's checkpoint at exactly that epoch."""
+    return epochs - max(1, math.ceil(decay_frac * epochs))
+
+
+def lr_factor(schedule: str, step: int, total: int, per_epoch: int = 1, warmup_epochs: float = 1.0,
+              decay_frac: float = 0.2) -> float:
+    """The lr multiplier at `step` of `total` (`per_epoch` steps an epoch).
+
+    warmup_linear: linear warm-up over the first 15% of the steps, then linear decay to zero.
+    wsd (warmup-stable-decay): linear warm-up over `warmup_epochs`, constant, then linear decay
+    to zero over the last ceil(decay_frac x epochs) epochs. Until its decay starts, a wsd run's
+    lr does not depend on its budget: a run of budget b is a longer run's state at epoch
+    decay_start(b) plus a short decay branch (runner: branch_from)."""
     if schedule == "constant":
         return 1.0
+    if schedule == "wsd":
+        warm = max(1, round(warmup_epochs * per_epoch))
+        d0 = decay_start(total // per_epoch, decay_frac) * per_epoch
+        if step < min(warm, d0):
+            return (step + 1) / warm
+        return 1.0 if step < d0 else max(0.0, (total - step) / max(1, total - d0))
     warm = max(1, int(0.15 * total))
     if step < warm:
         return (step + 1) / warm
@@ -242,7 +268,7 @@ def score(metrics: dict, heads) -> float:
 
 
 def fit(model, forward, train_loader, val_loader, *, heads, hp: Hyper, device, fine_to_coarse,
-        ckpt_path, amp=True, progress=True, log=print, on_epoch=None):
+        ckpt_path, amp=True, progress=True, log=print, on_epoch=None, keep_at=()):
     """Train `model` through `forward` (the model itself, or its heads on cached features).
 
     Checkpoints after every epoch (model, optimiser, RNG, history, best state), so a run
@@ -252,6 +278,8 @@ def fit(model, forward, train_loader, val_loader, *, heads, hp: Hyper, device, f
     A packed model (packed.PackedModel) trains its N members at once: ckpt_path is then a list
     of N paths, each holding member i's checkpoint in the ordinary form (so either way of
     training resumes the other's), and the history and best state come back as lists.
+    keep_at: epochs whose checkpoints are also kept, as checkpoint-e<k>.pt beside ckpt_path
+    (where shorter wsd budgets branch from).
     """
     members = getattr(model, "n_members", None)
     paths = list(ckpt_path) if members else [ckpt_path]
@@ -279,6 +307,9 @@ def fit(model, forward, train_loader, val_loader, *, heads, hp: Hyper, device, f
                     f"{row['train_loss']:.4f} " + " ".join(f"val {k} {v:.2%}" for k, v in val.items())
                     + f" ({seconds:.1f}s)")
             _save(model, opt, scaler, paths, epoch + 1, histories, bests)
+            if epoch + 1 in keep_at:
+                for p in paths:
+                    runs.atomic_write_bytes(kept_checkpoint(p, epoch + 1), Path(p).read_bytes())
             if on_epoch:
                 on_epoch(histories if members else histories[0])
     return (histories, bests) if members else (histories[0], bests[0])
@@ -292,7 +323,9 @@ def _train_epoch(forward, loader, opt, scaler, ctx, epoch, n_members, *, heads, 
     loss_sum, n = torch.zeros(n_members, dtype=torch.float64, device=device), 0
     for batch in _bar(loader, progress, f"epoch {epoch + 1}/{hp.epochs}"):
         losses = train_step(forward, batch, opt, scaler, ctx, heads=heads,
-                            label_smoothing=hp.label_smoothing, lr=hp.lr * lr_factor(hp.schedule, step, total))
+                            label_smoothing=hp.label_smoothing,
+                            lr=hp.lr * lr_factor(hp.schedule, step, total, len(loader),
+                                                 hp.warmup_epochs, hp.decay_frac))
         step += 1
         loss_sum += losses.double() * len(batch["fine"])
         n += len(batch["fine"])
@@ -309,6 +342,11 @@ def cpu_threads(n):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def kept_checkpoint(ckpt_path, epoch: int) -> Path:
+    """Where fit keeps the checkpoint of `epoch` (keep_at)."""
+    return Path(ckpt_path).with_name(f"checkpoint-e{epoch}.pt")
 
 
 def _member_state(model, i):
@@ -363,7 +401,19 @@ def _resume(model, opt, scaler, paths, device, log):
 
 
 def _bar(it, enabled, desc):
+    """An epoch's batches with a progress bar where someone watches: in a Jupyter kernel tqdm's
+    widget, which closes at the epoch's end and leaves nothing on stderr (no bar without
+    ipywidgets, rather than tqdm's warning and a text bar); in a terminal a text bar on stderr;
+    none in a log (a worker's log file, a captured stream) or with progress off (pipeline turns
+    it off for papermill's runs unless asked)."""
     if not enabled:
         return it
-    from tqdm.auto import tqdm
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is not None and hasattr(shell, "kernel"):
+        from tqdm import notebook
+        return it if notebook.IProgress is None else notebook.tqdm(it, desc=desc, leave=False)
+    if not getattr(sys.stderr, "isatty", lambda: False)():
+        return it
+    from tqdm import tqdm
     return tqdm(it, desc=desc, leave=False)

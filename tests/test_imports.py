@@ -28,7 +28,7 @@ LAYERS = [
      "bench.common", "bench.conventional", "bench.accuracy", "bench.memory", "bench.packing",
      "bench.sections", "bench.report", "bench"],
     ["sweep"],
-    ["pipeline"],
+    ["pipeline", "budget"],
     ["__main__", ""],
 ]
 

@@ -1,0 +1,74 @@
+"""Budgets chosen on validation (bilateral/budget.py) and the wsd schedule that makes the
+search cheap: its lr by definition, and a branched budget equal to a separate run."""
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from bilateral import budget, plan, runs, sweep, train
+from bilateral import config as C
+
+
+def test_wsd_lr_matches_its_definition_and_ignores_the_budget_before_its_decay():
+    per = 10
+    for epochs in (4, 8, 16, 32):
+        total, d0 = epochs * per, train.decay_start(epochs, 0.2) * per
+        f = [train.lr_factor("wsd", s, total, per, 1.0, 0.2) for s in range(total)]
+        assert f[:per] == pytest.approx([(s + 1) / per for s in range(per)])  # one epoch of warm-up
+        assert all(x == 1.0 for x in f[per:d0])                              # constant
+        assert f[d0:] == pytest.approx([(total - s) / (total - d0) for s in range(d0, total)])
+        assert f[-1] > 0 and (total - d0) == per * max(1, -(-epochs // 5))  # ceil(epochs / 5) epochs
+    # before its decay starts, a shorter budget's lr is the longest budget's, step for step
+    long = [train.lr_factor("wsd", s, 320, per) for s in range(320)]
+    for epochs in (4, 8, 16):
+        d0 = train.decay_start(epochs, 0.2) * per
+        assert [train.lr_factor("wsd", s, epochs * per, per) for s in range(d0)] == long[:d0]
+
+
+def test_the_smallest_budget_within_the_threshold_of_the_best_is_chosen():
+    """A constructed learning curve: a saturates (16 within 0.3 points of 32's best), b peaks at
+    8 and overfits after, c is still rising (only its longest budget is within the threshold)."""
+    curve = {"a": [0.80, 0.85, 0.870, 0.872], "b": [0.60, 0.70, 0.69, 0.68],
+             "c": [0.50, 0.60, 0.70, 0.80]}
+    rows = [dict(stage=s, budget=b, seed=seed, score=v + (0.001 if seed else -0.001))
+            for s, vs in curve.items() for b, v in zip((4, 8, 16, 32), vs) for seed in (0, 1)]
+    got = budget.choose(pd.DataFrame(rows), threshold=0.3).set_index("stage")
+    assert got.budget.to_dict() == {"a": 16, "b": 8, "c": 32}
+    assert got.best_budget.to_dict() == {"a": 32, "b": 8, "c": 32}
+    assert got.plateau.to_dict() == {"a": True, "b": True, "c": False}
+    assert budget.choose(pd.DataFrame(rows), threshold=0.1).set_index("stage").budget["a"] == 32
+
+
+TINY = dict(experiment="b", dataset="synthetic", synthetic_size=240, width=0.03125,
+            batch_size=64, progress=False, threads=1, device="cpu", conditions=["A"],
+            baselines=[], schedule="wsd")
+
+
+def test_a_branched_budget_equals_a_separate_run_and_the_search_writes_its_choice(tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({**TINY, "out_dir": str(tmp_path / "search")}))
+    code = budget.run(params, [2, 4], [0], log=lambda m: None)
+    assert code == 0
+    points = sweep.expand_grid(params, sweep.absolute_dirs(params, {"stage_epochs": {}}),
+                               ["epochs=2,4"])
+    short = next(c for c, p in points if p["epochs"] == 2)
+    trunk = next(c for c, p in points if p["epochs"] == 4)
+    assert short.branch_from == str(runs.experiment_dir(trunk)) and trunk.keep_at == [1]
+    left = plan.Run("hemisphere", C.load(params, {"epochs": 2, "experiment": short.experiment,
+                                                   "out_dir": str(tmp_path / "search"),
+                                                   "side": "left"}), 0)
+    logs = (runs.experiment_dir(short) / "jobs" / "local").glob("hemisphere_resnet9-A-left*.log")
+    assert "branches from" in "".join(f.read_text() for f in logs)
+    # the same run trained alone at budget 2, from the start
+    alone = plan.Run("hemisphere", C.load(params, {"epochs": 2, "out_dir": str(tmp_path / "alone"),
+                                                    "side": "left"}), 0)
+    alone.train(log=lambda m: None)
+    a, b = left.metrics(), alone.metrics()
+    assert a["model_sha256"] == b["model_sha256"] and a["test"] == b["test"] and a["val"] == b["val"]
+    out = tmp_path / "search" / "b-budget"
+    table = pd.read_csv(out / "budgets.csv")
+    assert set(table.budget) == {2, 4} and set(table.stage) == {"hemisphere", "bilateral"}
+    chosen = yaml.safe_load((out / "budgets.yaml").read_text())
+    assert chosen["schedule"] == "wsd" and set(chosen["stage_epochs"]) == {"hemisphere", "bilateral"}
+    assert set(chosen["stage_epochs"].values()) <= {2, 4}
