@@ -10,19 +10,15 @@ analysis record (outputs/<experiment>/analysis/**/metrics.json), and writes
   total and trainable parameters, epochs and whether validation accuracy was still rising,
   weight decay; the differences with their intervals; k-WTA's evaluation rules; the analyses.
 
-Intervals and p come from scipy.stats: paired (`ttest_rel`) only where the two models share
-runs (the bilateral model and its own hemispheres, seed by seed); every other pair of models
-was trained from independent seeds, so Welch's test (`ttest_ind(equal_var=False)`). The claims
-results.md words are the comparisons of FAMILY, declared here before any result; a claim holds
-only when its Holm-adjusted p over that family is below ALPHA.
+Intervals come from scipy.stats: paired (`ttest_rel`) only where the two models share runs
+(the bilateral model and its own hemispheres, seed by seed); every other pair of models was
+trained from independent seeds, so Welch's interval (`ttest_ind(equal_var=False)`).
 """
 from __future__ import annotations
 
-import fnmatch
 import io
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +26,7 @@ import pandas as pd
 from . import config as C
 from . import plan, results_md, runs
 from .registry import SECTIONS
-from .stats import difference, holm, mean_sd, paired, shares_runs
+from .stats import difference, mean_sd, paired, shares_runs
 from .runs import RecordError, atomic_write_bytes
 
 COLUMNS = ["stage", "model", "condition", "backbone", "seed", "split", "metric", "value"]
@@ -41,50 +37,6 @@ KWTA_SPLIT = "test_kwta_"  # metrics.json test_kwta_<rule>: one model evaluated 
 ANALYSIS_HIDDEN = {"median", "q25", "q75", "std", "n", "n_pairs", "n_used", "wall_s"}
 RISING_Z = 2.0           # still rising: the gain over the last epochs exceeds 2 noise SEs
 DEFAULT_N_VAL = 1000     # validation size assumed by records that do not hold one
-
-
-# --------------------------------------------------- the claims, declared before the results
-
-HEADS = ("fine_acc", "coarse_acc")  # every comparison is tested on each head both models have
-ALPHA = 0.05                        # family-wise: a claim holds when its Holm p < ALPHA
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """One declared comparison: `model` minus `against`, on every head of HEADS both have.
-    "{backbone}" is the reference bilateral model's backbone; `against` may hold shell
-    wildcards (one entry, several models). `claim`: what `model` ahead would mean."""
-    model: str
-    against: str
-    claim: str
-
-
-_BIL = "bilateral/{backbone}-A"
-# The family Holm's correction runs over: the bilateral model of condition A against every
-# model of the study's main table, on both heads (written down before the 5-seed results; the
-# callosal models, a later addition on fewer seeds, stay exploratory). Changing it after
-# seeing results would defeat the correction.
-FAMILY = (
-    Comparison(_BIL, "hemisphere/{backbone}-A-left",
-               "combining the specialised hemispheres beats the fine hemisphere alone"),
-    Comparison(_BIL, "hemisphere/{backbone}-A-right",
-               "combining the specialised hemispheres beats the coarse hemisphere alone"),
-    Comparison(_BIL, "hemisphere/{backbone}-B-left", "it beats condition B's fine hemisphere"),
-    Comparison(_BIL, "hemisphere/{backbone}-B-right", "it beats condition B's coarse hemisphere"),
-    Comparison(_BIL, "hemisphere/{backbone}-C-left", "it beats condition C's fine hemisphere"),
-    Comparison(_BIL, "hemisphere/{backbone}-C-right", "it beats condition C's coarse hemisphere"),
-    Comparison(_BIL, "hemisphere/{backbone}-D-left", "it beats condition D's fine hemisphere"),
-    Comparison(_BIL, "hemisphere/{backbone}-D-right", "it beats condition D's coarse hemisphere"),
-    Comparison(_BIL, "bilateral/{backbone}-B", "it beats condition B (pyramid left hemisphere)"),
-    Comparison(_BIL, "bilateral/{backbone}-C", "it beats condition C (k-WTA)"),
-    Comparison(_BIL, "bilateral/{backbone}-D", "it beats condition D (pyramid and k-WTA)"),
-    Comparison(_BIL, "bilateral_unspecialised/{backbone}-A",
-               "specialisation helps: it beats the same model trained end to end"),
-    Comparison(_BIL, "unilateral/{backbone}", "it beats the unilateral dual-head network"),
-    Comparison(_BIL, "resnet18", "it beats ResNet-18"),
-    Comparison(_BIL, "resnet34", "it beats ResNet-34"),
-    Comparison(_BIL, "ensemble/{backbone}-k*", "it beats an ensemble of unilateral networks"),
-)
 
 
 # ---------------------------------------------------------------------------------- reading
