@@ -1,12 +1,19 @@
-"""The statistics of results.md: mean and SD over seeds, and the 95% interval of a difference
-between two models, from scipy.stats.
+"""The statistics of results.md: mean and SD over seeds; the difference between two models with
+its 95% interval, degrees of freedom and two-sided p (scipy.stats); Holm's correction over a
+family of such tests; and an exact sign-flip test of paired differences.
 
 Paired (`ttest_rel`) only where the two models share runs (a bilateral model and its own
 hemispheres, seed by seed); every other pair of models was trained from independent seeds, so
-Welch's interval (`ttest_ind(equal_var=False)`). Each model is {seed: score}.
+Welch's test (`ttest_ind(equal_var=False)`). Each model is {seed: score}.
+
+The t-tests assume the per-seed values (or differences) are roughly normal; at 5 seeds nothing
+can check that. The sign-flip test assumes only that a paired difference is as likely to be
+positive as negative under the null, and its p is exact, but it cannot go below 2 / 2^n
+(0.0625 at n = 5): `sign_flip_floor(n)`.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -14,6 +21,10 @@ import pandas as pd
 from scipy import stats
 
 LEVEL = 0.95
+SIGN_FLIP_EXACT_MAX = 20     # up to 2^20 sign patterns are enumerated (8 MB of sums)
+SIGN_FLIP_DRAWS = 2 ** 20    # beyond: a Monte Carlo estimate from this many random patterns
+SIGN_FLIP_SEED = 0           # ... drawn from this seed, so a report rebuilds the same p
+_TIE = 1e-9                  # relative tolerance: a pattern whose |sum| equals the observed counts
 
 
 def mean_sd(values) -> tuple[float, float, int]:
@@ -25,36 +36,135 @@ def _flat_values(v) -> bool:
     return bool(np.allclose(v, v[0], rtol=0, atol=1e-12))
 
 
+# ------------------------------------------------------------------------ multiple tests
+
+def holm(pvalues) -> np.ndarray:
+    """Holm-Bonferroni step-down adjusted p-values, in the order given.
+
+    Sort the m p-values ascending, p(1) <= ... <= p(m); the adjusted p(i) is
+    max over j <= i of min(1, (m - j + 1) p(j)): monotone in the raw p and capped at 1.
+    A claim holds at family-wise level alpha when its adjusted p < alpha. NaN (a comparison
+    that could not be tested, e.g. one seed) stays NaN and does not count in m.
+    """
+    p = np.asarray(pvalues, dtype=float).reshape(-1)
+    if np.any((p < 0) | (p > 1)):
+        raise ValueError(f"p-values must lie in [0, 1], got {p[(p < 0) | (p > 1)].tolist()}")
+    out = np.full(p.shape, np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    m = len(tested)
+    if m:
+        order = tested[np.argsort(p[tested], kind="stable")]
+        out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return out
+
+
+# ------------------------------------------------------------------------ sign-flip test
+
+def sign_flip_floor(n: int) -> float:
+    """The smallest two-sided p an exact sign-flip test of n paired differences can give:
+    only the observed signs and their mirror image reach the observed |sum|, 2 of 2^n."""
+    return 1.0 if n < 1 else min(1.0, 2.0 ** (1 - n))
+
+
+def seeds_for(alpha: float) -> int:
+    """The fewest paired seeds whose exact sign-flip test can give p < alpha."""
+    return next(n for n in range(1, 64) if sign_flip_floor(n) < alpha)
+
+
+def sign_flip_p(differences) -> float:
+    """Two-sided p of the paired sign-flip (permutation) test of mean difference zero.
+
+    Under the null each per-seed difference is as likely to carry either sign; the statistic
+    is |sum of the differences|, and p is the share of the 2^n sign patterns whose |sum| is at
+    least the observed one (ties, within a relative 1e-9, count). Exact for
+    n <= SIGN_FLIP_EXACT_MAX (every pattern enumerated); beyond, a Monte Carlo estimate
+    (count + 1) / (draws + 1) from SIGN_FLIP_DRAWS patterns drawn from SIGN_FLIP_SEED.
+    NaN for no differences. n = 5 all of one sign: 2 / 32 = 0.0625.
+    """
+    d = np.asarray(differences, dtype=float).reshape(-1)
+    if np.isnan(d).any():
+        raise ValueError("sign_flip_p: the differences hold NaN")
+    n = len(d)
+    if n == 0:
+        return float("nan")
+    observed = abs(d.sum())
+    threshold = observed - _TIE * max(float(np.abs(d).sum()), 1e-300)
+    if n <= SIGN_FLIP_EXACT_MAX:
+        sums = np.zeros(1)
+        for x in d:  # every pattern of the first k signs, doubled with the next one
+            sums = np.concatenate([sums + x, sums - x])
+        return float(np.count_nonzero(np.abs(sums) >= threshold)) / len(sums)
+    rng = np.random.default_rng(SIGN_FLIP_SEED)
+    hits, chunk = 0, 2 ** 14
+    for _ in range(SIGN_FLIP_DRAWS // chunk):
+        signs = rng.integers(0, 2, size=(chunk, n), dtype=np.int8) * 2 - 1
+        hits += int(np.count_nonzero(np.abs(signs @ d) >= threshold))
+    return (hits + 1) / (SIGN_FLIP_DRAWS + 1)
+
+
+# ------------------------------------------------------------------- one difference
+
+def _blank(method: str, n: int, n_a: int, n_b: int) -> dict:
+    nan = float("nan")
+    return dict(diff=nan, lo=nan, hi=nan, method=method, n=n, n_a=n_a, n_b=n_b, df=nan,
+                t=nan, p=nan, p_sign_flip=nan)
+
+
+def untested(n_a: int = 0, n_b: int = 0) -> dict:
+    """The keys of difference() for a head one of the models does not have: all NaN, no
+    method."""
+    return _blank("", 0, n_a, n_b)
+
+
+def _degenerate(out: dict) -> dict:
+    """No spread at all: a zero-width interval; t is infinite (p = 0, scipy's limit) unless
+    the difference is zero too (p = 1)."""
+    zero = abs(out["diff"]) <= 1e-12
+    return dict(out, lo=out["diff"], hi=out["diff"], t=0.0 if zero else math.copysign(math.inf, out["diff"]),
+                p=1.0 if zero else 0.0)
+
+
 def paired(a: dict, b: dict, level=LEVEL) -> dict:
-    """Mean of the per-seed differences a - b over the seeds both have, with the t-interval of
-    scipy's ttest_rel. For models that share runs (a bilateral model and its hemispheres)."""
+    """Mean of the per-seed differences a - b over the seeds both have, with scipy's ttest_rel:
+    its t-interval, df = n - 1, t and two-sided p; and the exact sign-flip p of the same
+    differences. n (= n_a = n_b) is the number of pairs. For models that share runs (a
+    bilateral model and its hemispheres)."""
     seeds = sorted(set(a) & set(b))
-    x, y = np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
-    out = dict(diff=float(np.mean(x - y)) if seeds else float("nan"), lo=float("nan"),
-               hi=float("nan"), method="paired", n_a=len(seeds), n_b=len(seeds))
-    if len(seeds) >= 2:
-        if _flat_values(x - y):  # no spread: scipy would warn and divide by zero
-            out.update(lo=out["diff"], hi=out["diff"])
-        else:
-            ci = stats.ttest_rel(x, y).confidence_interval(level)
-            out.update(lo=float(ci.low), hi=float(ci.high))
+    x, y = np.array([a[s] for s in seeds], float), np.array([b[s] for s in seeds], float)
+    out = _blank("paired", len(seeds), len(seeds), len(seeds))
+    if not seeds:
+        return out
+    out.update(diff=float(np.mean(x - y)), p_sign_flip=sign_flip_p(x - y))
+    if len(seeds) < 2:
+        return out
+    out["df"] = float(len(seeds) - 1)
+    if _flat_values(x - y):  # no spread: scipy would warn and divide by zero
+        return _degenerate(out)
+    r = stats.ttest_rel(x, y)
+    ci = r.confidence_interval(level)
+    out.update(lo=float(ci.low), hi=float(ci.high), t=float(r.statistic), p=float(r.pvalue))
     return out
 
 
 def welch(a: dict, b: dict, level=LEVEL) -> dict:
-    """Difference of means a - b of runs from independent seeds, with Welch's interval
-    (scipy's ttest_ind(equal_var=False))."""
+    """Difference of means a - b of runs from independent seeds, with scipy's
+    ttest_ind(equal_var=False): Welch's interval, Welch-Satterthwaite df, t and two-sided p.
+    n = n_a + n_b runs; no sign-flip p (nothing is paired)."""
     x, y = np.array(list(a.values()), float), np.array(list(b.values()), float)
-    out = dict(diff=float(x.mean() - y.mean()) if len(x) and len(y) else float("nan"),
-               lo=float("nan"), hi=float("nan"), method="Welch", n_a=len(x), n_b=len(y))
-    if len(x) >= 2 and len(y) >= 2:
-        if _flat_values(x) and _flat_values(y):
-            out.update(lo=out["diff"], hi=out["diff"])
-        else:
-            with warnings.catch_warnings():  # one flat sample is fine: the other carries the SE
-                warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
-                ci = stats.ttest_ind(x, y, equal_var=False).confidence_interval(level)
-            out.update(lo=float(ci.low), hi=float(ci.high))
+    out = _blank("Welch", len(x) + len(y), len(x), len(y))
+    if not (len(x) and len(y)):
+        return out
+    out["diff"] = float(x.mean() - y.mean())
+    if len(x) < 2 or len(y) < 2:
+        return out
+    if _flat_values(x) and _flat_values(y):
+        return _degenerate(out)
+    with warnings.catch_warnings():  # one flat sample is fine: the other carries the SE
+        warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
+        r = stats.ttest_ind(x, y, equal_var=False)
+        ci = r.confidence_interval(level)
+    out.update(lo=float(ci.low), hi=float(ci.high), df=float(r.df), t=float(r.statistic),
+               p=float(r.pvalue))
     return out
 
 
@@ -70,4 +180,6 @@ def shares_runs(ref: str, key: str) -> bool:
 
 
 def difference(a: dict, b: dict, shared: bool, level=LEVEL) -> dict:
+    """paired(a, b) where the models share runs, else welch(a, b): the same keys either way
+    (diff, lo, hi, method, n, n_a, n_b, df, t, p, p_sign_flip)."""
     return paired(a, b, level) if shared else welch(a, b, level)

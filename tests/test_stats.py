@@ -1,0 +1,124 @@
+"""bilateral.stats against textbook values and scipy."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as S
+
+from bilateral import stats
+
+# Student's sleep data (Cushny & Peebles), R's `sleep`: the same 10 patients under two drugs.
+# R: t.test(extra ~ group, data = sleep, paired = TRUE): t = -4.0621, df = 9, p = 0.002833;
+# without paired (Welch): t = -1.8608, df = 17.776, p = 0.07939.
+SLEEP_1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+SLEEP_2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+
+
+def as_seeds(values, start=0):
+    return {start + i: v for i, v in enumerate(values)}
+
+
+def same(a: dict, b: dict) -> bool:
+    """Equal dicts, NaN equal to NaN."""
+    nan = lambda x: isinstance(x, float) and math.isnan(x)  # noqa: E731
+    return a.keys() == b.keys() and all(a[k] == b[k] or (nan(a[k]) and nan(b[k])) for k in a)
+
+
+# ----------------------------------------------------------------------------------- Holm
+
+def test_holm_matches_the_textbook_example():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.06
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+
+
+def test_holm_is_monotone_capped_and_skips_untested():
+    assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # 2 x 0.5 = 1, capped
+    out = stats.holm([0.01, float("nan"), 0.04])  # NaN: no test, m = 2
+    assert out[0] == pytest.approx(0.02) and math.isnan(out[1]) and out[2] == pytest.approx(0.04)
+    assert len(stats.holm([])) == 0
+    p = np.random.default_rng(0).uniform(0, 0.2, 30)
+    adj = stats.holm(p)
+    order = np.argsort(p)
+    assert np.all(np.diff(adj[order]) >= 0)  # the order of the raw p is kept
+    assert np.all(adj >= p) and np.all(adj <= 1)
+    assert adj[order[0]] == pytest.approx(min(1, 30 * p[order[0]]))  # first step: Bonferroni
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        stats.holm([0.2, 1.5])
+
+
+# ------------------------------------------------------------------------------ sign flip
+
+def test_sign_flip_on_hand_computed_cases():
+    # 5 differences of one sign: only they and their mirror image reach |sum|: 2 / 32
+    assert stats.sign_flip_p([0.017, 0.012, 0.021, 0.008, 0.025]) == 0.0625
+    assert stats.sign_flip_floor(5) == 0.0625 and stats.seeds_for(0.05) == 6
+    # [1, -2, 3, 4, 5]: sum 11 of at most 15; |sum| >= 11 only by flipping nothing (15),
+    # the 1 (13) or the 2 (11), and the mirror images: 6 / 32
+    assert stats.sign_flip_p([1, -2, 3, 4, 5]) == pytest.approx(6 / 32)
+    assert stats.sign_flip_p([1, 2, -3]) == 1.0  # sum 0: every pattern is as far out
+    # a zero difference carries no sign: [0, 1] has |sum| 1 under all 4 patterns
+    assert stats.sign_flip_p([0.0, 1.0]) == 1.0
+    # the sleep data: 9 differences of one sign and a zero: 2 x 2 of 2^10 patterns
+    d = np.subtract(SLEEP_1, SLEEP_2)
+    assert stats.sign_flip_p(d) == pytest.approx(4 / 1024)
+    assert math.isnan(stats.sign_flip_p([]))
+
+
+def test_sign_flip_counts_float_ties():
+    # equal magnitudes 0.1 (not exact in binary): |sum| = 0.1 |n - 2k| for k negatives, and
+    # p is the binomial tail of n fair signs, P(|2B - n| >= |n - 2k|)
+    for n, k in ((6, 1), (9, 3), (20, 7)):
+        d = [-0.1] * k + [0.1] * (n - k)
+        want = S.binom.cdf(k, n, 0.5) + S.binom.sf(n - k - 1, n, 0.5)
+        assert stats.sign_flip_p(d) == pytest.approx(want, abs=1e-12), (n, k)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 10])
+def test_sign_flip_equals_scipys_exact_permutation_test(n):
+    d = np.random.default_rng(n).normal(0.3, 1, n)
+    ref = S.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=np.inf,
+                             alternative="two-sided").pvalue
+    assert stats.sign_flip_p(d) == pytest.approx(ref)
+
+
+def test_sign_flip_beyond_the_exact_limit_is_a_close_estimate():
+    n, k = 22, 7
+    d = [-0.1] * k + [0.1] * (n - k)
+    want = S.binom.cdf(k, n, 0.5) + S.binom.sf(n - k - 1, n, 0.5)
+    assert stats.sign_flip_p(d) == pytest.approx(want, abs=0.003)
+    assert stats.sign_flip_p(d) == stats.sign_flip_p(d)  # seeded: the same p every time
+
+
+# ---------------------------------------------------------------------- paired and Welch
+
+def test_paired_p_and_df_are_scipys_and_rs():
+    d = stats.paired(as_seeds(SLEEP_1), as_seeds(SLEEP_2))
+    ref = S.ttest_rel(SLEEP_1, SLEEP_2)
+    assert (d["n"], d["df"]) == (10, 9)
+    assert (d["t"], d["p"]) == pytest.approx((ref.statistic, ref.pvalue), rel=1e-12)
+    assert (d["t"], d["p"]) == pytest.approx((-4.0621, 0.002833), abs=5e-5)
+    assert d["p_sign_flip"] == pytest.approx(4 / 1024)
+    assert same(stats.difference(as_seeds(SLEEP_1), as_seeds(SLEEP_2), shared=True), d)
+
+
+def test_welch_p_and_df_are_scipys_and_rs():
+    d = stats.welch(as_seeds(SLEEP_1), as_seeds(SLEEP_2, start=100))
+    ref = S.ttest_ind(SLEEP_1, SLEEP_2, equal_var=False)
+    assert (d["n"], d["n_a"], d["n_b"]) == (20, 10, 10)
+    assert (d["t"], d["df"], d["p"]) == pytest.approx((ref.statistic, ref.df, ref.pvalue), rel=1e-12)
+    assert (d["t"], d["df"], d["p"]) == pytest.approx((-1.8608, 17.776, 0.07939), abs=5e-4)
+    assert math.isnan(d["p_sign_flip"])  # nothing is paired
+    assert same(stats.difference(as_seeds(SLEEP_1), as_seeds(SLEEP_2, 100), shared=False), d)
+
+
+def test_degenerate_and_untestable_differences():
+    one = stats.welch({0: 0.7}, {1: 0.6, 2: 0.5})
+    assert one["diff"] == pytest.approx(0.15) and math.isnan(one["p"]) and math.isnan(one["df"])
+    flat = stats.paired({0: 0.7, 1: 0.8}, {0: 0.6, 1: 0.7})  # identical differences
+    assert (flat["lo"], flat["hi"], flat["p"], flat["df"]) == pytest.approx((0.1, 0.1, 0.0, 1))
+    same = stats.paired({0: 0.7, 1: 0.8}, {0: 0.7, 1: 0.8})
+    assert same["p"] == 1.0 and same["p_sign_flip"] == 1.0
+    single = stats.paired({0: 0.7}, {0: 0.6})
+    assert math.isnan(single["p"]) and single["p_sign_flip"] == 1.0
+    none = stats.untested(3, 0)
+    assert none["method"] == "" and math.isnan(none["diff"]) and set(none) == set(single)
