@@ -10,15 +10,19 @@ analysis record (outputs/<experiment>/analysis/**/metrics.json), and writes
   total and trainable parameters, epochs and whether validation accuracy was still rising,
   weight decay; the differences with their intervals; k-WTA's evaluation rules; the analyses.
 
-Intervals come from scipy.stats: paired (`ttest_rel`) only where the two models share runs
-(the bilateral model and its own hemispheres, seed by seed); every other pair of models was
-trained from independent seeds, so Welch's interval (`ttest_ind(equal_var=False)`).
+Intervals and p come from scipy.stats: paired (`ttest_rel`) only where the two models share
+runs (the bilateral model and its own hemispheres, seed by seed); every other pair of models
+was trained from independent seeds, so Welch's test (`ttest_ind(equal_var=False)`). The claims
+results.md words are the comparisons of FAMILY, declared here before any result; a claim holds
+only when its Holm-adjusted p over that family is below ALPHA.
 """
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +30,7 @@ import pandas as pd
 from . import config as C
 from . import plan, results_md, runs
 from .registry import SECTIONS
-from .stats import difference, mean_sd, paired, shares_runs
+from .stats import difference, holm, mean_sd, paired, shares_runs, untested
 from .runs import RecordError, atomic_write_bytes
 
 COLUMNS = ["stage", "model", "condition", "backbone", "seed", "split", "metric", "value"]
@@ -37,6 +41,51 @@ KWTA_SPLIT = "test_kwta_"  # metrics.json test_kwta_<rule>: one model evaluated 
 ANALYSIS_HIDDEN = {"median", "q25", "q75", "std", "n", "n_pairs", "n_used", "wall_s"}
 RISING_Z = 2.0           # still rising: the gain over the last epochs exceeds 2 noise SEs
 DEFAULT_N_VAL = 1000     # validation size assumed by records that do not hold one
+
+
+# --------------------------------------------------- the claims, declared before the results
+
+HEADS = ("fine_acc", "coarse_acc")  # every comparison is tested on each head both models have
+ALPHA = 0.05                        # family-wise: a claim holds when its Holm p < ALPHA
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One declared comparison: `model` minus `against`, on every head of HEADS both have.
+    "{backbone}" is the reference bilateral model's backbone; `against` may hold shell
+    wildcards (one entry, several models). `claim`: what `model` ahead would mean."""
+    model: str
+    against: str
+    claim: str
+
+
+_BIL = "bilateral/{backbone}-A"
+# The family Holm's correction runs over: the bilateral model of condition A against every
+# model of the study's main table, on both heads (written down before the 5-seed results; the
+# callosal models, a later addition on fewer seeds, stay exploratory). Changing it after
+# seeing results would defeat the correction.
+FAMILY = (
+    Comparison(_BIL, "hemisphere/{backbone}-A-left",
+               "combining the specialised hemispheres beats the fine hemisphere alone"),
+    Comparison(_BIL, "hemisphere/{backbone}-A-right",
+               "combining the specialised hemispheres beats the coarse hemisphere alone"),
+    Comparison(_BIL, "hemisphere/{backbone}-B-left", "condition A beats condition B's fine hemisphere"),
+    Comparison(_BIL, "hemisphere/{backbone}-B-right", "condition A beats condition B's coarse hemisphere"),
+    Comparison(_BIL, "hemisphere/{backbone}-C-left", "condition A beats condition C's fine hemisphere"),
+    Comparison(_BIL, "hemisphere/{backbone}-C-right", "condition A beats condition C's coarse hemisphere"),
+    Comparison(_BIL, "hemisphere/{backbone}-D-left", "condition A beats condition D's fine hemisphere"),
+    Comparison(_BIL, "hemisphere/{backbone}-D-right", "condition A beats condition D's coarse hemisphere"),
+    Comparison(_BIL, "bilateral/{backbone}-B", "condition A beats condition B (pyramid left hemisphere)"),
+    Comparison(_BIL, "bilateral/{backbone}-C", "condition A beats condition C (k-WTA)"),
+    Comparison(_BIL, "bilateral/{backbone}-D", "condition A beats condition D (pyramid and k-WTA)"),
+    Comparison(_BIL, "bilateral_unspecialised/{backbone}-A",
+               "specialisation helps: the bilateral model beats the same two hemispheres "
+               "trained end to end"),
+    Comparison(_BIL, "unilateral/{backbone}", "the bilateral model beats the unilateral dual-head network"),
+    Comparison(_BIL, "resnet18", "the bilateral model beats ResNet-18"),
+    Comparison(_BIL, "resnet34", "the bilateral model beats ResNet-34"),
+    Comparison(_BIL, "ensemble/{backbone}-k*", "the bilateral model beats an ensemble of unilateral networks"),
+)
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -222,6 +271,13 @@ def per_seed(df: pd.DataFrame, split="test") -> dict:
     return out
 
 
+def per_run(df: pd.DataFrame, split="test") -> dict:
+    """{model key: {metric: [value of each run]}}: a pool's members one by one."""
+    acc = _keyed(df[(df.split == split) & df.metric.isin(ACC)])
+    return {key: {metric: g.value.astype(float).tolist() for metric, g in kg.groupby("metric")}
+            for key, kg in acc.groupby("key")}
+
+
 def _order(keys):
     stage_rank = {s: i for i, s in enumerate(plan.STAGES)}
     return sorted(keys, key=lambda k: (stage_rank.get(k.split("/")[0], 99), k))
@@ -259,14 +315,20 @@ def run_facts(df: pd.DataFrame) -> dict:
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per model: mean, sample SD and n of each test accuracy, and its run facts."""
-    vals, facts = per_seed(df), run_facts(df)
+    """One row per model: mean, sample SD and n of each test accuracy over seeds, and its run
+    facts. A pooled model (several runs per seed: the unilateral members) is averaged per seed
+    first, so its SD is that of the per-seed means; `pooled` marks it, and <metric>_run_sd,
+    <metric>_runs give the SD of one run over all its runs."""
+    vals, facts, each = per_seed(df), run_facts(df), per_run(df)
     rows = []
     for key in _order(vals):
-        row = dict(model=key, stage=key.split("/")[0])
+        row = dict(model=key, stage=key.split("/")[0], pooled=False)
         for metric in ACC:
             m, sd, n = mean_sd(list(vals[key].get(metric, {}).values()))
-            row.update({f"{metric}_mean": m, f"{metric}_sd": sd, f"{metric}_n": n})
+            _, run_sd, runs = mean_sd(each.get(key, {}).get(metric, []))
+            row.update({f"{metric}_mean": m, f"{metric}_sd": sd, f"{metric}_n": n,
+                        f"{metric}_run_sd": run_sd, f"{metric}_runs": runs})
+            row["pooled"] |= runs > n
         f = facts.get(key, {})
         row.update({k: f.get(k) for k in ("trainable_params", "total_params", "epochs")},
                    rising=f.get("rising", 0), judged=f.get("judged", 0),
@@ -281,24 +343,55 @@ def reference_key(keys) -> str | None:
     return next((k for k in bil if k.endswith("-A")), bil[0] if bil else None)
 
 
+def family_pairs(ref: str, keys) -> tuple[list[tuple[str, str, Comparison]], list[str]]:
+    """FAMILY made concrete for this study: [(model, against, its Comparison)] for every
+    declared comparison whose models were both run, and ["model against pattern"] for the
+    declared ones that were not."""
+    backbone = ref.split("/", 1)[1].rsplit("-", 1)[0]
+    keys, pairs, missing = set(keys), [], []
+    for c in FAMILY:
+        model = c.model.format(backbone=backbone)
+        found = sorted(k for k in keys if fnmatch.fnmatchcase(k, c.against.format(backbone=backbone)))
+        if model in keys and found:
+            pairs += [(model, k, c) for k in _order(found) if k != model]
+        else:
+            missing.append(f"{model} against {c.against.format(backbone=backbone)}")
+    return pairs, missing
+
+
 def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per pair of models: first the declared family (FAMILY), then the reference
+    bilateral model against every other model outside it (exploratory). Per head: the
+    difference with its interval, n, df, t, p and, paired, the exact sign-flip p (stats.py);
+    and over the family, Holm's adjusted p of every test made (a head both models have, two
+    seeds or more): <head>_p_holm, NaN outside the family. attrs["family_missing"]: the
+    declared comparisons whose models were not run."""
     vals = per_seed(df)
     ref = reference_key(vals)
-    rows = []
     if ref is None:
-        return pd.DataFrame(rows)
-    for key in _order(vals):
-        if key == ref:
-            continue
-        row = dict(reference=ref, model=key)
-        for metric in ("fine_acc", "coarse_acc"):
-            a, b = vals[ref].get(metric, {}), vals[key].get(metric, {})
-            d = (difference(a, b, shares_runs(ref, key)) if a and b else
-                 dict(diff=float("nan"), lo=float("nan"), hi=float("nan"), method="",
-                      n_a=len(a), n_b=len(b)))
+        return pd.DataFrame()
+    pairs, missing = family_pairs(ref, vals)
+    done = {(a, b) for a, b, _ in pairs}
+    pairs += [(ref, key, None) for key in _order(vals) if key != ref and (ref, key) not in done]
+    rows = []
+    for a_key, b_key, c in pairs:
+        row = dict(reference=a_key, model=b_key, in_family=c is not None,
+                   claim=c.claim if c else "")
+        for metric in HEADS:
+            a, b = vals[a_key].get(metric, {}), vals[b_key].get(metric, {})
+            d = difference(a, b, shares_runs(a_key, b_key)) if a and b else untested(len(a), len(b))
             row.update({f"{metric}_{k}": v for k, v in d.items()})
         rows.append(row)
-    return pd.DataFrame(rows)
+    comp = pd.DataFrame(rows)
+    p_cols = [f"{m}_p" for m in HEADS]
+    fam = comp.in_family.to_numpy()
+    adjusted = holm(comp.loc[fam, p_cols].to_numpy(float).reshape(-1)).reshape(-1, len(HEADS))
+    for i, m in enumerate(HEADS):
+        comp[f"{m}_p_holm"] = float("nan")
+        comp.loc[fam, f"{m}_p_holm"] = adjusted[:, i]
+    comp.attrs["family_missing"] = missing
+    comp.attrs["alpha"] = ALPHA
+    return comp
 
 
 def kwta_table(df: pd.DataFrame) -> pd.DataFrame:

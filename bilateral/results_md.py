@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .runs import atomic_write_bytes
+from .stats import seeds_for, sign_flip_floor
 
 FOREST = "results_forest.png"  # written next to results.md, shown at its top
 
@@ -115,21 +116,137 @@ def decay_note(summ: pd.DataFrame, ref: str) -> list[str]:
                         + ", ".join(unfair) + "; the `weight_decay_equal` ablation removes it."]
 
 
-def comparison_section(comp: pd.DataFrame, summ: pd.DataFrame) -> list[str]:
-    if not len(comp):
+def pool_note(summ: pd.DataFrame) -> list[str]:
+    """Both spreads of a pooled row (several runs per seed, averaged per seed in the table):
+    the SD of the per-seed means, which the table shows and the comparisons use, and the SD
+    of one run over all its runs."""
+    if "pooled" not in summ or not summ.pooled.any():
         return []
-    ref = comp.reference.iloc[0]
-    lines = ["", f"## {ref} against every other model", "",
-             f"Difference of mean test accuracy ({ref} minus the model), percentage points, with "
-             "a 95% confidence interval over seeds (scipy.stats). **paired**: the model shares "
-             f"runs with {ref} (its own hemispheres, or a callosal model built on them, seed by seed), t-interval of the per-seed "
-             "differences (`ttest_rel`). **Welch**: the models were trained from independent "
-             "seeds, Welch's interval (`ttest_ind(equal_var=False)`). One seed gives no "
-             "interval.", ""]
-    rows = [[r["model"], row_ci(r, "fine_acc"), row_ci(r, "coarse_acc")]
-            for _, r in comp.iterrows()]
-    return lines + table(["model", "Δ fine [95% CI]", "Δ coarse [95% CI]"], rows) + \
-        decay_note(summ, ref)
+    rows = [[r["model"], head.replace("_acc", "").replace("fine_as_coarse", "fine→coarse"),
+             _pct(r[f"{head}_mean"]), f"{_pct(r[f'{head}_sd'])} ({r[f'{head}_n']} seeds)",
+             f"{_pct(r[f'{head}_run_sd'])} ({r[f'{head}_runs']} runs)"]
+            for _, r in summ[summ.pooled].iterrows()
+            for head in ("fine_acc", "coarse_acc", "fine_as_coarse_acc") if r[f"{head}_n"]]
+    return ["", "A pooled row (the unilateral members: several runs per seed) shows the mean of "
+            "each seed's members, and its ± is the SD of those per-seed means, the spread the "
+            "comparisons below use; one run varies more, by the SD of one run over all runs:",
+            "", *table(["pooled model", "head", "mean", "SD of per-seed means",
+                        "SD of one run"], rows)]
+
+
+def _p(x) -> str:
+    if x is None or pd.isna(x):
+        return "—"
+    return "<0.0001" if x < 1e-4 else "1" if x >= 0.9995 else f"{x:#.3g}"
+
+
+def _df(x) -> str:
+    return "—" if pd.isna(x) else f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
+
+
+def _n(r, metric) -> str:
+    if r[f"{metric}_method"] == "paired":
+        return f"{r[f'{metric}_n']}"
+    return f"{r[f'{metric}_n_a']} + {r[f'{metric}_n_b']}"
+
+
+def verdict(r, metric, alpha) -> str:
+    """What a test of the family lets results.md say: it holds (one way or the other) only
+    when Holm's adjusted p is below alpha."""
+    p, d = r[f"{metric}_p_holm"], r[f"{metric}_diff"]
+    if pd.isna(r[f"{metric}_p"]):
+        return "not tested (one seed)"
+    if not r["in_family"]:
+        return "exploratory"
+    if p < alpha:
+        return "**holds**: ahead" if d > 0 else "**holds the other way**: behind"
+    return "not shown"
+
+
+def _test_rows(comp, alpha) -> list[list[str]]:
+    return [[r["model"], metric.replace("_acc", ""), _n(r, metric), row_ci(r, metric),
+             _df(r[f"{metric}_df"]), _p(r[f"{metric}_p"]), _p(r[f"{metric}_p_holm"]),
+             _p(r[f"{metric}_p_sign_flip"]), verdict(r, metric, alpha)]
+            for _, r in comp.iterrows() for metric in ("fine_acc", "coarse_acc")
+            if not pd.isna(r[f"{metric}_diff"])]
+
+
+def _result(r, metric) -> str:
+    return (f"{r['model']}, {metric.replace('_acc', '')}: {row_ci(r, metric)}, "
+            f"p {_p(r[f'{metric}_p'])}, Holm p {_p(r[f'{metric}_p_holm'])}")
+
+
+def seeds_note(comp: pd.DataFrame, m: int, alpha: float) -> list[str]:
+    """What the number of seeds can and cannot show, from the tests made."""
+    ns = sorted({int(r[f"{h}_n"]) for _, r in comp[comp.in_family].iterrows()
+                 for h in ("fine_acc", "coarse_acc") if r[f"{h}_method"] == "paired"
+                 and not pd.isna(r[f"{h}_p"])})
+    lines = []
+    for n in ns:
+        floor = sign_flip_floor(n)
+        lines.append(
+            f"With {n} paired seeds the exact sign-flip test cannot give p below 2/2^{n} = "
+            f"{floor:g}" + (f", so no paired claim here can reach {alpha:g} without the "
+                            "t-test's assumption that the per-seed differences are normal, "
+                            f"which {n} values cannot check; that takes {seeds_for(alpha)} "
+                            "seeds" if floor >= alpha else "") +
+            (f", and {seeds_for(alpha / m)} to pass the first step of Holm's correction over "
+             f"{m} tests ({alpha:g}/{m} = {alpha / m:.2g})" if m > 1 else "") + ".")
+    lines.append("Every p here is two-sided and rests on a handful of seeds: a claim that is "
+                 "not shown is not shown false, and an interval that includes zero leaves both "
+                 "directions open; more seeds (and, for models still improving, longer "
+                 "training) are what can settle it.")
+    return [" ".join(lines)]
+
+
+def comparison_section(comp: pd.DataFrame, summ: pd.DataFrame) -> list[str]:
+    """The pooled rows' two spreads, then the reference against every other model: the
+    declared family with its Holm-adjusted p and what it lets results.md claim, then the
+    exploratory comparisons outside it."""
+    pools = pool_note(summ)
+    if not len(comp):
+        return pools
+    ref, alpha = comp.reference.iloc[0], comp.attrs.get("alpha", 0.05)
+    fam, rest = comp[comp.in_family], comp[~comp.in_family]
+    m = int(sum(fam[f"{h}_p_holm"].notna().sum() for h in ("fine_acc", "coarse_acc")))
+    lines = pools + [
+        "", f"## {ref} against every other model", "",
+        f"Difference of mean test accuracy ({ref} minus the model), percentage points, with a "
+        "95% confidence interval, its degrees of freedom and two-sided p (scipy.stats). "
+        f"**paired**: the model shares runs with {ref} (its own hemispheres, or a callosal "
+        "model built on them, seed by seed): t-test of the per-seed differences (`ttest_rel`), "
+        "n = pairs of seeds, df = n − 1; beside it the exact sign-flip p (every one of the 2^n "
+        "sign patterns of those differences; no normality assumed). **Welch**: the models were "
+        "trained from independent seeds: `ttest_ind(equal_var=False)`, n = seeds of each model, "
+        "Welch–Satterthwaite df. **Holm p**: Holm's step-down correction over the "
+        f"{m} tests of the family declared in `bilateral/results.py` (`FAMILY`, written down "
+        f"before the results; every head both models have). A claim **holds** only when its "
+        f"Holm p < {alpha:g}: \"ahead\" means {ref} is ahead, \"behind\" that the model is; "
+        "\"not shown\" means the data cannot tell at this family-wise level. One seed gives no "
+        "interval and no test.", "", *seeds_note(comp, m, alpha), ""]
+    lines += table(["model", "head", "n", "Δ [95% CI]", "df", "p", "Holm p", "sign-flip p",
+                    "verdict"], _test_rows(fam, alpha))
+    tests = [(r, h) for _, r in fam.iterrows() for h in ("fine_acc", "coarse_acc")
+             if not pd.isna(r[f"{h}_p_holm"])]
+    held = [f"- holds: {r['claim']}: {_result(r, h)}" if r[f"{h}_diff"] > 0 else
+            f"- holds the other way (the model is ahead), contrary to \"{r['claim']}\": "
+            f"{_result(r, h)}" for r, h in tests if r[f"{h}_p_holm"] < alpha]
+    lost = [f"- {_result(r, h)}" for r, h in tests if r[f"{h}_p"] < alpha <= r[f"{h}_p_holm"]]
+    lines += ["", f"Of the {m} tests of the family, {len(held)} "
+              f"{'holds' if len(held) == 1 else 'hold'} after Holm's correction"
+              + (":" if held else "."), *held]
+    if lost:
+        lines += ["", f"p < {alpha:g} before the correction but not after: neither direction "
+                  "is claimed.", *lost]
+    missing = comp.attrs.get("family_missing") or []
+    if missing:
+        lines += ["", "Declared in the family but not run here (no test): "
+                  + "; ".join(missing) + "."]
+    if len(rest):
+        lines += ["", "Outside the family (exploratory: shown, no correction, never claimed):",
+                  "", *table(["model", "head", "n", "Δ [95% CI]", "df", "p", "Holm p",
+                              "sign-flip p", "verdict"], _test_rows(rest, alpha))]
+    return lines + decay_note(summ, ref)
 
 
 def kwta_section(kw: pd.DataFrame) -> list[str]:

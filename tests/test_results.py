@@ -104,6 +104,7 @@ CLIMB = [0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65]
 BIL = {0: (0.70, 0.80), 1: (0.72, 0.83), 2: (0.71, 0.81)}
 UNI = {0: (0.60, 0.75), 1: (0.65, 0.74), 2: (0.61, 0.79)}
 LEFT = {0: 0.66, 1: 0.69, 2: 0.67}
+BIL_FINE = {s: BIL[s][0] for s in BIL}
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +175,22 @@ def test_summary_means_capacity_budget_and_rising_flags(study):
     assert summ.loc["ensemble/resnet9-k2", "weight_decay"] == [1e-5]
 
 
+def test_a_pooled_row_shows_both_spreads(study):
+    exp, rep = study
+    uni = rep["summary"].set_index("model").loc["unilateral/resnet9"]
+    runs = [UNI[s][0] + 0.01 * m for s in UNI for m in (0, 1)]
+    means = [UNI[s][0] + 0.005 for s in UNI]
+    assert uni.pooled and (uni.fine_acc_n, uni.fine_acc_runs) == (3, 6)
+    assert uni.fine_acc_sd == pytest.approx(pd.Series(means).std(ddof=1))
+    assert uni.fine_acc_run_sd == pytest.approx(pd.Series(runs).std(ddof=1))
+    assert not rep["summary"].set_index("model").loc["bilateral/resnet9-A", "pooled"]
+    md = (exp / "results.md").read_text()
+    row = next(l for l in md.splitlines() if l.startswith("| unilateral/resnet9 ") and "| fine " in l)
+    assert (f"{100 * pd.Series(means).std(ddof=1):.1f} (3 seeds)" in row
+            and f"{100 * pd.Series(runs).std(ddof=1):.1f} (6 runs)" in row)
+    assert "SD of per-seed means" in md and "SD of one run" in md
+
+
 def test_comparisons_are_labelled_by_what_they_share(study):
     _, rep = study
     comp = rep["comparison"].set_index("model")
@@ -192,7 +209,25 @@ def test_comparisons_are_labelled_by_what_they_share(study):
         (ref["diff"], ref["lo"], ref["hi"]))
     assert comp.loc["resnet34", "fine_acc_method"] == "Welch"
     assert math.isnan(comp.loc["resnet18", "fine_acc_lo"])
+    assert math.isnan(comp.loc["resnet18", "fine_acc_p"])  # one seed: no test ...
+    assert math.isnan(comp.loc["resnet18", "fine_acc_p_holm"])  # ... and not one of Holm's m
     assert math.isnan(comp.loc["hemisphere/resnet9-A-left", "coarse_acc_diff"])
+    # p and df are scipy's, the sign-flip p only where the runs are paired
+    assert (left.fine_acc_df, left.fine_acc_n) == (2, 3)
+    assert left.fine_acc_p == pytest.approx(stats.paired(BIL_FINE, LEFT)["p"])
+    assert left.fine_acc_p_sign_flip == 0.25  # 3 differences of one sign: 2 of 8 patterns
+    assert (uni.fine_acc_p, uni.fine_acc_df) == pytest.approx((ref["p"], ref["df"]))
+    assert math.isnan(uni.fine_acc_p_sign_flip)
+    # Holm over every test of the declared family: the fine head of hemispheres A and C, both
+    # heads of the unilateral net, ResNet-34 (2 seeds) and the ensemble; ResNet-18 (1 seed)
+    # is no test and does not count
+    fam = comp[comp.in_family]
+    assert set(fam.index) == {"hemisphere/resnet9-A-left", "hemisphere/resnet9-C-left",
+                              "unilateral/resnet9", "resnet18", "resnet34", "ensemble/resnet9-k2"}
+    p = fam[["fine_acc_p", "coarse_acc_p"]].to_numpy(float).ravel()
+    assert (~pd.isna(p)).sum() == 8
+    assert fam[["fine_acc_p_holm", "coarse_acc_p_holm"]].to_numpy(float).ravel() == pytest.approx(
+        stats.holm(p), nan_ok=True)
 
 
 def test_kwta_table_pairs_the_rules_of_the_same_runs(study):
@@ -213,6 +248,7 @@ def test_results_md_leads_with_the_forest_plot_and_says_what_it_compares(study):
     assert f"{100 * sum(f) / 3:.1f} ± {100 * pd.Series(f).std(ddof=1):.1f} (3)" in md
     assert "[n/a (1 seed)]" in md and "(Welch)" in md and "(paired)" in md
     assert "ttest_rel" in md and "independent" in md and "Data: **synthetic**" in md
+    assert "| Holm p " in md and "| sign-flip p " in md and "`FAMILY`" in md
     assert "| resnet34 ↑1/2 " in md and "| unilateral/resnet9 " in md
     assert "208,064" in md and "2,064" in md  # total beside trainable
     # the weight decay line names the confounded comparisons from the records

@@ -1,11 +1,13 @@
-"""bilateral.stats against textbook values and scipy."""
+"""bilateral.stats against textbook values and scipy, and results.md's claims against Holm's
+adjusted p on a constructed results.csv."""
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats as S
 
-from bilateral import stats
+from bilateral import results, results_md, stats
 
 # Student's sleep data (Cushny & Peebles), R's `sleep`: the same 10 patients under two drugs.
 # R: t.test(extra ~ group, data = sleep, paired = TRUE): t = -4.0621, df = 9, p = 0.002833;
@@ -122,3 +124,66 @@ def test_degenerate_and_untestable_differences():
     assert math.isnan(single["p"]) and single["p_sign_flip"] == 1.0
     none = stats.untested(3, 0)
     assert none["method"] == "" and math.isnan(none["diff"]) and set(none) == set(single)
+
+
+# ------------------------------------------------- results.md words claims by the Holm p
+
+SEEDS = range(5)
+BIL = [0.800, 0.812, 0.795, 0.806, 0.801]
+
+
+def rows(stage, model, metric, values):
+    return [dict(stage=stage, model=model, condition="A", backbone="resnet9", seed=s,
+                 split="test", metric=metric, value=v) for s, v in zip(SEEDS, values)]
+
+
+@pytest.fixture(scope="module")
+def constructed():
+    """The bilateral model far ahead of ResNet-18 (p tiny: holds), ahead of its fine hemisphere
+    by a paired p near 0.02 (under 0.05, but not after Holm over 5 tests), level with the rest."""
+    noise = [0.004, -0.006, 0.003, -0.002, 0.001]
+    df = pd.DataFrame(
+        rows("bilateral", "resnet9-A", "fine_acc", BIL)
+        + rows("hemisphere", "resnet9-A-left", "fine_acc",
+               [b - 0.01 + e for b, e in zip(BIL, [0.006, -0.007, 0.008, -0.006, 0.002])])
+        + rows("resnet18", "resnet18", "fine_acc", [b - 0.10 + e for b, e in zip(BIL, noise)])
+        + rows("resnet34", "resnet34", "fine_acc", [b + e for b, e in zip(BIL, noise[::-1])])
+        + rows("ensemble", "resnet9-k2", "fine_acc", [b + e for b, e in zip(BIL, noise[1:] + noise[:1])])
+        + rows("ensemble", "resnet9-k5", "fine_acc", [b - e for b, e in zip(BIL, noise)])
+        + rows("callosal", "resnet9-A-add-layer1+layer3", "fine_acc", [b - 0.02 for b in BIL]),
+        columns=results.COLUMNS)
+    comp = results.comparison_table(df)
+    return comp, "\n".join(results_md.comparison_section(comp, results.summary_table(df)))
+
+
+def test_the_family_is_corrected_with_holm(constructed):
+    comp, _ = constructed
+    fam = comp[comp.in_family].set_index("model")
+    assert set(fam.index) == {"hemisphere/resnet9-A-left", "resnet18", "resnet34",
+                              "ensemble/resnet9-k2", "ensemble/resnet9-k5"}
+    assert fam.fine_acc_p_holm.tolist() == pytest.approx(stats.holm(fam.fine_acc_p).tolist())
+    assert fam.coarse_acc_p_holm.isna().all()  # no coarse head: no test, not in m
+    out = comp[~comp.in_family].iloc[0]
+    assert out.model.startswith("callosal/") and math.isnan(out.fine_acc_p_holm)
+    assert out.fine_acc_p_sign_flip == 0.0625  # paired with its bilateral model, 5 seeds
+    assert "resnet9-A against bilateral/resnet9-B" in "; ".join(comp.attrs["family_missing"])
+
+
+def test_results_md_claims_only_what_survives_holm(constructed):
+    comp, md = constructed
+    left = comp.set_index("model").loc["hemisphere/resnet9-A-left"]
+    assert left.fine_acc_p < 0.05 < left.fine_acc_p_holm  # the case this test is about
+    assert left.fine_acc_p_sign_flip == 0.0625
+    r18 = comp.set_index("model").loc["resnet18"]
+    assert r18.fine_acc_p_holm < 0.05
+    row = next(l for l in md.splitlines() if l.startswith("| hemisphere/resnet9-A-left "))
+    assert "holds" not in row and "not shown" in row
+    assert "holds" in next(l for l in md.splitlines() if l.startswith("| resnet18 "))
+    held = [l for l in md.splitlines() if l.startswith("- holds")]
+    assert len(held) == 1 and "ResNet-18" in held[0]
+    lost = md.split("before the correction but not after")[1]
+    assert "hemisphere/resnet9-A-left, fine" in lost
+    assert "Of the 5 tests of the family, 1 holds after Holm's correction" in md
+    assert "2/2^5 = 0.0625" in md  # what 5 paired seeds can show
+    callosal = next(l for l in md.splitlines() if l.startswith("| callosal/"))
+    assert "exploratory" in callosal and "holds" not in callosal
