@@ -319,10 +319,30 @@ def _cifar_arrays(path, mtime, nbytes):
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
+FMNIST_REINSTALL = "apt-get install --reinstall dataset-fashion-mnist"
 FMNIST_FIX = ("; replace it with a good copy, or remove it to use the system copy "
-              "(apt-get install dataset-fashion-mnist)")
+              f"({FMNIST_REINSTALL})")
 FMNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                 "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+# sha256 of each file as Debian's dataset-fashion-mnist 0.0~git20200523.55506a9-1 installs it
+# in /usr/share/datasets/fashion-mnist, and of the IDX bytes inside it: the same data gzipped
+# by another tool (a gzip header holds a time and a name) differs in the first, not the second.
+FMNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": (
+        "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+    "train-labels-idx1-ubyte.gz": (
+        "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+    "t10k-images-idx3-ubyte.gz": (
+        "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+    "t10k-labels-idx1-ubyte.gz": (
+        "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+}
+# (path, mtime_ns, size) of the files whose sha256 matched in this process: not hashed again
+FMNIST_VERIFIED: set = set()
 
 
 def _fashion_mnist(official, data_dir):  # no download: offline use is its point, Debian packages it
@@ -348,24 +368,56 @@ def _fmnist_arrays(images_key, labels_key):
     return torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64))
 
 
-def _idx_array(path):
-    """A gzipped IDX file (magic 2051 = uint8 images N x rows x cols, 2049 = uint8 labels N)."""
-    try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib_error) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip ({e}){FMNIST_FIX}") from e
+def _sha256(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def _idx_shape(raw: bytes):
+    """(shape, None) of an IDX file's bytes, or (None, what is wrong with them)."""
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if magic not in (2049, 2051):
-        raise DataError(f"{path}: IDX magic number {magic}, expected 2049 (labels) or 2051 (images){FMNIST_FIX}")
+        return None, f"IDX magic number {magic}, expected 2049 (labels) or 2051 (images)"
     ndim = 1 if magic == 2049 else 3
     if len(raw) < 4 + 4 * ndim:
-        raise DataError(f"{path}: truncated IDX header{FMNIST_FIX}")
+        return None, "truncated IDX header"
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    body = raw[4 + 4 * ndim:]
-    if len(body) != math.prod(shape):
-        raise DataError(f"{path}: header says {shape} = {math.prod(shape)} bytes, file holds {len(body)}{FMNIST_FIX}")
-    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+    if len(raw) - 4 - 4 * ndim != math.prod(shape):
+        return None, (f"header says {shape} = {math.prod(shape)} bytes, file holds "
+                      f"{len(raw) - 4 - 4 * ndim}")
+    return shape, None
+
+
+def _idx_array(path):
+    """A gzipped IDX file (magic 2051 = uint8 images N x rows x cols, 2049 = uint8 labels N).
+
+    A file named like a published one is checked against FMNIST_SHA256 the first time this
+    process reads it (FMNIST_VERIFIED, by path, mtime and size): the gzip file's sha256, or
+    else that of the IDX bytes inside; a mismatch stops with both sums and how to get a good
+    copy, and with what is wrong with the file where that can be told."""
+    path = Path(path)
+    key = _file_key(path)
+    with open(path, "rb") as f:
+        packed = f.read()
+    expected = FMNIST_SHA256.get(path.name)
+    trusted = expected is None or key in FMNIST_VERIFIED or _sha256(packed) == expected[0]
+    try:
+        raw, problem = gzip.decompress(packed), None
+    except (OSError, EOFError, zlib_error) as e:
+        raw, problem = b"", f"corrupt or truncated gzip ({e})"
+    shape, problem = (None, problem) if problem else _idx_shape(raw)
+    if not trusted and (problem or _sha256(raw) != expected[1]):
+        fix = (f"reinstall it: {FMNIST_REINSTALL}" if path.parent == FMNIST_SYSTEM_DIR else
+               f"replace it with a good copy ({FMNIST_REINSTALL} puts one in {FMNIST_SYSTEM_DIR}), "
+               f"or remove it to use the system copy")
+        raise DataError(f"{path}: {problem or 'not the published Fashion-MNIST file'}; its "
+                        f"sha256 is {_sha256(packed)}, expected {expected[0]} (Debian's "
+                        f"dataset-fashion-mnist; a gzip of the same data made by another tool "
+                        f"must hold IDX bytes of sha256 {expected[1]}); {fix}")
+    if problem:
+        raise DataError(f"{path}: {problem}{FMNIST_FIX}")
+    if expected is not None:
+        FMNIST_VERIFIED.add(key)
+    return np.frombuffer(raw, dtype=np.uint8, offset=len(raw) - math.prod(shape)).reshape(shape)
 
 
 # ---------------------------------------------------------------- synthetic

@@ -1,5 +1,5 @@
 """bilateral.data: file formats on real images, splits, synthetic data and the device loader."""
-import gzip, pickle, shutil, time
+import gzip, hashlib, pickle, shutil, time
 from pathlib import Path
 
 import numpy as np
@@ -148,16 +148,66 @@ def test_fashion_mnist_bad_files_name_file(tmp_path):
     bad.write_bytes((FMNIST / bad.name).read_bytes()[:100_000])
     with pytest.raises(ValueError, match="truncated") as e:
         load_dataset("fashion_mnist", "train", tmp_path)
-    assert str(bad) in str(e.value)
+    assert str(bad) in str(e.value) and "sha256" in str(e.value)
     bad.write_bytes(gzip.compress((1234).to_bytes(4, "big") + bytes(100)))
     with pytest.raises(ValueError, match="magic") as e:
         load_dataset("fashion_mnist", "train", tmp_path)
-    assert str(bad) in str(e.value)
+    assert str(bad) in str(e.value) and "sha256" in str(e.value)
     bad.write_bytes(gzip.compress((2051).to_bytes(4, "big") + b"".join(
         v.to_bytes(4, "big") for v in (60000, 28, 28)) + bytes(1000)))
     with pytest.raises(ValueError, match="header says") as e:
         load_dataset("fashion_mnist", "train", tmp_path)
-    assert str(bad) in str(e.value)
+    assert str(bad) in str(e.value) and "sha256" in str(e.value)
+
+
+def _copy_fmnist(folder, official="test"):
+    folder.mkdir(parents=True)
+    for name in D.FMNIST_FILES[official]:
+        shutil.copy(FMNIST / name, folder / name)
+    return folder
+
+
+@needs_fmnist
+def test_fashion_mnist_files_match_their_recorded_sha256():
+    for name, (packed, raw) in D.FMNIST_SHA256.items():
+        assert hashlib.sha256((FMNIST / name).read_bytes()).hexdigest() == packed, name
+        assert hashlib.sha256(gzip.open(FMNIST / name).read()).hexdigest() == raw, name
+
+
+@needs_fmnist
+def test_fashion_mnist_with_one_byte_changed_stops_naming_both_sha256(tmp_path):
+    images = D.FMNIST_FILES["test"][0]
+    expected = D.FMNIST_SHA256[images][0]
+    # one byte of the gzip stream (gzip's own CRC may notice, or not: the sha256 does)
+    folder = _copy_fmnist(tmp_path / "packed")
+    b = bytearray((folder / images).read_bytes())
+    b[len(b) // 2] ^= 0x01
+    (folder / images).write_bytes(bytes(b))
+    # one pixel of the IDX bytes, gzipped again: a well-formed file, not the published one
+    other = _copy_fmnist(tmp_path / "pixel")
+    raw = bytearray(gzip.open(FMNIST / images).read())
+    raw[-1] ^= 0x01
+    (other / images).write_bytes(gzip.compress(bytes(raw)))
+    for f in (folder, other):
+        found = hashlib.sha256((f / images).read_bytes()).hexdigest()
+        with pytest.raises(D.DataError) as e:
+            load_dataset("fashion_mnist", "test", f)
+        msg = str(e.value)
+        assert str(f / images) in msg and expected in msg and found in msg and found != expected
+        assert "apt-get install --reinstall dataset-fashion-mnist" in msg
+    assert "not the published Fashion-MNIST file" in msg
+
+
+@needs_fmnist
+def test_fashion_mnist_gzipped_again_is_the_same_data_and_verified_once(tmp_path):
+    folder = _copy_fmnist(tmp_path / "regzipped")
+    images = D.FMNIST_FILES["test"][0]
+    (folder / images).write_bytes(gzip.compress(gzip.open(FMNIST / images).read(), mtime=0))
+    assert hashlib.sha256((folder / images).read_bytes()).hexdigest() != D.FMNIST_SHA256[images][0]
+    te = load_dataset("fashion_mnist", "test", folder)
+    assert torch.equal(te.images, load_dataset("fashion_mnist", "test").images)
+    st = (folder / images).stat()  # verified once: not hashed again in this process
+    assert (str(folder / images), st.st_mtime_ns, st.st_size) in D.FMNIST_VERIFIED
 
 
 def test_fashion_mnist_missing(tmp_path, monkeypatch):
