@@ -9,20 +9,24 @@ import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 
 from . import plan, runs
+from .results import reference_key
 from .seeds import derive_seed
 
 ACC_LABELS = {"fine_acc": "fine", "coarse_acc": "coarse", "fine_as_coarse_acc": "fine→coarse"}
 
 
 def save(fig, folder, name: str, *, dpi: int = 120, tight: bool = True, show: bool = True,
-         log=print) -> Path:
+         log=print) -> None:
     """Write fig as folder/name.png, atomically (a reader never sees half a file), and show it
     inline when running in a notebook, once: the figure is closed, so pyplot's inline backend
-    does not show it a second time. Every figure of the package is saved through here."""
+    does not show it a second time. Every figure of the package is saved through here. It
+    returns nothing, so a notebook cell ending with it echoes no path (log names the file)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     path = Path(folder) / f"{name}.png"
@@ -33,7 +37,6 @@ def save(fig, folder, name: str, *, dpi: int = 120, tight: bool = True, show: bo
         display(Image(data=buf.getvalue()))
     if log:
         log(f"saved {path}")
-    return path
 
 
 def in_notebook() -> bool:
@@ -137,30 +140,61 @@ def accuracy_frame(metrics: dict, key: str = "test") -> pd.DataFrame:
         columns=[c for c in ACC_LABELS.values() if any(c in r for r in rows.values())])
 
 
-def accuracy_bars(frame: pd.DataFrame, err: pd.DataFrame | None = None, title: str = "",
-                  xlabel: str = "test accuracy"):
-    """Grouped horizontal bars: one group per row of frame (top to bottom), one bar per column;
-    err (same shape) gives error bars."""
+HEAD_COLOURS = {"fine": "C0", "coarse": "C1", "fine→coarse": "C2"}
+LEVEL = 0.95  # the intervals of the accuracy plots
+
+
+def plural(n: int, word: str) -> str:
+    """'1 seed', '5 seeds'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def accuracy_plot(frame: pd.DataFrame, lo: pd.DataFrame | None = None,
+                  hi: pd.DataFrame | None = None, title: str = "", note: str | None = None,
+                  reference: str | None = None):
+    """Accuracies (0-1) as points in percent: one panel per column of frame (a head), each on
+    its own axis zoomed to the range of its values, one row per row of frame (top to bottom).
+    lo / hi (same shape): the 95% interval of each point, drawn as a line; reference (a row
+    label): a dashed line at its value in each panel, so every model reads against it."""
+    if note is None:
+        note = "one run per model: no interval" if lo is None and hi is None else ""
     frame = frame.astype(float)
+    lo, hi = (frame if e is None else e.reindex_like(frame).astype(float).fillna(frame)
+              for e in (lo, hi))
+    frame, lo, hi = 100 * frame, 100 * lo, 100 * hi
     n, k = frame.shape
-    fig, ax = plt.subplots(figsize=(8, 0.32 * n * max(k, 1) + 1.3))
-    height = 0.8 / max(k, 1)
-    for j, col in enumerate(frame.columns):
-        y = [i + (j - (k - 1) / 2) * height for i in range(n)]
-        xerr = None if err is None or col not in err else err[col].fillna(0).values
-        bars = ax.barh(y, frame[col].values, height, xerr=xerr, capsize=2, label=col)
-        for rect, v, e in zip(bars, frame[col].values, xerr if xerr is not None else [0] * n):
-            if pd.notna(v):
-                ax.text(v + e, rect.get_y() + rect.get_height() / 2, f" {100 * v:.1f}",
-                        va="center", fontsize=6)
-    ax.set_yticks(range(n))
-    ax.set_yticklabels(frame.index, fontsize=8)
-    ax.invert_yaxis()
-    top = (frame + (0 if err is None else err.reindex_like(frame).fillna(0))).max().max()
-    ax.set(xlabel=xlabel, title=title, xlim=(0, min(1.05, 1.15 * top + 0.03) if pd.notna(top) else 1))
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    width = 1.2 + 0.068 * max((len(str(i)) for i in frame.index), default=0) + 3.4 * max(k, 1)
+    fig, axes = plt.subplots(1, max(k, 1), figsize=(width, 0.3 * n + 1.5), sharey=True,
+                             squeeze=False, layout="constrained")
+    y = np.arange(n)
+    for ax, col in zip(axes.flat, frame.columns):
+        v, a, b = frame[col].to_numpy(), lo[col].to_numpy(), hi[col].to_numpy()
+        has = ~np.isnan(v)
+        colour = HEAD_COLOURS.get(col, "C0")
+        if has.any():
+            ax.errorbar(v[has], y[has], xerr=np.vstack([v - a, b - v])[:, has], fmt="o",
+                        color=colour, ms=5, capsize=3, lw=1.4)
+            for vi, bi, yi in zip(v[has], b[has], y[has]):
+                ax.annotate(f"{vi:.1f}", (bi, yi), xytext=(5, 0), textcoords="offset points",
+                            va="center", fontsize=8.5)
+            left, right = np.nanmin(a), np.nanmax(b)
+            span = max(right - left, 2.0)
+            ax.set_xlim(max(0.0, left - 0.08 * span), right + 0.25 * span)  # room for the labels
+            if reference in frame.index and not np.isnan(frame.at[reference, col]):
+                ax.axvline(frame.at[reference, col], color="0.35", lw=0.9, ls="--")
+        else:
+            ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", color="0.4")
+        ax.set_title(col, fontsize=11)
+        ax.set_xlabel("test accuracy, %", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=9)
+    axes[0, 0].set_yticks(y, [str(i) for i in frame.index])
+    axes[0, 0].set_ylim(n - 0.5, -0.5)  # first row at the top
+    lines = [title] if title else []
+    lines += [note] if note else []
+    if reference in frame.index:
+        lines.append(f"dashed: {reference}")
+    fig.suptitle("\n".join(lines), fontsize=10)
     return fig
 
 
@@ -178,16 +212,27 @@ def bilateral_vs_hemispheres(hemispheres: dict, bilateral: dict):
         rows[f"{cond} right"] = {"coarse": right.get("coarse_acc")}
         rows[label] = {"fine": m["test"].get("fine_acc"), "coarse": m["test"].get("coarse_acc")}
     frame = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=["fine", "coarse"])
-    return accuracy_bars(frame, title="bilateral model against its hemispheres\n"
-                                      "(the left's coarse bar: its fine predictions mapped to superclasses)")
+    return accuracy_plot(frame, title="bilateral model against its hemispheres, test accuracy",
+                         note="one run each: no interval; the left's coarse point: its fine "
+                              "predictions mapped to superclasses")
 
 
-def results_bars(summary: pd.DataFrame):
-    """Mean test accuracy per model across seeds, error bars one sample standard deviation."""
+def results_plot(summary: pd.DataFrame):
+    """Mean test accuracy per model over seeds with the 95% t-interval of the mean (none for a
+    model with one seed); the reference model (results.reference_key) as a dashed line."""
     s = summary.set_index("model")
     cols = [m for m in ("fine_acc", "coarse_acc") if f"{m}_mean" in s]
-    mean = s[[f"{m}_mean" for m in cols]].set_axis([ACC_LABELS[m] for m in cols], axis=1)
-    sd = s[[f"{m}_sd" for m in cols]].set_axis([ACC_LABELS[m] for m in cols], axis=1)
-    n = s[[f"{m}_n" for m in cols]].max(axis=1)
-    seeds = f"{n.max()} seeds" if n.min() == n.max() else f"{n.min()}-{n.max()} seeds"
-    return accuracy_bars(mean, err=sd, title=f"test accuracy, mean ± sample SD over {seeds}")
+    names = [ACC_LABELS[m] for m in cols]
+    mean = s[[f"{m}_mean" for m in cols]].set_axis(names, axis=1).astype(float)
+    sd = s[[f"{m}_sd" for m in cols]].set_axis(names, axis=1).astype(float)
+    n = s[[f"{m}_n" for m in cols]].set_axis(names, axis=1).astype(float)
+    half = stats.t.ppf(0.5 + LEVEL / 2, (n - 1).where(n > 1)) * sd / np.sqrt(n)
+    half = pd.DataFrame(half, index=mean.index, columns=names)
+    top = n.max(axis=1)
+    lo_n, hi_n = int(top.min()), int(top.max())
+    seeds = plural(hi_n, "seed") if lo_n == hi_n else f"{lo_n}-{hi_n} seeds"
+    note = (f"lines: {LEVEL:.0%} t-interval of the mean over seeds" if hi_n > 1
+            else "one seed: no interval (run more seeds for one)")
+    return accuracy_plot(mean, mean - half, mean + half, note=note,
+                         title=f"test accuracy, mean over {seeds}",
+                         reference=reference_key(list(mean.index)))

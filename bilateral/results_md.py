@@ -305,7 +305,8 @@ def forest_plot(comp: pd.DataFrame):
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     n = len(comp)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * n + 1.4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.3 * n + 1.6), sharey=True, squeeze=False,
+                             layout="constrained")
     y = np.arange(n)
     for ax, metric in zip(axes.flat, ("fine_acc", "coarse_acc")):
         d, lo, hi = (100 * comp[f"{metric}_{k}"].astype(float).to_numpy() for k in ("diff", "lo", "hi"))
@@ -317,16 +318,17 @@ def forest_plot(comp: pd.DataFrame):
             ax.errorbar(d[sel], y[sel], xerr=np.nan_to_num(err), fmt="o", color="C0",
                         mfc=fill, capsize=3, label="paired (shared runs)" if shared else "Welch")
         ax.axvline(0, color="grey", lw=1)
-        ax.set(title=f"{metric.replace('_acc', '')}: reference minus model (points)",
-               xlabel="difference in test accuracy, % points")
-        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(metric.replace("_acc", ""), fontsize=11)
+        ax.set_xlabel("reference minus model, % points", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=9)
     axes[0, 0].set_yticks(y, comp.model)
-    axes[0, 0].invert_yaxis()
+    axes[0, 0].set_ylim(n - 0.5, -0.5)  # first model at the top
     handles = {h.get_label(): h for ax in axes.flat for h in ax.get_legend_handles_labels()[0]}
-    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="lower center", ncol=2,
-               bbox_to_anchor=(0.5, -0.02))
-    fig.suptitle(f"{comp.reference.iloc[0]} against every other model, 95% intervals")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles.values(), handles.keys(), fontsize=9, loc="outside right upper",
+               title="95% interval", title_fontsize=9)
+    fig.suptitle(f"{comp.reference.iloc[0]} minus every other model: difference in test "
+                 f"accuracy, 95% intervals", fontsize=10)
     return fig
 
 

@@ -80,6 +80,6 @@ figures.save(fig, figures_dir, "02_learning_curves")
 
 # %%
 acc = figures.accuracy_frame(hemispheres)
-figures.save(figures.accuracy_bars(acc, title="hemispheres, test accuracy"), figures_dir,
+figures.save(figures.accuracy_plot(acc, title="hemispheres, test accuracy"), figures_dir,
              "02_hemisphere_accuracy")
 acc.round(4)

@@ -82,6 +82,6 @@ bilateral = {r.label: r.metrics() for r in plan.phase_runs(cfg, "bilateral", see
              if r.status() == "finished"}
 acc = figures.accuracy_frame({**bilateral, **baselines})
 acc = acc[[c for c in ("fine", "coarse") if c in acc]]
-fig = figures.accuracy_bars(acc, title="bilateral models and baselines, test accuracy")
+fig = figures.accuracy_plot(acc, title="bilateral models and baselines, test accuracy")
 figures.save(fig, figures_dir, "04_baselines")
 acc.round(4)

@@ -58,7 +58,9 @@ from IPython.display import Markdown
 Markdown(rep['md'].read_text())
 
 # %% [markdown]
-# Mean test accuracy per model, error bars one sample standard deviation over seeds.
+# Mean test accuracy per model over seeds, each head on its own axis zoomed to its values; the
+# lines are 95% intervals of the mean (none with one seed), the dashed line the reference
+# bilateral model.
 
 # %%
-figures.save(figures.results_bars(rep["summary"]), experiment_dir, "results")
+figures.save(figures.results_plot(rep["summary"]), experiment_dir, "results")

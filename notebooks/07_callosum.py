@@ -68,8 +68,12 @@ if "google.colab" in sys.modules:  # on Colab: fetch the repository and install 
 import pandas as pd
 from bilateral import pipeline, plan, data, callosum, callosum_study, results, figures
 cfg, device, figures_dir = pipeline.notebook_setup(params_file, overrides, experiment, condition, seed=seed)
-print(f"callosal kinds {cfg.callosum_kinds or 'none (set callosum_kinds)'} at "
-      f"{' + '.join(cfg.callosum_at)}, training {cfg.callosum_train}")
+if cfg.callosum_kinds:
+    print(f"callosal kinds {', '.join(cfg.callosum_kinds)} at {' + '.join(cfg.callosum_at)}, "
+          f"training {cfg.callosum_train}")
+else:
+    print(f"{params_file} has no callosal kind, so the cells below do nothing: set overrides = "
+          f'{{"callosum_kinds": ["add"]}} above, or --set callosum_kinds=[add] on python -m bilateral run')
 
 # %% [markdown]
 # ## The model
@@ -89,7 +93,7 @@ pd.DataFrame(callosum.params_rows(), columns=["model", "total parameters", "trai
 # %%
 callosal_runs = plan.phase_runs(cfg, "callosum", seed)
 bilateral_runs = plan.phase_runs(cfg, "bilateral", seed)
-pipeline.runs_table(callosal_runs)
+pipeline.runs_table(callosal_runs) if callosal_runs else None
 
 # %% [markdown]
 # Train each callosal run, and for the comparison the bilateral model of each condition; the
@@ -97,10 +101,10 @@ pipeline.runs_table(callosal_runs)
 # finished run is read back.
 
 # %%
-for r in plan.order(callosal_runs + bilateral_runs):
+for r in plan.order(callosal_runs + bilateral_runs if callosal_runs else []):
     r.train()
 callosal = {r.label: r.metrics() for r in callosal_runs}
-bilateral = {r.label: r.metrics() for r in bilateral_runs}
+bilateral = {r.label: r.metrics() for r in bilateral_runs} if callosal else {}
 
 # %% [markdown]
 # **Identity at initialisation**, checked on test images: an untrained callosal model, given the
@@ -128,9 +132,10 @@ if specialised:
 
 # %%
 frame = figures.accuracy_frame({**bilateral, **callosal})
-fig = figures.accuracy_bars(frame, title=f"callosal vs bilateral, seed {seed}")
-figures.save(fig, figures_dir, "07_callosal_vs_bilateral")
-frame.round(4)
+if callosal:
+    fig = figures.accuracy_plot(frame, title=f"callosal vs bilateral, seed {seed}")
+    figures.save(fig, figures_dir, "07_callosal_vs_bilateral")
+frame.round(4) if callosal else None
 
 # %% [markdown]
 # Over every seed finished so far: callosal minus bilateral of the same condition, in
@@ -162,4 +167,4 @@ traffic = {r.label: callosum_study.analyse(r.cfg, seed, show=True) for r in spec
 # is better asked on CIFAR-100 (`callosum_kinds` in `params/quick.yaml`).
 
 # %%
-pd.DataFrame(traffic).T.filter(regex=r"ratio\.mean|left_share|gate\.mean").round(4)
+pd.DataFrame(traffic).T.filter(regex=r"ratio\.mean|left_share|gate\.mean").round(4) if traffic else None

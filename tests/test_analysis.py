@@ -398,7 +398,8 @@ def test_save_writes_atomically_and_closes_pyplot_figures(tmp_path):
     ax.plot([0, 1], [1, 0])
     n = len(plt.get_fignums())
     lines = []
-    path = figures.save(fig, tmp_path / "sub", "line", log=lines.append)
-    assert path == tmp_path / "sub" / "line.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figures.save(fig, tmp_path / "sub", "line", log=lines.append) is None  # no echo in a cell
+    path = tmp_path / "sub" / "line.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(plt.get_fignums()) == n - 1 and lines == [f"saved {path}"]
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["line.png"]  # no temporary left

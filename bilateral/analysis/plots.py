@@ -139,9 +139,11 @@ def similarity_joint(points: pd.DataFrame, title: str, by: str = "bilateral"):
 
 def attribution_figure(df: pd.DataFrame, coarse_names, title: str):
     """Left share of each head's predicted logit (centred and uncentred features), the mean
-    signed contributions of each half, and the centred left share per true coarse class."""
-    fig = figure(figsize=(14, 3.6), layout="constrained")
-    ax0, ax1, ax2 = fig.subplots(1, 3, gridspec_kw=dict(width_ratios=[1.2, 1.2, 3]))
+    signed contributions of each half, and the centred left share per true coarse class (one
+    row per class, so 20 class names read at full size)."""
+    names = [str(c) for c in coarse_names]
+    fig = figure(figsize=(14, max(3.8, 0.24 * len(names) + 1.6)), layout="constrained")
+    ax0, ax1, ax2 = fig.subplots(1, 3, gridspec_kw=dict(width_ratios=[1.1, 1.1, 1.5]))
     overall = df[df["coarse_class"] == "all"]
     cen, unc = overall[overall.centring == "centred"], overall[overall.centring == "uncentred"]
     labels = [f"{m.replace('bilateral_unspecialised', 'unspec.')}\n{h}" for m, h in zip(cen["model"], cen["head"])]
@@ -151,29 +153,31 @@ def attribution_figure(df: pd.DataFrame, coarse_names, title: str):
     ax0.bar(xs + 0.2, unc["left_share_mean"], 0.4, color="C0", alpha=0.35, label="uncentred")
     ax0.axhline(0.5, color="0.3", lw=0.6, ls="--")
     ax0.set(ylim=(0, 1), xticks=xs)
-    ax0.set_xticklabels(labels, fontsize=7)
-    ax0.set_ylabel("left share of the predicted logit", fontsize=8)
-    ax0.legend(fontsize=7)
+    ax0.set_xticklabels(labels, fontsize=8.5)
+    ax0.set_ylabel("left share of the predicted logit", fontsize=9)
+    ax0.legend(fontsize=8.5, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     ax1.bar(xs - 0.2, cen["left_contrib_mean"], 0.4, yerr=cen["left_contrib_std"], color="C0",
             capsize=2, label="left")
     ax1.bar(xs + 0.2, cen["right_contrib_mean"], 0.4, yerr=cen["right_contrib_std"], color="C1",
             capsize=2, label="right")
     ax1.axhline(0, color="0.3", lw=0.6)
     ax1.set_xticks(xs)
-    ax1.set_xticklabels(labels, fontsize=7)
-    ax1.set_ylabel("signed contribution (centred), logit units", fontsize=8)
-    ax1.legend(fontsize=7)
+    ax1.set_xticklabels(labels, fontsize=8.5)
+    ax1.set_ylabel("signed contribution (centred), logit units", fontsize=9)
+    ax1.legend(fontsize=8.5, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     per = df[(df["coarse_class"] != "all") & (df.centring == "centred")]
-    cx = np.arange(len(coarse_names))
+    cy = np.arange(len(names))
     for (m, h), g in per.groupby(["model", "head"], sort=False):
-        y = g.set_index("coarse_class").reindex(list(coarse_names))["left_share_mean"]
-        ax2.plot(cx, y.to_numpy(), marker="o", ms=3, lw=1,
-                 ls="-" if m == "bilateral" else ":", label=f"{m} {h}")
-    ax2.axhline(0.5, color="0.3", lw=0.6, ls="--")
-    ax2.set_xticks(cx)
-    ax2.set_xticklabels(coarse_names, rotation=60, ha="right", fontsize=6)
-    ax2.set_ylim(0, 1)
-    ax2.set_ylabel("centred left share, per true coarse class", fontsize=8)
-    ax2.legend(fontsize=7)
-    fig.suptitle(f"Head attribution to the left / right hemisphere features, {title}", fontsize=9)
+        x = g.assign(coarse_class=g["coarse_class"].astype(str)).set_index("coarse_class")
+        x = x.reindex(names)["left_share_mean"]
+        ax2.plot(x.to_numpy(), cy, marker="o", ms=4, lw=1, ls="-" if m == "bilateral" else ":",
+                 label=f"{m} {h}")
+    ax2.axvline(0.5, color="0.3", lw=0.6, ls="--")
+    ax2.set_yticks(cy, [c.replace("_", " ") for c in names], fontsize=8.5)
+    ax2.set_ylim(len(names) - 0.5, -0.5)
+    ax2.set_xlim(0, 1)
+    ax2.grid(alpha=0.3)
+    ax2.set_xlabel("centred left share, per true coarse class", fontsize=9)
+    fig.legend(*ax2.get_legend_handles_labels(), fontsize=8.5, loc="outside right upper")
+    fig.suptitle(f"Head attribution to the left / right hemisphere features, {title}", fontsize=10)
     return fig
