@@ -9,12 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 from . import config as C
 from . import plan, runs, train
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+# The project's kernel: `make lab` registers it (this checkout's interpreter), pipeline.pin_kernel
+# writes it for papermill, and every notebook's metadata names it. Both kernelspecs set
+# KERNEL_ENV, so a notebook knows whether it runs on it.
+KERNEL = "bilateral"
+KERNEL_DISPLAY = "Python (bilateral)"
+KERNEL_ENV = "BILATERAL_KERNEL"
+
+
+def kernel_note() -> str:
+    """'' on the project's kernel; elsewhere (a plain "python3" kernel, Colab) one line saying
+    which interpreter runs the notebook and how to get the project's kernel."""
+    if os.environ.get(KERNEL_ENV) == KERNEL:
+        return ""
+    return (f'kernel: not the project\'s "{KERNEL_DISPLAY}" but {sys.executable}; '
+            f"carrying on with it (`make lab` registers the project's kernel)")
 
 
 def find_root(start=None) -> Path:
@@ -61,6 +77,8 @@ def notebook_setup(params_file, overrides=None, experiment=None, condition=None,
     on and its seed's figure folder; printed, so the notebook's output says what it ran."""
     cfg = notebook_config(params_file, overrides, experiment, condition)
     device = train.pick_device(cfg.device)
+    if kernel_note():
+        print(kernel_note())
     print(f"experiment {cfg.experiment}: {cfg.dataset}, recipe {cfg.recipe}, width {cfg.width}, "
           f"seed {seed}, device {device}")
     return cfg, device, figure_dir(cfg, seed)

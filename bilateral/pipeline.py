@@ -23,14 +23,14 @@ from . import config as C
 from . import data, plan, runs, sweep
 from .execute import EXECUTORS, Job
 from .execute.jobs import say
-from .notebook import (PACKAGE_ROOT, experiment_dir, figure_dir, find_root, histories,  # noqa: F401
+from .notebook import (KERNEL, KERNEL_DISPLAY, KERNEL_ENV, PACKAGE_ROOT,  # noqa: F401
+                       experiment_dir, figure_dir, find_root, histories, kernel_note,
                        notebook_config, notebook_setup, read_runs, runs_of, runs_table, train_runs)
 
 PER_SEED = ("01_data", "02_hemispheres", "03_bilateral", "04_baselines", "05_analysis",
             "07_callosum")  # 07 goes beyond the paper; 06 gathers every seed, so it runs last
 FINAL = "06_results"
 NOTEBOOKS = tuple(sorted(PER_SEED + (FINAL,)))
-KERNEL = "python3"
 check_data = data.check_available  # the name notebook 01 calls
 
 
@@ -72,9 +72,10 @@ def describe_error(e: BaseException) -> str:
 
 
 def pin_kernel(folder) -> None:
-    """Make the notebooks' kernel ("python3") this very interpreter: a kernelspec in `folder`,
-    put first on JUPYTER_PATH (which kernels and spawned workers inherit), wins over any user
-    or system "python3" kernelspec that may point to another Python."""
+    """Make the notebooks' kernel (KERNEL, the one `make lab` registers and the notebooks'
+    metadata names) this very interpreter: a kernelspec in `folder`, put first on JUPYTER_PATH
+    (which kernels and spawned workers inherit), wins over a registered one that may point to
+    another Python (another checkout's .venv)."""
     spec = Path(folder) / "kernels" / KERNEL
     spec.mkdir(parents=True, exist_ok=True)
     (spec / "kernel.json").write_text(json.dumps({
@@ -82,7 +83,8 @@ def pin_kernel(folder) -> None:
         # interrupt-before-shutdown provokes) is noise here; cell errors reach the notebook
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
                  "--IPKernelApp.log_level=CRITICAL"],
-        "display_name": f"Python 3 ({sys.executable})", "language": "python"}))
+        "display_name": KERNEL_DISPLAY, "language": "python",
+        "env": {KERNEL_ENV: KERNEL}}))
     old = os.environ.get("JUPYTER_PATH")
     os.environ["JUPYTER_PATH"] = str(folder) + (os.pathsep + old if old else "")
 

@@ -126,7 +126,16 @@ def test_the_kernel_is_this_interpreter(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", "")
     pipeline.pin_kernel(tmp_path)
     from jupyter_client.kernelspec import KernelSpecManager
-    assert KernelSpecManager().get_kernel_spec(pipeline.KERNEL).argv[0] == sys.executable
+    spec = KernelSpecManager().get_kernel_spec(pipeline.KERNEL)
+    assert spec.argv[0] == sys.executable
+    # the kernel `make lab` registers, which the notebooks' metadata names, and which they
+    # recognise (no "not the project's kernel" line)
+    assert (pipeline.KERNEL, spec.display_name) == ("bilateral", "Python (bilateral)")
+    assert spec.env == {pipeline.KERNEL_ENV: pipeline.KERNEL}
+    monkeypatch.setenv(pipeline.KERNEL_ENV, spec.env[pipeline.KERNEL_ENV])
+    assert pipeline.kernel_note() == ""
+    monkeypatch.delenv(pipeline.KERNEL_ENV)
+    assert "make lab" in pipeline.kernel_note() and sys.executable in pipeline.kernel_note()
 
 
 def test_a_real_notebook_failure_through_papermill(tmp_path):
