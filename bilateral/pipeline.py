@@ -178,7 +178,8 @@ def run(params, seeds=(0,), only=None, jobs=1, overrides=None, download=False, e
     else:
         sweep.announce(cfg, seeds, jobs, log)
     exp_dir = runs.experiment_dir(cfg)
-    parameters = dict(params_file=str(params), overrides=overrides)
+    # no progress bars in the executed notebooks unless asked (--set progress=true)
+    parameters = dict(params_file=str(params), overrides={"progress": False, **overrides})
     per_seed = [n for n in notebooks if n in PER_SEED]
     jobs = min(jobs, len(seeds))
     log(f"{cfg.experiment}: {', '.join(notebooks)} for seeds {seeds} ({jobs} job{'s' * (jobs > 1)});"

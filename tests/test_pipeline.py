@@ -57,7 +57,8 @@ def test_a_failing_notebook_stops_only_its_seed(tmp_path, capsys):
     # parameters: the params file, overrides and seed; 06 gets every seed
     nb, seed, params = fake.calls[0]
     assert (nb, seed) == ("01_data", 0) and Path(params["params_file"]) == SMOKE.resolve()
-    assert params["overrides"] == {"out_dir": str(tmp_path)}
+    # progress bars off in the executed notebooks unless asked
+    assert params["overrides"] == {"progress": False, "out_dir": str(tmp_path)}
     assert fake.calls[-1][2]["seeds"] == [0, 1, 2] and "seed" not in fake.calls[-1][2]
     out = capsys.readouterr().out
     summary = (tmp_path / "smoke" / "notebooks" / "summary.txt").read_text()
