@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Debian packages the tests use: Fashion-MNIST (dataset-fashion-mnist). Idempotent; needs root.
+# Debian packages the tests use: Fashion-MNIST (dataset-fashion-mnist; tests/test_data.py) and a
+# headless browser (chromium, chromium-driver; tests/test_lab.py). Idempotent; needs root.
 # Exits non-zero with the reason when it cannot install them.
 set -uo pipefail
-PACKAGES=(dataset-fashion-mnist)
+PACKAGES=(dataset-fashion-mnist chromium chromium-driver)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
