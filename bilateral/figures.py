@@ -234,5 +234,5 @@ def results_plot(summary: pd.DataFrame):
     note = (f"lines: {LEVEL:.0%} t-interval of the mean over seeds" if hi_n > 1
             else "one seed: no interval (run more seeds for one)")
     return accuracy_plot(mean, mean - half, mean + half, note=note,
-                         title=f"test accuracy, mean over {seeds}",
+                         title=f"test accuracy, {'mean over ' * (hi_n > 1)}{seeds}",
                          reference=reference_key(list(mean.index)))

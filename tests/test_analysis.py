@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bilateral import analysis, cam, data, figures, plan, train
+from bilateral import analysis, cam, data, figures, plan, results_md, train
 from bilateral import config as C
 from bilateral.analysis import measures as M
 
@@ -403,3 +403,33 @@ def test_save_writes_atomically_and_closes_pyplot_figures(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(plt.get_fignums()) == n - 1 and lines == [f"saved {path}"]
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["line.png"]  # no temporary left
+
+
+def test_accuracy_plots_zoom_to_the_values_in_percent_with_95pc_intervals_and_right_plurals():
+    rows = [dict(model=m, fine_acc_mean=f, fine_acc_sd=0.01, fine_acc_n=n,
+                 coarse_acc_mean=c, coarse_acc_sd=0.005, coarse_acc_n=n)
+            for m, f, c in (("bilateral/resnet9-A", 0.795, 0.894), ("resnet18", 0.816, 0.916),
+                            ("unilateral/resnet9", 0.783, 0.895)) for n in (5,)]
+    fig = figures.results_plot(pd.DataFrame(rows))
+    fine, coarse = fig.axes[:2]
+    # zoomed to the values in %, intervals included (78.3 - t(0.975, 4) x 1 / sqrt(5) = 77.06)
+    assert 70 < fine.get_xlim()[0] < 77.06 and 82 < fine.get_xlim()[1] < 100
+    assert [t.get_text() for t in fine.get_yticklabels()] == [r["model"] for r in rows]
+    assert fine.lines and any(abs(line.get_xdata()[0] - 79.5) < 1e-6 for line in fine.lines)  # reference
+    title = fig._suptitle.get_text()
+    assert "mean over 5 seeds" in title and "95%" in title and "dashed: bilateral/resnet9-A" in title
+    plt.close(fig)
+    one = pd.DataFrame(rows).assign(fine_acc_n=1, coarse_acc_n=1, fine_acc_sd=float("nan"),
+                                    coarse_acc_sd=float("nan"))
+    fig = figures.results_plot(one)
+    assert "1 seed" in fig._suptitle.get_text() and "1 seeds" not in fig._suptitle.get_text()
+    plt.close(fig)
+    comp = pd.DataFrame([dict(reference="bilateral/resnet9-A", model=m, **{
+        f"{k}_{x}": v for k in ("fine_acc", "coarse_acc")
+        for x, v in (("diff", d), ("lo", d - 0.01), ("hi", d + 0.01), ("method", meth))})
+        for m, d, meth in (("hemisphere/resnet9-A-left", 0.017, "paired"), ("resnet18", -0.021, "Welch"))])
+    fig = results_md.forest_plot(comp)
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    assert not any(legend.overlaps(ax.get_window_extent()) for ax in fig.axes)  # beside the data
+    plt.close(fig)
