@@ -198,6 +198,7 @@ class Lab:
                 idle += 1
             time.sleep(0.5)
         ran = time.perf_counter() - t0
+        status = self.status()  # now: once its kernel is shut down below, the bar says No Kernel
         found = self.js("""
             const q = s => [...document.querySelectorAll(s)];
             const imgs = q('.jp-OutputArea-output img');
@@ -222,7 +223,7 @@ class Lab:
         saved = dict(widgets=sum("application/vnd.jupyter.widget-view+json" in o.get("data", {})
                                  for o in outputs),
                      stderr_streams=sum(o.get("name") == "stderr" for o in outputs))
-        return dict(status=self.status(), seconds=ran, **found, **saved)
+        return dict(status=status, seconds=ran, **found, **saved)
 
     def close(self):
         if self.driver is not None:
