@@ -18,7 +18,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 LEVEL = 0.95
 SIGN_FLIP_EXACT_MAX = 20     # up to 2^20 sign patterns are enumerated (8 MB of sums)
@@ -140,6 +139,7 @@ def paired(a: dict, b: dict, level=LEVEL) -> dict:
     out["df"] = float(len(seeds) - 1)
     if _flat_values(x - y):  # no spread: scipy would warn and divide by zero
         return _degenerate(out)
+    from scipy import stats  # deferred: 0.8 s of every command's start, needed by reports only
     r = stats.ttest_rel(x, y)
     ci = r.confidence_interval(level)
     out.update(lo=float(ci.low), hi=float(ci.high), t=float(r.statistic), p=float(r.pvalue))
@@ -161,6 +161,7 @@ def welch(a: dict, b: dict, level=LEVEL) -> dict:
         return _degenerate(out)
     with warnings.catch_warnings():  # one flat sample is fine: the other carries the SE
         warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
+        from scipy import stats  # deferred, as above
         r = stats.ttest_ind(x, y, equal_var=False)
         ci = r.confidence_interval(level)
     out.update(lo=float(ci.low), hi=float(ci.high), df=float(r.df), t=float(r.statistic),

@@ -6,19 +6,15 @@ import torch
 from .. import data
 
 
-try:
-    from torchvision.datasets import VisionDataset as _VisionDataset
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    _VisionDataset = torch.utils.data.Dataset
-
-
-class PILImages(_VisionDataset):
+class PILImages(torch.utils.data.Dataset):
     """The original's input pipeline: like torchvision's CIFAR100, an HWC uint8 array that is
     turned into a PIL image per item and passed through the transforms. Built from the split in
     memory, so nothing is downloaded."""
 
     def __init__(self, split: data.Split, transform=None):
-        super().__init__(root=None, transform=transform)
+        # a plain Dataset, as torchvision's VisionDataset is one: importing torchvision.datasets
+        # costs 1.5 s of every command's start (it loads torch._dynamo), for one attribute
+        self.transform = transform
         self.data = split.images.permute(0, 2, 3, 1).contiguous().numpy()
         self.fine, self.coarse = split.fine.tolist(), split.coarse.tolist()
 
