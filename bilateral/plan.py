@@ -171,13 +171,21 @@ class Run:
             raise FileNotFoundError(f"{self.stage} run {self.path} is {status.replace('_', ' ')}; "
                                     f"make it with:\n  {self.command()}")
 
+    def build(self, hier, hashes: dict | None = None):
+        """This run's untrained model, its builder handed the trained models of its upstream
+        runs (loaded here; `hashes` collects the sha256 of the bytes each was loaded from)."""
+        if self.spec.build is None:
+            raise ValueError(f"stage {self.stage!r} has no model of its own to build")
+        return self.spec.build(self.cfg, hier, [u.load_model(hier, "cpu", hashes)
+                                                for u in self.upstream()])
+
     def load_model(self, hier, device="cpu", hashes: dict | None = None):
         """The trained model, rebuilt from the config (and its upstream models) and loaded
         strictly; `hashes` collects {run key: sha256 of the bytes loaded}."""
         self.check_finished()
         if self.spec.build is None:
             raise ValueError(f"{self.stage} runs have no model file of their own")
-        model = self.spec.build(self.cfg, hier, [u.load_model(hier) for u in self.upstream()])
+        model = self.build(hier)
         state, sha = runs.read_torch(self.path / "model.pt")
         models.load_state_strict(model, state, what=f"{self.stage} run {self.path}")
         if hashes is not None:
@@ -370,10 +378,7 @@ def run_stage(stage: str, cfg: C.Config, seed: int, force: bool = False, log=pri
 
 def build_model(stage, cfg, hier, seed=0):
     """A stage's untrained model (the bilateral one: the trained hemispheres of `seed`, frozen)."""
-    run = Run(stage, cfg, seed)
-    if run.spec.build is None:
-        raise ValueError(f"stage {stage!r} has no model of its own to build")
-    return run.spec.build(run.cfg, hier, [u.load_model(hier) for u in run.upstream()])
+    return Run(stage, cfg, seed).build(hier)
 
 
 def load_run_model(stage, cfg, seed, hier, device="cpu"):

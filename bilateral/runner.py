@@ -6,7 +6,7 @@ config -> its metrics; stale or foreign -> refused), then for the runs left: bui
 (`prepare`: its seed, loaders, upstream models, config.json), train (train.fit; several runs
 of one packable group as one packed model), and seal each (`finish_model`, `seal`).
 
-A run here is a plan.Run (stage, cfg, seed, path, spec, upstream(), load_model() ...); this
+A run here is a plan.Run (stage, cfg, seed, path, spec, upstream(), build() ...); this
 module reads those attributes and never imports plan.py, which builds on it.
 """
 from __future__ import annotations
@@ -125,8 +125,7 @@ def prepare(run, device, hp) -> dict:
     augment = cfg.head_augment if "head_augment" in run.spec.uses else cfg.augment
     train_dl, val_dl, test_dl, hier = loaders(cfg, device, hp.batch_size, rseed, augment)
     hashes = {}
-    ups = [u.load_model(hier, "cpu", hashes) for u in run.upstream()]
-    model = run.spec.build(cfg, hier, ups)
+    model = run.build(hier, hashes)
     generator = member_generator(device, rseed)  # continues the stream a packed member draws from
     cached = run.spec.heads_only and not cfg.head_augment
     record(run, device, hashes, {

@@ -117,10 +117,7 @@ def load_torch(path, map_location="cpu", fix=FIX):
 def read_torch(path, map_location="cpu", fix=FIX) -> tuple[object, str]:
     """(load_torch's object, the sha256 of the very bytes it was loaded from): a run records
     the hash of what it used, not of a file that may have been replaced since."""
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise
+    raw = Path(path).read_bytes()  # a missing file stays a FileNotFoundError
     try:
         obj = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, garbage, a pickle with code in it: all untrustworthy
