@@ -106,7 +106,11 @@ class Config:
     grid: dict = field(default_factory=dict)   # {key: [values]}: one experiment per combination
     # engine
     device: str = "auto"
-    amp: bool = True                   # CUDA only: bf16 (or fp16 with a scaler)
+    # float32, or bfloat16 autocast; auto: AMP on CUDA (bf16, or fp16 with a scaler), and on a
+    # CPU bf16 only where a measurement at start finds it faster (train.resolve_precision). A
+    # run's record holds the resolved value: a bf16 run is never an fp32 one.
+    precision: str = "auto"
+    amp: bool = True                   # replaced by precision; kept so that old files read the same
     channels_last: bool = True         # CUDA; CPU from width 1/16 (train.use_channels_last)
     compile: bool = False
     progress: bool = True
@@ -118,6 +122,7 @@ CHOICES = {
     "dataset": DATASETS, "backbone": BACKBONE_CHOICES, "condition": CONDITIONS,
     "recipe": RECIPES, "side": SIDES, "report_epoch": REPORTS, "kwta_eval": KWTA_EVAL,
     "callosum": CALLOSUM_KINDS, "callosum_train": CALLOSUM_TRAIN, "pack": ("auto", "on", "off"),
+    "precision": ("auto", "fp32", "bf16"),
 }
 SCHEDULES = ("constant", "warmup_linear", "wsd")
 LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES,
@@ -127,7 +132,10 @@ LIST_CHOICES = {"conditions": CONDITIONS, "baselines": BASELINES,
 # same run (a different device is allowed to pick up where another left off).
 NOT_IDENTITY = {"out_dir", "data_dir", "progress", "conditions", "baselines", "device", "slurm", "grid",
                 "threads", "ensemble_sizes", "pool_size", "callosum_kinds", "pack", "keep_at",
-                "branch_from"}
+                "branch_from", "amp"}
+# A key missing from a record reads as this value rather than the field's default: records
+# written before `precision` existed are float32 runs (every one of them trained on a CPU).
+RECORD_DEFAULTS = {"precision": "fp32"}
 
 
 class ConfigError(ValueError):
@@ -180,6 +188,9 @@ def validate(cfg: Config) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key}: unknown value {short(getattr(cfg, key))}; allowed: {', '.join(allowed)}")
+    if not cfg.amp:
+        raise ConfigError("amp: false is replaced by precision: fp32 (precision: auto | fp32 | "
+                          "bf16; auto is AMP on CUDA); remove amp from the parameters")
     for key, allowed in LIST_CHOICES.items():
         for v in getattr(cfg, key):
             if v not in allowed:
@@ -393,7 +404,7 @@ def identity(cfg: Config) -> dict:
 def diff(a: dict, b: dict) -> list[str]:
     # a key missing on one side reads as its default: a field added after a run was recorded,
     # left at its default, does not make that run a different one
-    defaults = dataclasses.asdict(Config())
+    defaults = {**dataclasses.asdict(Config()), **RECORD_DEFAULTS}
     get = lambda d, k: d[k] if k in d else defaults.get(k)  # noqa: E731
     keys = sorted(set(a) | set(b))
     return [f"{k}: {get(a, k)!r} -> {get(b, k)!r}" for k in keys if get(a, k) != get(b, k)]

@@ -122,7 +122,7 @@ class Run:
         if rec is None:
             return []
         out = []
-        changes = C.diff(rec["config"], C.identity(self.cfg))
+        changes = C.diff(rec["config"], runner.identity(self))  # precision resolved
         if changes:
             out.append(f"its folder holds another config ({'; '.join(changes)})")
         changed = self.changed_upstream(rec)
@@ -226,10 +226,10 @@ def changed_in(experiment_dir, record: dict) -> list[str]:
 
 def study_runs(cfg: C.Config, seed: int) -> list[Run]:
     """The runs the study asks for directly (not their upstream): every stage's variants;
-    a baseline only when it is listed in cfg.baselines."""
+    a baseline or a control (config.BASELINES) only when it is listed in cfg.baselines."""
     out = []
     for s in STAGES.values():
-        if s.phase == "baselines" and s.name not in cfg.baselines:
+        if (s.phase == "baselines" or s.name in C.BASELINES) and s.name not in cfg.baselines:
             continue
         out += [Run(s.name, dataclasses.replace(cfg, **v), seed) for v in s.variants(cfg)]
     return out

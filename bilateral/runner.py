@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -31,6 +32,62 @@ def run_seed(stage: str, name: str, seed: int) -> int:
 
 def tag(run) -> str:
     return f"[{run.stage} {run.name} seed={run.seed}]"
+
+
+# ------------------------------------------------------------------------------- precision
+
+def identity(run) -> dict:
+    """What decides what a run computes (config.identity), with its precision resolved: the
+    record of a bf16 run is not an fp32 run's, whatever `precision: auto` chose where."""
+    return {**C.identity(run.cfg), "precision": precision(run)}
+
+
+def precision(run, device=None, log=print) -> str:
+    """The precision `run` trains in on `device` (its config's by default): train.resolve_precision,
+    measured where auto asks for it on the run's own architecture (precision_key)."""
+    device = train.pick_device(run.cfg.device) if device is None else torch.device(device)
+    key = precision_key(run, device)
+    return train.resolve_precision(run.cfg.precision, device, key,
+                                   lambda: precision_probe(run, device), log=log)
+
+
+def precision_arch(run) -> str | None:
+    """The architecture a run trains end to end, for the precision measurement; None for a run
+    that trains no backbone of its own (heads on frozen hemispheres, callosal connections,
+    ensembles): auto keeps those in float32 on a CPU."""
+    if run.spec.build is None or run.spec.heads_only or run.spec.upstream(run.cfg):
+        return None
+    if run.stage == "hemisphere":
+        name, kwta = models.hemisphere_arch(run.cfg, run.cfg.side)
+        return name + "+kwta" * kwta
+    if run.stage == "bilateral_unspecialised":
+        return "+".join(n + "+kwta" * k for n, k in (models.hemisphere_arch(run.cfg, s) for s in C.SIDES))
+    return architecture(run)
+
+
+def precision_key(run, device) -> tuple | None:
+    arch = precision_arch(run)
+    if arch is None:
+        return None
+    bs = min(train.hyper(run.cfg, run.stage).batch_size, train.PRECISION_BATCH)
+    return (torch.device(device).type, run.stage, arch, run.cfg.width, bs,
+            train.use_channels_last(run.cfg, device))
+
+
+def precision_probe(run, device):
+    """(model, batch, heads) for train.measure_precision: the run's own untrained model, as
+    training lays it out in memory, and one batch of random images."""
+    key = precision_key(run, device)
+    bs, cl = key[4], key[5]
+    torch.manual_seed(0)
+    hier = types.SimpleNamespace(n_fine=10, n_coarse=2)
+    model = run.spec.build(run.cfg, hier, []).to(device)
+    x = torch.randn(bs, 3, 32, 32, device=device)
+    if cl:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    batch = {"x": x, "fine": torch.randint(0, 10, (bs,), device=device),
+             "coarse": torch.randint(0, 2, (bs,), device=device)}
+    return model, batch, run.heads
 
 
 def loaders(cfg, device, batch_size, seed, augment):
@@ -79,7 +136,7 @@ def check_claimed(run, force, log) -> dict | None:
     """A claimed run's folder checked before training: its metrics when it is finished with
     the same config, None when it is to be trained (or resumed); stale or foreign: raises."""
     path = run.path
-    status = runs.prepare(path, C.identity(run.cfg), force, rebuild=run.command())  # checks the records
+    status = runs.prepare(path, identity(run), force, rebuild=run.command())  # checks the records
     changed = run.changed_upstream() if status != "new" else []  # force has cleared a stale run
     if changed:
         raise runs.RunConflict(f"{run.key} is stale: it was built on {', '.join(changed)}, "
@@ -138,19 +195,20 @@ def prepare(run, device, hp) -> dict:
 
 def _fit_one(run, b, device, hp, log):
     cfg, path = run.cfg, run.path
+    prec = precision(run, device, log)
     model = b["model"].to(device)
     if train.use_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     forward, (train_dl, val_dl, test_dl) = model, b["loaders"]
     if run.spec.heads_only:
         forward, train_dl, val_dl, test_dl = bilateral_forward(
-            model, train_dl, val_dl, test_dl, b["cached"], hp, b["rseed"], device, cfg.amp)
+            model, train_dl, val_dl, test_dl, b["cached"], hp, b["rseed"], device, prec)
     if cfg.compile:
         forward = torch.compile(forward)
     branch(run, hp, log)
     history, best = train.fit(
         model, forward, train_dl, val_dl, heads=run.heads, hp=hp, device=device,
-        fine_to_coarse=b["hier"].fine_to_coarse, ckpt_path=path / "checkpoint.pt", amp=cfg.amp,
+        fine_to_coarse=b["hier"].fine_to_coarse, ckpt_path=path / "checkpoint.pt", amp=prec,
         progress=cfg.progress, log=lambda m: log(f"{tag(run)} {m}"),
         on_epoch=lambda h: runs.write_csv(path / "history.csv", h),
         keep_at=tuple(k for k in cfg.keep_at if k < hp.epochs))
@@ -178,7 +236,7 @@ def branch(run, hp, log) -> bool:
         log(f"{tag(run)} no checkpoint of epoch {start} in {src}: trains from the start")
         return False
     other = runs.read_json(src / "config.json").get("config", {})
-    changes = [c for c in C.diff(other, C.identity(cfg)) if c.split(":")[0] not in BRANCH_MAY_DIFFER]
+    changes = [c for c in C.diff(other, identity(run)) if c.split(":")[0] not in BRANCH_MAY_DIFFER]
     if changes:
         log(f"{tag(run)} {src} is another run ({'; '.join(changes)}): trains from the start")
         return False
@@ -206,7 +264,7 @@ def _fit_packed(group, built, device, hp, log):
         net, forward, packed.PackedLoader([b["loaders"][0] for b in built]),
         packed.PackedLoader([val_dl] * len(group)),
         heads=group[0].heads, hp=hp, device=device, fine_to_coarse=built[0]["hier"].fine_to_coarse,
-        ckpt_path=[r.path / "checkpoint.pt" for r in group], amp=cfg0.amp, progress=cfg0.progress,
+        ckpt_path=[r.path / "checkpoint.pt" for r in group], amp=precision(group[0], device, log), progress=cfg0.progress,
         log=lambda m: log(f"[packed {stage} x{len(group)}] {m}"), on_epoch=on_epoch)
     on_epoch(histories)  # as in _fit_one: whole histories after a resume past the last epoch
     out = []
@@ -237,7 +295,8 @@ def record(run, device, upstream: dict, extra: dict):
     from the very bytes the run loaded (runs not loaded, such as an ensemble's unchosen pool
     members, are hashed from their files)."""
     hashes = {u.key: upstream.get(u.key) or runs.file_hash(u.path / "model.pt") for u in run.upstream()}
-    rec = {"config": C.identity(run.cfg), "resolved": dataclasses.asdict(run.cfg),
+    ident = identity(run)
+    rec = {"config": ident, "resolved": {**dataclasses.asdict(run.cfg), "precision": ident["precision"]},
            "stage": run.stage, "seed": run.seed, "upstream": hashes,
            **runs.provenance(device), **extra}
     runs.write_json(run.path / "config.json", rec)
@@ -259,7 +318,8 @@ def finish_model(run, model, forward, best, hp, hier, device, val_dl, test_dl) -
     cfg, stage, heads = run.cfg, run.stage, run.heads
     model.eval()
     f2c = hier.fine_to_coarse
-    ev = lambda dl: train.evaluate(forward, dl, device, f2c, cfg.amp)  # noqa: E731
+    prec = precision(run, device)
+    ev = lambda dl: train.evaluate(forward, dl, device, f2c, prec)  # noqa: E731
     out = {"val": {"last": ev(val_dl)}, "test_last": ev(test_dl)}
     if best["epoch"] == hp.epochs:  # the best state is the last one: the same numbers, unevaluated
         out["val"]["best"], out["test_best"] = out["val"]["last"], out["test_last"]
@@ -353,8 +413,9 @@ def evaluate_ensemble(run, device, log) -> dict:
                                  "trainable_params": models.count_trainable(model),
                                  "total_params": models.count_total(model)})
     f2c = hier.fine_to_coarse
-    val = train.evaluate(model, val_dl, device, f2c, cfg.amp)
-    test = train.evaluate(model, test_dl, device, f2c, cfg.amp)
+    prec = precision(run, device)
+    val = train.evaluate(model, val_dl, device, f2c, prec)
+    test = train.evaluate(model, test_dl, device, f2c, prec)
     log(f"members {chosen} chosen by validation accuracy from a pool of {cfg.pool_size}")
     return {"test": test, "val": val, "members": chosen, "report": "last",
             "pool_val": {m: pool[m]["val"] for m in pool}, "heads": ["fine", "coarse"]}
@@ -372,17 +433,96 @@ def architecture(run) -> str:
     return run.cfg.backbone if run.stage == "unilateral" else run.stage
 
 
+PACK_STEPS = 2  # timed steps each way (after one untimed step) in decide_packing
+PACK_DECISIONS: dict = {}  # {device type: what decide_packing measured and chose}
+
+
 def packs(cfg) -> bool:
-    """pack: on, off, or auto: on where the runs train on CUDA. On a CPU, PyTorch's grouped
-    convolutions ran slower than the N plain ones (bench section 6: 0.3-0.8x at widths 1/8 and
-    1/4 on 2 cores), so auto leaves CPU runs apart."""
-    return cfg.pack == "on" or cfg.pack == "auto" and train.pick_device(cfg.device).type == "cuda"
+    """pack: on, off, or auto: what decide_packing measured in this process on the device the
+    runs train on (a sweep measures at its start and hands its runs pack on or off); apart
+    until it has. On the 2-core CPU VMs packed grouped convolutions ran 0.3-0.8x of the N
+    plain ones (bench section 6), so auto measures rather than assumes."""
+    if cfg.pack != "auto":
+        return cfg.pack == "on"
+    decision = PACK_DECISIONS.get(train.pick_device(cfg.device).type)
+    return bool(decision and decision["pack"])
 
 
-def pack_key(run):
+def decide_packing(todo, log=print, steps=PACK_STEPS, timer=time.perf_counter, cache=True) -> dict | None:
+    """pack: auto at the start of a sweep: time `steps` training steps of one packable group
+    of `todo` (the one with the most members, the cheaper on a tie) packed and separate on the
+    device that will train it, print both figures, and pack only if packed is faster. The
+    decision (a dict; None when no run is auto or no group has two members) is kept in
+    PACK_DECISIONS for the device type and holds for every group of the sweep."""
+    auto = [r for r in todo if r.cfg.pack == "auto"]
+    groups = [g for g in packable_groups(auto, force=True) if len(g) > 1]
+    if not groups:
+        return None
+    device = train.pick_device(auto[0].cfg.device)
+    if cache and device.type in PACK_DECISIONS:
+        return PACK_DECISIONS[device.type]
+    group = min(groups, key=lambda g: (-len(g), sum(r.cost() for r in g)))
+    rates = measure_packing(group, device, steps, timer)
+    decision = {"pack": rates["packed"] > rates["separate"], "device": device.type,
+                "members": len(group), "group": f"{group[0].stage} {group[0].name}",
+                "separate_img_per_s": rates["separate"], "packed_img_per_s": rates["packed"],
+                "ratio": rates["packed"] / rates["separate"], "batch": rates["batch"]}
+    PACK_DECISIONS[device.type] = decision
+    log(f"pack auto: {len(group)} x {decision['group']} on {device.type}, batch {rates['batch']} "
+        f"per member: separate {rates['separate']:,.0f} img/s, packed {rates['packed']:,.0f} img/s "
+        f"({decision['ratio']:.2f}x): {'packed' if decision['pack'] else 'separate'}")
+    return decision
+
+
+def measure_packing(group, device, steps=PACK_STEPS, timer=time.perf_counter) -> dict:
+    """Images/s over all members of `group`: one step of the members' own models one after
+    the other against one step of the same models packed (packed.pack), on random images at
+    the runs' batch size, in their precision and memory format; train.race: one untimed step
+    each way, then `steps` timed ones each way, interleaved, the best of each counted."""
+    run, n = group[0], len(group)
+    hp = train.hyper(run.cfg, run.stage)
+    bs = hp.batch_size
+    cl = train.use_channels_last(run.cfg, device)
+    ctx, _ = train.autocast(device, precision(run, device))
+    scaler = train.grad_scaler(device, precision(run, device))
+    hier = types.SimpleNamespace(n_fine=10, n_coarse=2)
+    torch.manual_seed(0)
+    members = [r.spec.build(r.cfg, hier, []).to(device) for r in group]
+
+    def labels(*shape):
+        return {"fine": torch.randint(0, 10, shape, device=device),
+                "coarse": torch.randint(0, 2, shape, device=device)}
+
+    kw = dict(heads=run.heads, label_smoothing=hp.label_smoothing, lr=hp.lr)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    sep = [(m.to(memory_format=fmt), train.make_optimizer(m.parameters(), hp)) for m in members]
+    x = torch.randn(bs, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    one = {"x": x, **labels(bs)}
+    net = packed.pack([r.spec.build(r.cfg, hier, []) for r in group]).to(device)
+    if cl:
+        net.net.to(memory_format=torch.channels_last)
+        net.channels_last = True
+    opt = train.make_optimizer(net.parameters(), hp)
+    many = {"x": torch.randn(bs, n, 3, 32, 32, device=device), **labels(bs, n)}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    best = train.race({"separate": lambda: [train.train_step(m, one, o, scaler, ctx, **kw) for m, o in sep],
+                       "packed": lambda: train.train_step(net, many, opt, scaler, ctx, **kw)},
+                      steps, timer, sync)
+    separate, together = best["separate"], best["packed"]
+    return {"separate": n * bs / separate, "packed": n * bs / together, "batch": bs}
+
+
+def with_pack(run, pack: str):
+    """The same run (same folder and identity: pack is not part of it) with cfg.pack set, so
+    that a worker process trains it as the sweep decided."""
+    return dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, pack=pack))
+
+
+def pack_key(run, force=False):
     """Runs with equal keys can share one packed model: one stage and config (so one
-    architecture, data and recipe), differing only in seed or pool member. None: never packed."""
-    if not packs(run.cfg) or run.stage not in PACKABLE_STAGES \
+    architecture, data and recipe), differing only in seed or pool member. None: never packed
+    (force: as if packing were on)."""
+    if not (force or packs(run.cfg)) or run.stage not in PACKABLE_STAGES \
             or architecture(run) not in packed.PACKABLE_BACKBONES:
         return None
     ident = C.identity(run.cfg)
@@ -390,13 +530,13 @@ def pack_key(run):
     return run.stage, repr(sorted(ident.items()))
 
 
-def packable_groups(runs_, max_members=MAX_MEMBERS) -> list[list]:
+def packable_groups(runs_, max_members=MAX_MEMBERS, force=False) -> list[list]:
     """The runs split into groups to train together, in the runs' order (a group stands where
     its first run stood): the same run across seeds and the pool members of a seed share a
     group; runs that cannot be packed stay alone. Give it the runs still to train."""
     groups, by_key = [], {}
     for r in runs_:
-        key = pack_key(r)
+        key = pack_key(r, force)
         if key is None:
             groups.append([r])
             continue

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import sys
 import time
@@ -145,14 +146,131 @@ def keep_freed_memory():
     _KEEPS_FREED_MEMORY = True
 
 
-def autocast(device, enabled: bool):
-    """Mixed precision on CUDA only: bf16 where supported, else fp16 (needs a grad scaler).
-    On CPU bf16 autocast ran about 10x slower than float32 here, so CPU stays float32."""
+def autocast(device, precision=True):
+    """(context, dtype) of a precision: "fp32" (or False) none; "bf16" bfloat16 autocast on the
+    CPU or CUDA; "fp16" float16 autocast on CUDA (needs a grad scaler). True or "auto" is the
+    AMP of old, without measuring: bf16 on CUDA where supported, else fp16, and float32 off
+    CUDA (train and runner pass the run's resolved precision, see resolve_precision).
+    Autocast computes convolutions and matmuls in the low precision; the weights, their
+    gradients and optimiser state, BatchNorm's statistics, k-WTA's thresholds and the loss
+    (loss_fn casts the logits) stay float32."""
     device = torch.device(device)
-    if not enabled or device.type != "cuda":
+    if precision is True or precision == "auto":
+        if device.type != "cuda":
+            return contextlib.nullcontext(), None
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision in (False, None, "fp32"):
         return contextlib.nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype), dtype
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"precision: unknown value {precision!r}; allowed: fp32, bf16, fp16, auto")
+    if device.type not in ("cuda", "cpu") or precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision {precision} is not available on {device.type}; use fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype), dtype
+
+
+# ---------------------------------------------------------------------------- precision: auto
+
+# bf16 must beat float32 by this much in the measurement at start for `auto` to choose it on a
+# CPU: below it the difference is within a short measurement's noise on a shared machine, and
+# float32 keeps the records comparable with those already written.
+BF16_MARGIN = 1.10
+PRECISION_STEPS = 2      # timed steps per precision (after one untimed warm-up step)
+PRECISION_BATCH = 64     # at most; images/s of a step at a smaller batch than the run's
+PRECISION_DECISIONS: dict = {}  # {architecture key: (precision, fp32 img/s, bf16 img/s)}
+_SAID_NO_BF16_UNITS = []
+
+
+def cpu_bf16_units() -> bool:
+    """Whether this CPU has bfloat16 instructions (x86 avx512_bf16 or amx_bf16, Arm bf16).
+    Without them PyTorch emulates bf16 by conversions: a ResNet-9 step at width 1/8 ran 11x
+    slower in bf16 than in float32 on the 2-core AMD EPYC VM without them (926 -> 82 img/s),
+    so `auto` does not measure there."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(precision: str, device, key=None, make=None, log=print,
+                      timer=time.perf_counter) -> str:
+    """The precision a run trains in: "fp32", "bf16" or (auto on a CUDA GPU without bf16) "fp16".
+
+    fp32 and bf16 are themselves. auto: CUDA keeps the AMP path (bf16 where supported, else
+    fp16 with a grad scaler); another device than the CPU float32; on a CPU float32 where it
+    has no bf16 instructions (cpu_bf16_units), else what measure_precision finds for the
+    run's architecture (`key`, `make`: see there), once per process and key. Without a key
+    (a run that trains no backbone of its own: heads on cached features, ensembles) float32."""
+    kind = torch.device(device).type
+    if precision in ("fp32", "bf16"):
+        if precision == "bf16" and kind not in ("cpu", "cuda"):
+            raise ValueError(f"precision bf16 is not available on {kind}; use fp32 or auto")
+        return precision
+    if precision != "auto":
+        raise ValueError(f"precision: unknown value {precision!r}; allowed: auto, fp32, bf16")
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if kind != "cpu" or key is None:
+        return "fp32"
+    if key in PRECISION_DECISIONS:
+        return PRECISION_DECISIONS[key][0]
+    if not cpu_bf16_units():
+        if not _SAID_NO_BF16_UNITS:
+            log("precision auto: this CPU has no bf16 instructions (avx512_bf16, amx_bf16): "
+                "float32, not measured")
+            _SAID_NO_BF16_UNITS.append(True)
+        return "fp32"
+    return measure_precision(key, make, log=log, timer=timer)
+
+
+def race(ways: dict, rounds: int, timer=time.perf_counter, sync=None) -> dict:
+    """{name: the best seconds of one call of ways[name]}: every way called once untimed, then
+    `rounds` rounds of one timed call each, interleaved, so a change of load (or a process's
+    first slow steps) favours none. sync: called before each reading (CUDA's queue)."""
+    sync = sync or (lambda: None)
+    for step in ways.values():
+        step()
+    best = {name: math.inf for name in ways}
+    for _ in range(rounds):
+        for name, step in ways.items():
+            sync()
+            t0 = timer()
+            step()
+            sync()
+            best[name] = min(best[name], max(timer() - t0, 1e-9))
+    return best
+
+
+def measure_precision(key, make, steps: int | None = None, log=print, timer=time.perf_counter) -> str:
+    """bf16 or fp32, whichever trains `make()`'s model faster on the CPU, bf16 only by
+    BF16_MARGIN; both figures printed, the decision cached under `key` for this process.
+
+    make() -> (model, batch, heads): a fresh model of the run's architecture (in the memory
+    format its training uses) and one batch. A copy each way; race(): one untimed training
+    step (train_step: forward, backward, SGD) each, then `steps` (PRECISION_STEPS) timed
+    ones each, interleaved, the best of each counted."""
+    ways, n = {}, None
+    for precision in ("fp32", "bf16"):
+        model, batch, heads = make()
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        ctx, _ = autocast("cpu", precision)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        ways[precision] = functools.partial(train_step, model, batch, opt, scaler, ctx, heads=heads,
+                                            label_smoothing=0.0, lr=0.01)
+        n = len(batch["x"])
+    best = race(ways, PRECISION_STEPS if steps is None else steps, timer)
+    rates = {p: n / s for p, s in best.items()}
+    choice = "bf16" if rates["bf16"] >= BF16_MARGIN * rates["fp32"] else "fp32"
+    PRECISION_DECISIONS[key] = (choice, rates["fp32"], rates["bf16"])
+    log(f"precision auto, {key}: float32 {rates['fp32']:,.0f} img/s, bf16 {rates['bf16']:,.0f} "
+        f"img/s ({rates['bf16'] / rates['fp32']:.2f}x; bf16 needs {BF16_MARGIN:.2f}x): {choice}")
+    return choice
 
 
 class FeatureLoader:
@@ -217,8 +335,8 @@ def train_step(forward, batch, opt, scaler, ctx, *, heads, label_smoothing, lr):
     return losses.detach()
 
 
-def grad_scaler(device, amp):
-    _, dtype = autocast(device, amp)
+def grad_scaler(device, precision):
+    _, dtype = autocast(device, precision)
     return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
@@ -279,7 +397,8 @@ def fit(model, forward, train_loader, val_loader, *, heads, hp: Hyper, device, f
     of N paths, each holding member i's checkpoint in the ordinary form (so either way of
     training resumes the other's), and the history and best state come back as lists.
     keep_at: epochs whose checkpoints are also kept, as checkpoint-e<k>.pt beside ckpt_path
-    (where shorter wsd budgets branch from).
+    (where shorter wsd budgets branch from). amp: the run's precision (autocast), validation
+    included.
     """
     members = getattr(model, "n_members", None)
     paths = list(ckpt_path) if members else [ckpt_path]

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from bilateral import config as C
+from bilateral import plan  # noqa: F401  (registers the stages: the stage_epochs check)
 from bilateral import runs
 
 PARAMS = sorted((Path(__file__).parents[1] / "params").glob("*.yaml"))
@@ -37,6 +38,9 @@ def test_every_preset_loads(path):
     ({"stage_epochs": {"resnet34": 2.5}}, ["stage_epochs", "expected int"]),
     ({"stage_epochs": [12]}, ["stage_epochs", "expected a mapping"]),
     ({"weight_decay_equal": "yes"}, ["weight_decay_equal", "expected bool"]),
+    ({"precision": "fp16"}, ["precision", "'fp16'", "auto, fp32, bf16"]),
+    ({"precision": "float32"}, ["precision", "allowed: auto, fp32, bf16"]),
+    ({"amp": False}, ["amp: false is replaced by precision: fp32"]),
 ])
 def test_bad_parameters_stop_with_a_message_naming_them(values, words):
     with pytest.raises(C.ConfigError) as e:
@@ -48,9 +52,9 @@ def test_bad_parameters_stop_with_a_message_naming_them(values, words):
 def test_types_are_converted_where_safe_and_overrides_read_as_yaml(tmp_path):
     p = tmp_path / "x.yaml"
     p.write_text("experiment: x\nwidth: 1\nbn_momentum: null\n")
-    cfg = C.load(p, ["epochs=3", "lr=0.05", "conditions=[A, C]", "amp=false"])
+    cfg = C.load(p, ["epochs=3", "lr=0.05", "conditions=[A, C]", "precision=bf16", "amp=true"])
     assert cfg.width == 1.0 and isinstance(cfg.width, float)
-    assert (cfg.epochs, cfg.lr, cfg.conditions, cfg.amp) == (3, 0.05, ["A", "C"], False)
+    assert (cfg.epochs, cfg.lr, cfg.conditions, cfg.precision) == (3, 0.05, ["A", "C"], "bf16")
     with pytest.raises(C.ConfigError, match="key=value"):
         C.load(p, ["epochs"])
     with pytest.raises(C.ConfigError, match="not found"):
@@ -111,3 +115,13 @@ def test_a_field_added_later_at_its_default_keeps_earlier_runs():
     old = {k: v for k, v in new.items() if k != "dropout"}  # as if dropout came later
     assert C.diff(old, new) == []
     assert C.diff(old, C.identity(C.Config(epochs=3, dropout=0.1))) == ["dropout: 0.6 -> 0.1"]
+
+
+def test_a_record_without_precision_reads_as_float32_and_amp_is_not_identity():
+    """Records written before `precision` (no key, amp: true) are float32 runs: they match an
+    identity whose resolved precision is fp32, not a bf16 one (runner.identity resolves it)."""
+    old = {k: v for k, v in C.identity(C.Config()).items() if k != "precision"}
+    old["amp"] = True
+    assert "amp" not in C.identity(C.Config())
+    assert C.diff(old, {**C.identity(C.Config()), "precision": "fp32"}) == []
+    assert C.diff(old, {**C.identity(C.Config()), "precision": "bf16"}) == ["precision: 'fp32' -> 'bf16'"]
