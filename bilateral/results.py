@@ -51,12 +51,15 @@ ALPHA = 0.05                        # family-wise: a claim holds when its Holm p
 
 @dataclass(frozen=True)
 class Comparison:
-    """One declared comparison: `model` minus `against`, on every head of HEADS both have.
-    "{backbone}" is the reference bilateral model's backbone; `against` may hold shell
-    wildcards (one entry, several models). `claim`: what `model` ahead would mean."""
+    """One declared comparison: `model` minus `against`, on the heads of `heads` both have.
+    "{backbone}" is the reference bilateral model's backbone; "{condition}" stands for every
+    condition the study ran (one comparison per condition whose models exist); `model` and
+    `against` may hold shell wildcards (one entry, several models). `claim`: what `model`
+    ahead would mean."""
     model: str
     against: str
     claim: str
+    heads: tuple = HEADS
 
 
 _BIL = "bilateral/{backbone}-A"
@@ -85,7 +88,33 @@ FAMILY = (
     Comparison(_BIL, "resnet18", "the bilateral model beats ResNet-18"),
     Comparison(_BIL, "resnet34", "the bilateral model beats ResNet-34"),
     Comparison(_BIL, "ensemble/{backbone}-k*", "the bilateral model beats an ensemble of unilateral networks"),
+    # The control of "combining beats the fine (coarse) hemisphere": the bilateral model's two
+    # heads trained on ONE frozen hemisphere's features (stage one_hemisphere, added after the
+    # 5-seed result, before any of its runs). It shares that hemisphere with the bilateral
+    # model of its condition and seed, so the test is paired. What remains of "bilateral
+    # beats its fine hemisphere" against it is the gain of combining, apart from the gain of
+    # a new head on frozen features. Rows appear only where such runs exist.
+    Comparison("bilateral/{backbone}-{condition}", "one_hemisphere/{backbone}-{condition}-left",
+               "combining the hemispheres beats the same heads trained on the fine (left) "
+               "hemisphere alone", heads=("fine_acc",)),
+    Comparison("bilateral/{backbone}-{condition}", "one_hemisphere/{backbone}-{condition}-right",
+               "combining the hemispheres beats the same heads trained on the coarse (right) "
+               "hemisphere alone", heads=("coarse_acc",)),
 )
+
+# The callosal models, each against the bilateral model of its condition (callosal minus
+# bilateral): a family of their own. They ask another question (do connections between the
+# hemispheres add to the frozen bilateral model?), were declared after the main family's
+# results, and were run on fewer seeds at another revision; folded into FAMILY they would
+# change its m, so how many callosal variants were tried would decide the main claims.
+# Holm runs over these alone.
+CALLOSAL_FAMILY = (
+    Comparison("callosal/{backbone}-{condition}-*", "bilateral/{backbone}-{condition}",
+               "the callosal connections beat the frozen bilateral model they were added to"),
+    Comparison("callosal_unspecialised/{backbone}-{condition}-*", "bilateral/{backbone}-{condition}",
+               "a callosal model trained from scratch beats the specialised bilateral model"),
+)
+FAMILIES = {"main": FAMILY, "callosal": CALLOSAL_FAMILY}  # name -> comparisons, Holm within each
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -156,6 +185,76 @@ def history_rising(run: Path, heads, n_val: int) -> bool | None:
     return still_rising(scores, n_val)
 
 
+SELF_TOL = 1e-3  # two evaluations of one model that differ by more than 0.1 point disagree
+
+
+def _off(a: dict, b: dict) -> list[str]:
+    return [f"{m} {100 * a[m]:.2f} against {100 * b[m]:.2f}" for m in sorted(a)
+            if m in b and isinstance(a[m], (int, float)) and isinstance(b[m], (int, float))
+            and abs(a[m] - b[m]) > SELF_TOL]
+
+
+def self_disagreement(run: Path, metrics: dict, rec: dict) -> str | None:
+    """Why a run's record disagrees with itself, or None. Its test metrics and the k-WTA rule
+    it was trained with (test_kwta_<its rule>) are the same model on the same images, and its
+    recorded validation accuracy is the one history.csv holds for the reported epoch: two
+    evaluations that differ were not both made in eval mode. (Fashion-MNIST, D-left seed 1:
+    test 42.69, test_kwta_threshold 41.09. A run resumed after its last epoch's checkpoint
+    trained nothing, so nothing switched its model to eval mode, and every evaluation drew
+    its own dropout masks and batch statistics; runner.finish_model sets eval mode since
+    bec18d0.)"""
+    test = metrics.get("test") or {}
+    own = (rec.get("resolved") or {}).get("kwta_eval") or "threshold"
+    same_rule = metrics.get(f"{KWTA_SPLIT}{own}")
+    if isinstance(same_rule, dict) and (off := _off(test, same_rule)):
+        return (f"its test accuracy is not the one of its own k-WTA rule {own} ({'; '.join(off)}): "
+                f"the same model evaluated twice gave two answers, so not in eval mode; "
+                f"retrain it with --force")
+    epoch = {"last": metrics.get("epochs"), "best": metrics.get("best_epoch")}.get(metrics.get("report"))
+    val = metrics.get("val")
+    if not isinstance(epoch, int) or not isinstance(val, dict):
+        return None
+    try:
+        h = pd.read_csv(run / "history.csv")
+        row = h[h.epoch == epoch].iloc[0]
+    except (OSError, ValueError, KeyError, IndexError, AttributeError, pd.errors.EmptyDataError):
+        return None
+    seen = {m: float(row[f"val_{m}"]) for m in val if f"val_{m}" in row.index}
+    if off := _off(val, seen):
+        return (f"its validation accuracy is not the one history.csv holds for its reported "
+                f"epoch {epoch} ({'; '.join(off)}): evaluated otherwise than in training "
+                f"(not in eval mode); retrain it with --force")
+    return None
+
+
+def disagreeing_runs(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """[(stage/model/seed=k, why)] of the runs in a results.csv whose test accuracy matches
+    none of the k-WTA rules it was evaluated under (each run is evaluated under its own
+    rule as well, so one of them is its test accuracy): the check self_disagreement makes on
+    run folders, from the table alone."""
+    run_cols = ["stage", "model", "seed"]
+    test = df[df.split == "test"].set_index(run_cols + ["metric"]).value
+    out = []
+    kw = df[df.split.astype(str).str.startswith(KWTA_SPLIT)]
+    for (stage, model, seed), g in kw.groupby(run_cols):
+        by_rule = {r: dict(zip(x.metric, x.value)) for r, x in g.groupby("split")}
+        mine = {m: v for (st, mo, se, m), v in test.items() if (st, mo, se) == (stage, model, seed)}
+        if mine and all(_off(mine, rule) for rule in by_rule.values()):
+            out.append((f"{stage}/{model}/seed={seed}",
+                        "its test accuracy matches none of the k-WTA rules it was evaluated "
+                        f"under ({'; '.join(_off(mine, by_rule.get(KWTA_SPLIT + 'threshold', {})))}"
+                        " for threshold): two evaluations of one model disagree, so not in "
+                        "eval mode; left out"))
+    return out
+
+
+def without_runs(df: pd.DataFrame, problems) -> pd.DataFrame:
+    """df less the rows of the runs named in problems (stage/model/seed=k)."""
+    gone = {p for p, _ in problems}
+    name = df.stage.astype(str) + "/" + df.model.astype(str) + "/seed=" + df.seed.astype(str)
+    return df[~name.isin(gone)]
+
+
 def _train_extras(run: Path, metrics: dict, rec: dict) -> dict:
     """The run's scalars filed under split "train": budget, time, parameters, convergence."""
     extra = {k: metrics[k] for k in TRAIN_KEYS if isinstance(metrics.get(k), (int, float))}
@@ -182,9 +281,11 @@ def run_rows(exp: Path, problems: list | None = None) -> list[dict]:
             if problems is not None and len(problems) > seen:
                 continue  # half a record would give rows without their condition or seed
             changed = plan.changed_in(exp, rec)
-            if changed or not runs.finished(run):
+            sealed = runs.finished(run)
+            disagrees = sealed and not changed and self_disagreement(run, metrics, rec)
+            if changed or not sealed or disagrees:
                 why = (f"stale, built on {', '.join(changed)} before they were retrained "
-                       f"(retrain it with --force)") if changed else (
+                       f"(retrain it with --force)") if changed else disagrees or (
                        "its seal (metrics.json) does not match its model.pt or history.csv: "
                        "interrupted while sealing, or changed since (retrain it with --force)")
                 if problems is None:
@@ -343,53 +444,82 @@ def reference_key(keys) -> str | None:
     return next((k for k in bil if k.endswith("-A")), bil[0] if bil else None)
 
 
-def family_pairs(ref: str, keys) -> tuple[list[tuple[str, str, Comparison]], list[str]]:
-    """FAMILY made concrete for this study: [(model, against, its Comparison)] for every
-    declared comparison whose models were both run, and ["model against pattern"] for the
-    declared ones that were not."""
+def _conditions(c: Comparison) -> tuple:
+    return tuple(C.CONDITIONS) if "{condition}" in c.model + c.against else ("",)
+
+
+def family_pairs(ref: str, keys, family=FAMILY) -> tuple[list[tuple[str, str, Comparison]], list[str]]:
+    """A family made concrete for this study: [(model, against, its Comparison)] for every
+    declared comparison whose models were both run (one per condition for "{condition}",
+    one per match of a wildcard), and ["model against pattern"] for the declared ones none of
+    whose models were run."""
     backbone = ref.split("/", 1)[1].rsplit("-", 1)[0]
     keys, pairs, missing = set(keys), [], []
-    for c in FAMILY:
-        model = c.model.format(backbone=backbone)
-        found = sorted(k for k in keys if fnmatch.fnmatchcase(k, c.against.format(backbone=backbone)))
-        if model in keys and found:
-            pairs += [(model, k, c) for k in _order(found) if k != model]
-        else:
-            missing.append(f"{model} against {c.against.format(backbone=backbone)}")
+    for c in family:
+        found = []
+        for cond in _conditions(c):
+            fill = dict(backbone=backbone, condition=cond)
+            models = _order(k for k in keys if fnmatch.fnmatchcase(k, c.model.format(**fill)))
+            against = _order(k for k in keys if fnmatch.fnmatchcase(k, c.against.format(**fill)))
+            found += [(a, b, c) for a in models for b in against if a != b]
+        pairs += found
+        if not found:
+            fill = dict(backbone=backbone, condition="<condition>" if "{condition}" in
+                        c.model + c.against else "")
+            missing.append(f"{c.model.format(**fill)} against {c.against.format(**fill)}")
     return pairs, missing
 
 
+def row_label(reference: str, model: str, main: str) -> str:
+    """How a comparison's row is named: the other model where the reference or a bilateral
+    model is the first term, else the first term (a callosal model minus its bilateral)."""
+    return model if reference == main or reference.startswith("bilateral/") else reference
+
+
 def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per pair of models: first the declared family (FAMILY), then the reference
-    bilateral model against every other model outside it (exploratory). Per head: the
-    difference with its interval, n, df, t, p and, paired, the exact sign-flip p (stats.py);
-    and over the family, Holm's adjusted p of every test made (a head both models have, two
-    seeds or more): <head>_p_holm, NaN outside the family. attrs["family_missing"]: the
-    declared comparisons whose models were not run."""
+    """One row per pair of models (reference minus model): first the declared families
+    (FAMILIES: the main one, then the callosal one), then the reference bilateral model
+    against every model no family compares (exploratory). Per head: the difference with its
+    interval, n, df, t, p and, paired, the exact sign-flip p (stats.py); and within each
+    family, Holm's adjusted p of every test made (a declared head both models have, two
+    seeds or more): <head>_p_holm, NaN outside the families. `family`: "main", "callosal" or
+    "" (exploratory); `in_family`: in the main family. attrs["family_missing"]: the main
+    family's declared comparisons whose models were not run; attrs["missing"]: every
+    family's."""
     vals = per_seed(df)
     ref = reference_key(vals)
     if ref is None:
         return pd.DataFrame()
-    pairs, missing = family_pairs(ref, vals)
-    done = {(a, b) for a, b, _ in pairs}
-    pairs += [(ref, key, None) for key in _order(vals) if key != ref and (ref, key) not in done]
+    pairs, missing = [], {}
+    for name, fam in FAMILIES.items():
+        found, missing[name] = family_pairs(ref, vals, fam)
+        pairs += [(a, b, c, name) for a, b, c in found]
+    covered = {k for a, b, _, _ in pairs for k in (a, b)}
+    pairs += [(ref, key, None, "") for key in _order(vals) if key != ref and key not in covered]
     rows = []
-    for a_key, b_key, c in pairs:
-        row = dict(reference=a_key, model=b_key, in_family=c is not None,
-                   claim=c.claim if c else "")
+    for a_key, b_key, c, name in pairs:
+        row = dict(reference=a_key, model=b_key, label=row_label(a_key, b_key, ref),
+                   family=name, in_family=name == "main", claim=c.claim if c else "")
+        heads = c.heads if c else HEADS
         for metric in HEADS:
             a, b = vals[a_key].get(metric, {}), vals[b_key].get(metric, {})
-            d = difference(a, b, shares_runs(a_key, b_key)) if a and b else untested(len(a), len(b))
+            shared = shares_runs(a_key, b_key) or shares_runs(b_key, a_key)
+            d = difference(a, b, shared) if a and b and metric in heads else untested(len(a), len(b))
             row.update({f"{metric}_{k}": v for k, v in d.items()})
         rows.append(row)
     comp = pd.DataFrame(rows)
     p_cols = [f"{m}_p" for m in HEADS]
-    fam = comp.in_family.to_numpy()
-    adjusted = holm(comp.loc[fam, p_cols].to_numpy(float).reshape(-1)).reshape(-1, len(HEADS))
-    for i, m in enumerate(HEADS):
+    for m in HEADS:
         comp[f"{m}_p_holm"] = float("nan")
-        comp.loc[fam, f"{m}_p_holm"] = adjusted[:, i]
-    comp.attrs["family_missing"] = missing
+    for name in FAMILIES:
+        fam = (comp.family == name).to_numpy()
+        if not fam.any():
+            continue
+        adjusted = holm(comp.loc[fam, p_cols].to_numpy(float).reshape(-1)).reshape(-1, len(HEADS))
+        for i, m in enumerate(HEADS):
+            comp.loc[fam, f"{m}_p_holm"] = adjusted[:, i]
+    comp.attrs["family_missing"] = missing["main"]
+    comp.attrs["missing"] = missing
     comp.attrs["alpha"] = ALPHA
     return comp
 
@@ -438,9 +568,10 @@ def analysis_table(df: pd.DataFrame) -> pd.DataFrame:
 def unreadable_lines(problems) -> list[str]:
     if not problems:
         return []
-    return ["## Records that could not be read", "",
-            f"{len(problems)} record(s) could not be read and are left out of every table below; "
-            "rebuild each run with its train command and `--force`.", "",
+    return ["## Records that could not be read, or disagree with themselves", "",
+            f"{len(problems)} record(s) could not be read, or disagree with themselves, and are "
+            "left out of every table below; rebuild each run with its train command and "
+            "`--force`.", "",
             *(f"- `{path}`: {why}" for path, why in problems), ""]
 
 
@@ -488,6 +619,22 @@ def report(experiment_dir) -> dict:
     return dict(rows=df, summary=summary_table(df), comparison=comp, kwta=kwta_table(df),
                 csv=exp / "results.csv", md=exp / "results.md", forest=forest,
                 unreadable=problems)
+
+
+def from_csv(csv_path, out_dir) -> dict:
+    """results.md and the forest plot rebuilt from a results.csv alone (a published one, whose
+    run folders are elsewhere), into out_dir: the runs whose test accuracy disagrees with
+    their own evaluations (disagreeing_runs) are left out and listed."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = pd.read_csv(csv_path)
+    df["seed"] = df["seed"].astype("Int64")
+    problems = disagreeing_runs(df)
+    df = without_runs(df, problems)
+    comp = comparison_table(df)
+    forest = results_md.save_forest(out, comp)
+    atomic_write_bytes(out / "results.md", markdown(out, df, problems).encode())
+    return dict(rows=df, comparison=comp, forest=forest, md=out / "results.md", unreadable=problems)
 
 
 def grid_report(points, out_dir) -> pd.DataFrame:

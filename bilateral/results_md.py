@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import forest
 from .runs import atomic_write_bytes
 from .stats import seeds_for, sign_flip_floor
 
@@ -27,7 +28,9 @@ def _cell(row, metric):
     if not n:
         return "—"
     sd = row[f"{metric}_sd"]
-    return f"{_pct(row[f'{metric}_mean'])} ± {_pct(sd) if n > 1 else 'n/a'} ({n})"
+    runs = row.get(f"{metric}_runs", n)
+    where = f"{n} seed means of {runs} runs" if row.get("pooled") and runs > n else f"{n}"
+    return f"{_pct(row[f'{metric}_mean'])} ± {_pct(sd) if n > 1 else 'n/a'} ({where})"
 
 
 def _signed(x):
@@ -156,15 +159,19 @@ def verdict(r, metric, alpha) -> str:
     p, d = r[f"{metric}_p_holm"], r[f"{metric}_diff"]
     if pd.isna(r[f"{metric}_p"]):
         return "not tested (one seed)"
-    if not r["in_family"]:
+    if not r.get("family", "main" if r["in_family"] else ""):
         return "exploratory"
     if p < alpha:
         return "**holds**: ahead" if d > 0 else "**holds the other way**: behind"
-    return "not shown"
+    return "does not hold"
+
+
+def _label(r) -> str:
+    return r["label"] if "label" in r and isinstance(r["label"], str) else r["model"]
 
 
 def _test_rows(comp, alpha) -> list[list[str]]:
-    return [[r["model"], metric.replace("_acc", ""), _n(r, metric), row_ci(r, metric),
+    return [[_label(r), metric.replace("_acc", ""), _n(r, metric), row_ci(r, metric),
              _df(r[f"{metric}_df"]), _p(r[f"{metric}_p"]), _p(r[f"{metric}_p_holm"]),
              _p(r[f"{metric}_p_sign_flip"]), verdict(r, metric, alpha)]
             for _, r in comp.iterrows() for metric in ("fine_acc", "coarse_acc")
@@ -172,7 +179,7 @@ def _test_rows(comp, alpha) -> list[list[str]]:
 
 
 def _result(r, metric) -> str:
-    return (f"{r['model']}, {metric.replace('_acc', '')}: {row_ci(r, metric)}, "
+    return (f"{_label(r)}, {metric.replace('_acc', '')}: {row_ci(r, metric)}, "
             f"p {_p(r[f'{metric}_p'])}, Holm p {_p(r[f'{metric}_p_holm'])}")
 
 
@@ -192,8 +199,8 @@ def seeds_note(comp: pd.DataFrame, m: int, alpha: float) -> list[str]:
                             "seeds" if floor >= alpha else "") +
             (f", and {seeds_for(alpha / m)} to pass the first step of Holm's correction over "
              f"{m} tests ({alpha:g}/{m} = {alpha / m:.2g})" if m > 1 else "") + ".")
-    lines.append("Every p here is two-sided and rests on a handful of seeds: a claim that is "
-                 "not shown is not shown false, and an interval that includes zero leaves both "
+    lines.append("Every p here is two-sided and rests on a handful of seeds: a claim that "
+                 "does not hold is not shown false either, and an interval that includes zero leaves both "
                  "directions open; more seeds (and, for models still improving, longer "
                  "training) are what can settle it.")
     return [" ".join(lines)]
@@ -207,7 +214,9 @@ def comparison_section(comp: pd.DataFrame, summ: pd.DataFrame) -> list[str]:
     if not len(comp):
         return pools
     ref, alpha = comp.reference.iloc[0], comp.attrs.get("alpha", 0.05)
-    fam, rest = comp[comp.in_family], comp[~comp.in_family]
+    family = comp["family"] if "family" in comp else comp.in_family.map({True: "main", False: ""})
+    fam, rest = comp[comp.in_family], comp[family == ""]
+    callosal = comp[family == "callosal"]
     m = int(sum(fam[f"{h}_p_holm"].notna().sum() for h in ("fine_acc", "coarse_acc")))
     lines = pools + [
         "", f"## {ref} against every other model", "",
@@ -222,7 +231,8 @@ def comparison_section(comp: pd.DataFrame, summ: pd.DataFrame) -> list[str]:
         f"{m} tests of the family declared in `bilateral/results.py` (`FAMILY`, written down "
         f"before the results; every head both models have). A claim **holds** only when its "
         f"Holm p < {alpha:g}: \"ahead\" means {ref} is ahead, \"behind\" that the model is; "
-        "\"not shown\" means the data cannot tell at this family-wise level. One seed gives no "
+        "\"does not hold\" means the data cannot tell at this family-wise level (not that the "
+        "difference is zero). One seed gives no "
         "interval and no test.", "", *seeds_note(comp, m, alpha), ""]
     lines += table(["model", "head", "n", "Δ [95% CI]", "df", "p", "Holm p", "sign-flip p",
                     "verdict"], _test_rows(fam, alpha))
@@ -242,11 +252,43 @@ def comparison_section(comp: pd.DataFrame, summ: pd.DataFrame) -> list[str]:
     if missing:
         lines += ["", "Declared in the family but not run here (no test): "
                   + "; ".join(missing) + "."]
+    lines += callosal_lines(callosal, alpha)
     if len(rest):
-        lines += ["", "Outside the family (exploratory: shown, no correction, never claimed):",
+        lines += ["", "Outside the families (exploratory: shown, no correction, never claimed):",
                   "", *table(["model", "head", "n", "Δ [95% CI]", "df", "p", "Holm p",
                               "sign-flip p", "verdict"], _test_rows(rest, alpha))]
     return lines + decay_note(summ, ref)
+
+
+def callosal_lines(comp: pd.DataFrame, alpha: float) -> list[str]:
+    """The callosal family: each callosal model minus the bilateral model of its condition,
+    with n, interval, df, p, sign-flip p and Holm's p over these tests alone."""
+    if not len(comp):
+        return []
+    m = int(sum(comp[f"{h}_p_holm"].notna().sum() for h in ("fine_acc", "coarse_acc")))
+    ns = sorted({int(r[f"{h}_n_a"]) for _, r in comp.iterrows() for h in ("fine_acc", "coarse_acc")
+                 if not pd.isna(r[f"{h}_diff"])})
+    tests = [(r, h) for _, r in comp.iterrows() for h in ("fine_acc", "coarse_acc")
+             if not pd.isna(r[f"{h}_p_holm"])]
+    held = [f"- holds: {r['claim']}: {_result(r, h)}" if r[f"{h}_diff"] > 0 else
+            f"- holds the other way, contrary to \"{r['claim']}\": {_result(r, h)}"
+            for r, h in tests if r[f"{h}_p_holm"] < alpha]
+    return ["", "### The callosal family", "",
+            "Each callosal model **minus** the bilateral model of its condition (the sign is "
+            "the callosal model's gain), declared in `bilateral/results.py` (`CALLOSAL_FAMILY`). "
+            f"Holm's correction runs over these {m} tests alone: the callosal models ask "
+            "another question (do connections between the hemispheres add to the frozen "
+            "bilateral model?), were added after the main family's results, on fewer seeds "
+            "and at another revision; folded into the main family they would change its m, so "
+            "how many callosal variants were tried would decide the main claims. Callosal "
+            f"models were run on {', '.join(map(str, ns))} seed(s): with 2 seeds a paired "
+            "interval has 1 degree of freedom and excludes zero whenever the two seeds agree, "
+            "and the sign-flip p cannot go below 0.5.", "",
+            *table(["callosal model", "head", "n", "Δ [95% CI]", "df", "p", "Holm p",
+                    "sign-flip p", "verdict"], _test_rows(comp, alpha)),
+            "", f"Of the {m} tests of the callosal family, {len(held)} "
+            f"{'holds' if len(held) == 1 else 'hold'} after Holm's correction"
+            + (":" if held else "."), *held]
 
 
 def kwta_section(kw: pd.DataFrame) -> list[str]:
@@ -299,37 +341,9 @@ def grid_markdown(df: pd.DataFrame, keys: list[str]) -> str:
 
 
 def forest_plot(comp: pd.DataFrame):
-    """The reference minus every other model, fine and coarse side by side: the point is the
-    difference of means, the bar its 95% interval (filled: paired, open: Welch)."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    n = len(comp)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.3 * n + 1.6), sharey=True, squeeze=False,
-                             layout="constrained")
-    y = np.arange(n)
-    for ax, metric in zip(axes.flat, ("fine_acc", "coarse_acc")):
-        d, lo, hi = (100 * comp[f"{metric}_{k}"].astype(float).to_numpy() for k in ("diff", "lo", "hi"))
-        for shared, fill in ((True, "C0"), (False, "white")):
-            sel = (comp[f"{metric}_method"] == "paired").to_numpy() == shared
-            if not sel.any():
-                continue
-            err = np.vstack([d - lo, hi - d])[:, sel]
-            ax.errorbar(d[sel], y[sel], xerr=np.nan_to_num(err), fmt="o", color="C0",
-                        mfc=fill, capsize=3, label="paired (shared runs)" if shared else "Welch")
-        ax.axvline(0, color="grey", lw=1)
-        ax.set_title(metric.replace("_acc", ""), fontsize=11)
-        ax.set_xlabel("reference minus model, % points", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=9)
-    axes[0, 0].set_yticks(y, comp.model)
-    axes[0, 0].set_ylim(n - 0.5, -0.5)  # first model at the top
-    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_legend_handles_labels()[0]}
-    fig.legend(handles.values(), handles.keys(), fontsize=9, loc="outside right upper",
-               title="95% interval", title_fontsize=9)
-    fig.suptitle(f"{comp.reference.iloc[0]} minus every other model: difference in test "
-                 f"accuracy, 95% intervals", fontsize=10)
-    return fig
+    """The comparisons as a forest plot (forest.forest_plot: grouped rows, n per row, far rows
+    in their own panel)."""
+    return forest.forest_plot(comp)
 
 
 def save_forest(exp: Path, comp: pd.DataFrame) -> Path | None:

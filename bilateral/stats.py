@@ -171,12 +171,13 @@ def welch(a: dict, b: dict, level=LEVEL) -> dict:
 
 def shares_runs(ref: str, key: str) -> bool:
     """Do models `ref` and `key` share runs, seed by seed? Only a bilateral model and its own
-    hemispheres (bilateral/resnet9-A and hemisphere/resnet9-A-left, -right), and a callosal
-    model built on the same hemispheres (callosal/resnet9-A-add-layer1+layer3)."""
+    hemispheres (bilateral/resnet9-A and hemisphere/resnet9-A-left, -right), the heads
+    trained on one of those hemispheres alone (one_hemisphere/resnet9-A-left, -right), and a
+    callosal model built on the same hemispheres (callosal/resnet9-A-add-layer1+layer3)."""
     r, k = ref.split("/", 1), key.split("/", 1)
     if len(r) != 2 or len(k) != 2 or r[0] != "bilateral":
         return False
-    return ((k[0] == "hemisphere" and k[1] in (f"{r[1]}-left", f"{r[1]}-right"))
+    return ((k[0] in ("hemisphere", "one_hemisphere") and k[1] in (f"{r[1]}-left", f"{r[1]}-right"))
             or (k[0] == "callosal" and k[1].startswith(f"{r[1]}-")))
 
 

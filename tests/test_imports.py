@@ -17,7 +17,8 @@ PKG = Path(__file__).resolve().parents[1] / "bilateral"
 # Lowest first. A module may import from its own layer or a lower one, never a higher one.
 LAYERS = [
     ["seeds", "config", "stats", "execute.jobs", "execute.worker", "analysis.measures", "cam"],
-    ["execute.local", "execute.slurm", "execute", "registry", "runs", "results_md"],
+    ["execute.local", "execute.slurm", "execute", "registry", "runs", "forest",
+     "results_md"],
     ["models", "data"],
     ["packed"],
     ["train"],
@@ -25,7 +26,7 @@ LAYERS = [
     ["plan"],                                  # the one module that names the stage modules
     ["figures", "notebook", "results", "publish", "analysis.plots", "analysis.condition",
      "analysis.sections", "analysis", "callosum_study",
-     "bench.common", "bench.conventional", "bench.accuracy", "bench.memory", "bench.packing",
+     "bench.common", "bench.conventional", "bench.accuracy", "bench.memory", "bench.precision", "bench.packing",
      "bench.sections", "bench.report", "bench"],
     ["sweep"],
     ["pipeline", "budget"],

@@ -163,8 +163,13 @@ def test_the_family_is_corrected_with_holm(constructed):
                               "ensemble/resnet9-k2", "ensemble/resnet9-k5"}
     assert fam.fine_acc_p_holm.tolist() == pytest.approx(stats.holm(fam.fine_acc_p).tolist())
     assert fam.coarse_acc_p_holm.isna().all()  # no coarse head: no test, not in m
-    out = comp[~comp.in_family].iloc[0]
-    assert out.model.startswith("callosal/") and math.isnan(out.fine_acc_p_holm)
+    # the callosal model is its own family: callosal minus its bilateral model, paired, with
+    # Holm over that family alone (one test: Holm's p is the raw p)
+    out = comp[comp.family == "callosal"].iloc[0]
+    assert out.reference.startswith("callosal/") and out.model == "bilateral/resnet9-A"
+    assert out.label == out.reference and not out.in_family
+    assert out.fine_acc_diff == pytest.approx(-0.02) and out.fine_acc_method == "paired"
+    assert out.fine_acc_p_holm == pytest.approx(out.fine_acc_p)
     assert out.fine_acc_p_sign_flip == 0.0625  # paired with its bilateral model, 5 seeds
     assert "resnet9-A against bilateral/resnet9-B" in "; ".join(comp.attrs["family_missing"])
 
@@ -177,13 +182,15 @@ def test_results_md_claims_only_what_survives_holm(constructed):
     r18 = comp.set_index("model").loc["resnet18"]
     assert r18.fine_acc_p_holm < 0.05
     row = next(l for l in md.splitlines() if l.startswith("| hemisphere/resnet9-A-left "))
-    assert "holds" not in row and "not shown" in row
+    assert "holds" not in row and "does not hold" in row
     assert "holds" in next(l for l in md.splitlines() if l.startswith("| resnet18 "))
-    held = [l for l in md.splitlines() if l.startswith("- holds")]
+    main = md.split("### The callosal family")[0]
+    held = [l for l in main.splitlines() if l.startswith("- holds")]
     assert len(held) == 1 and "ResNet-18" in held[0]
     lost = md.split("before the correction but not after")[1]
     assert "hemisphere/resnet9-A-left, fine" in lost
     assert "Of the 5 tests of the family, 1 holds after Holm's correction" in md
     assert "2/2^5 = 0.0625" in md  # what 5 paired seeds can show
     callosal = next(l for l in md.splitlines() if l.startswith("| callosal/"))
-    assert "exploratory" in callosal and "holds" not in callosal
+    assert "**holds the other way**" in callosal  # -2 points on every seed: t-test p tiny
+    assert "### The callosal family" in md and "Of the 1 tests of the callosal family, 1 hold" in md

@@ -1,0 +1,139 @@
+"""Issue 20's reporting checks: a run whose record disagrees with itself (Fashion-MNIST D-left
+seed 1: test 42.69 against test_kwta_threshold 41.09) is left out and named; the control
+comparisons of stage one_hemisphere; the forest plot's groups, n and far-row panel."""
+import json
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+import pytest
+
+from bilateral import forest, results, stats
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+COMMITTED = ROOT / "results" / "fashion_mnist" / "results.csv"
+
+
+def run(exp, stage, name, seed, test, *, extra=None, history=None, report=None, val=None):
+    d = exp / stage / name / f"seed={seed}"
+    d.mkdir(parents=True)
+    m = {"test": test, "val": val or test, "epochs": 4, "best_epoch": 4, "wall_s": 1.0,
+         **({"report": report} if report else {}), **(extra or {})}
+    (d / "metrics.json").write_text(json.dumps(m))
+    (d / "config.json").write_text(json.dumps({"resolved": {
+        "condition": name.split("-")[1], "backbone": "resnet9", "kwta_eval": "threshold"}}))
+    if history is not None:
+        pd.DataFrame([{"epoch": i + 1, **{f"val_{k}": v for k, v in h.items()}}
+                      for i, h in enumerate(history)]).to_csv(d / "history.csv", index=False)
+    return d
+
+
+def test_a_run_whose_test_is_not_its_own_kwta_rule_is_left_out_and_named(tmp_path):
+    exp = tmp_path / "exp"
+    good = {"fine_acc": 0.70, "fine_as_coarse_acc": 0.80}
+    for s in (0, 1):
+        run(exp, "bilateral", "resnet9-A", s, {"fine_acc": 0.8, "coarse_acc": 0.9})
+        run(exp, "hemisphere", "resnet9-D-left", s, good if s == 0 else
+            {"fine_acc": 0.4269, "fine_as_coarse_acc": 0.5973},
+            extra={"test_kwta_threshold": good if s == 0 else
+                   {"fine_acc": 0.4109, "fine_as_coarse_acc": 0.5818},
+                   "test_kwta_map_only": {"fine_acc": 0.4203, "fine_as_coarse_acc": 0.5989}})
+    problems = []
+    df = results.collect(exp, problems)
+    assert [(Path(p).parent.name, "k-WTA rule threshold" in why) for p, why in problems] == [("seed=1", True)]
+    left = df[(df.model == "resnet9-D-left") & (df.split == "test")]
+    assert set(left.seed) == {0}
+    md = results.markdown(exp, df, problems)
+    assert "42.69 against 41.09" in md and "disagree with themselves" in md
+
+
+def test_a_run_whose_val_is_not_its_history_is_left_out(tmp_path):
+    exp = tmp_path / "exp"
+    hist = [{"fine_acc": v, "coarse_acc": v} for v in (0.5, 0.6, 0.7, 0.75)]
+    run(exp, "bilateral", "resnet9-A", 0, {"fine_acc": 0.8, "coarse_acc": 0.9}, report="last",
+        history=hist, val={"fine_acc": 0.75, "coarse_acc": 0.75})
+    run(exp, "bilateral", "resnet9-B", 0, {"fine_acc": 0.8, "coarse_acc": 0.9}, report="last",
+        history=hist, val={"fine_acc": 0.731, "coarse_acc": 0.75})  # another evaluation
+    problems = []
+    df = results.collect(exp, problems)
+    assert len(problems) == 1 and "resnet9-B" in problems[0][0] and "epoch 4" in problems[0][1]
+    assert set(df.model) == {"resnet9-A"}
+
+
+def test_the_committed_d_left_record_is_the_one_that_disagrees():
+    df = pd.read_csv(COMMITTED)
+    assert [p for p, _ in results.disagreeing_runs(df)] == ["hemisphere/resnet9-D-left/seed=1"]
+    kept = results.without_runs(df, results.disagreeing_runs(df))
+    assert len(df) - len(kept) == len(df[(df.model == "resnet9-D-left") & (df.seed == 1)])
+
+
+def seeds(values, start=0):
+    return {start + i: v for i, v in enumerate(values)}
+
+
+def rows(stage, model, metric, values, condition="A"):
+    return [dict(stage=stage, model=model, condition=condition, backbone="resnet9", seed=s,
+                 split="test", metric=metric, value=v) for s, v in enumerate(values)]
+
+
+BIL_F, BIL_C = [0.80, 0.81, 0.79, 0.805, 0.80], [0.90, 0.91, 0.905, 0.90, 0.895]
+
+
+def test_one_hemisphere_controls_are_paired_with_their_bilateral_model_per_head():
+    one_left_f = [b - 0.01 + e for b, e in zip(BIL_F, [0.002, -0.003, 0.001, 0.0, 0.002])]
+    one_right_c = [b - 0.004 for b in BIL_C]
+    df = pd.DataFrame(
+        rows("bilateral", "resnet9-A", "fine_acc", BIL_F) + rows("bilateral", "resnet9-A", "coarse_acc", BIL_C)
+        + rows("one_hemisphere", "resnet9-A-left", "fine_acc", one_left_f)
+        + rows("one_hemisphere", "resnet9-A-left", "coarse_acc", [0.7] * 5)
+        + rows("one_hemisphere", "resnet9-A-right", "fine_acc", [0.6] * 5)
+        + rows("one_hemisphere", "resnet9-A-right", "coarse_acc", one_right_c)
+        + rows("resnet18", "resnet18", "fine_acc", [0.7, 0.71, 0.72, 0.7, 0.69]),
+        columns=results.COLUMNS)
+    comp = results.comparison_table(df).set_index("model")
+    left, right = comp.loc["one_hemisphere/resnet9-A-left"], comp.loc["one_hemisphere/resnet9-A-right"]
+    assert left.in_family and right.in_family
+    # fine against the left only, coarse against the right only; paired seed by seed
+    assert left.fine_acc_method == "paired" and pd.isna(left.coarse_acc_diff)
+    assert right.coarse_acc_method == "paired" and pd.isna(right.fine_acc_diff)
+    want = stats.paired(seeds(BIL_F), seeds(one_left_f))
+    assert (left.fine_acc_diff, left.fine_acc_p) == pytest.approx((want["diff"], want["p"]))
+    assert right.coarse_acc_diff == pytest.approx(0.004)
+    fam = comp[comp.in_family]
+    p = fam[["fine_acc_p", "coarse_acc_p"]].to_numpy(float).ravel()
+    assert fam[["fine_acc_p_holm", "coarse_acc_p_holm"]].to_numpy(float).ravel() == pytest.approx(
+        stats.holm(p), nan_ok=True)
+    assert (~pd.isna(p)).sum() == 3  # the two controls and ResNet-18's fine head
+    # without such runs there are no rows, and the declared control is listed as not run
+    none = results.comparison_table(df[df.stage != "one_hemisphere"])
+    assert not none.model.str.startswith("one_hemisphere").any()
+    assert any("one_hemisphere/resnet9-<condition>-left" in m for m in none.attrs["family_missing"])
+
+
+def test_forest_groups_rows_prints_n_and_gives_far_rows_their_own_panel():
+    comp = results.comparison_table(pd.read_csv(COMMITTED))
+    near, far = forest.layout(comp)
+    headers = [t for k, t in near if k == "header"]
+    assert headers[:3] == ["hemispheres", "bilateral, other conditions", "baselines"]
+    assert headers[-1].startswith("callosal")
+    far_rows = {r.label for k, r in far if k == "row"}
+    assert {"hemisphere/resnet9-B-left", "hemisphere/resnet9-D-left"} <= far_rows
+    assert "hemisphere/resnet9-A-left" not in far_rows
+    left = next(r for k, r in near if k == "row" and r.label == "hemisphere/resnet9-A-left")
+    assert forest.row_text(left, "fine_acc").startswith("+1.7 [+0.8, +2.6] n=5 ")
+    fig = forest.forest_plot(comp)
+    fig.canvas.draw()
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert len(panels) == 4  # fine and coarse, near and far
+    # the near fine panel spans well under the far rows' +20 points: 1-2 points stay visible
+    near_fine = panels[0]
+    lo, hi = near_fine.get_xlim()
+    assert hi - lo < 15 and hi < 10
+    boxes = [ax.get_window_extent() for ax in panels]
+    assert not any(fig.legends[0].get_window_extent().overlaps(b) for b in boxes)
+    titles = [ax.title.get_window_extent() for ax in fig.axes if ax.get_title()]
+    assert not any(a.overlaps(b) for i, a in enumerate(titles) for b in titles[i + 1:])
+    plt.close(fig)
