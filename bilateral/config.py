@@ -21,7 +21,7 @@ REPORTS = ("last", "best")
 KWTA_EVAL = ("threshold", "map_only", "batch")
 DATASETS = ("cifar100", "fashion_mnist", "synthetic")
 BACKBONE_CHOICES = ("resnet9", "vgg11")  # the study's backbones; the pyramid comes with condition B
-BASELINES = ("bilateral_unspecialised", "unilateral", "resnet18", "resnet34", "ensemble")
+BASELINES = ("one_hemisphere", "bilateral_unspecialised", "unilateral", "resnet18", "resnet34", "ensemble")
 CALLOSUM_KINDS = ("add", "gate", "concat")
 CALLOSUM_DEPTHS = ("prep", "layer1", "layer2", "layer3")  # ResNet-9 depths, see callosum.py
 CALLOSUM_TRAIN = ("connections", "all")
@@ -63,6 +63,9 @@ class Config:
     side: str = "left"                 # hemisphere stage: left = fine, right = coarse
     kwta_k: float = 0.9                # k-WTA (conditions C and D): fraction kept per map
     kwta_k_batch: float = 0.9          # ... and per channel across the batch
+    # the fewest channels a pyramid stage (left hemisphere of B, D) keeps: at width 1/8 the
+    # pyramid ends in 8 features and fails to train; 0 = none (the paper's widths at width 1)
+    pyramid_floor: int = 0
     bn_momentum: float | None = None   # None: PyTorch's default; 0.9 is the original's
     dropout: float = 0.6
     # callosal connections between the hemispheres (bilateral/callosum.py)
@@ -208,6 +211,8 @@ def validate(cfg: Config) -> Config:
                           f"{cfg.decay_frac} and {cfg.warmup_epochs}")
     for check in CHECKS:
         check(cfg)
+    if cfg.pyramid_floor < 0:
+        raise ConfigError(f"pyramid_floor: must be 0 (none) or a number of channels, got {cfg.pyramid_floor}")
     for key in ("kwta_k", "kwta_k_batch", "dropout"):
         v = getattr(cfg, key)
         if not (0 < v <= 1 or key == "dropout" and v == 0):

@@ -232,8 +232,10 @@ def resnet9(width=1.0, *, kwta=None, bn_momentum=None):
 
 
 @register
-def resnet9_pyramid(width=1.0, *, kwta=None, bn_momentum=None):
-    return ResNet9([_w(c, width) for c in (512, 256, 128, 64)], kwta=kwta, bn_momentum=bn_momentum)
+def resnet9_pyramid(width=1.0, *, kwta=None, bn_momentum=None, floor=0):
+    """Widths shrink with depth; `floor`: the fewest channels a stage keeps (narrow widths)."""
+    return ResNet9([max(_w(c, width), floor) for c in (512, 256, 128, 64)], kwta=kwta,
+                   bn_momentum=bn_momentum)
 
 
 @register
@@ -252,9 +254,9 @@ def resnet34(width=1.0, *, kwta=None, bn_momentum=None):
 
 
 def build_backbone(name, width=1.0, *, k=None, k_batch=None, kwta_eval="threshold",
-                   bn_momentum=None) -> nn.Module:
+                   bn_momentum=None, pyramid_floor=0) -> nn.Module:
     """k-WTA is on when k is given (k_batch defaults to k); kwta_eval (KWTA.EVAL_RULES) alone
-    is a no-op."""
+    is a no-op. pyramid_floor: the pyramid's fewest channels per stage (other backbones: none)."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
     if (k is not None or k_batch is not None) and name not in KWTA_BACKBONES:
@@ -264,7 +266,8 @@ def build_backbone(name, width=1.0, *, k=None, k_batch=None, kwta_eval="threshol
     if kwta_eval not in KWTA.EVAL_RULES:
         raise ValueError(f"kwta_eval: unknown value {kwta_eval!r}; allowed: {', '.join(KWTA.EVAL_RULES)}")
     kwta = None if k is None else lambda c: KWTA(k, k_batch, kwta_eval, channels=c)
-    return BACKBONES[name](width, kwta=kwta, bn_momentum=bn_momentum)
+    floor = dict(floor=pyramid_floor) if name == "resnet9_pyramid" else {}
+    return BACKBONES[name](width, kwta=kwta, bn_momentum=bn_momentum, **floor)
 
 
 def set_kwta_eval(module: nn.Module, rule: str) -> str | None:
@@ -300,6 +303,9 @@ class Unilateral(FreezeAware):
         self.backbone = backbone
         d = _out_features(backbone)
         self.heads = nn.ModuleDict({h: Head(d, n[h], dropout) for h in HEAD_NAMES if h in heads})
+
+    def features(self, x):
+        return self.backbone(x)
 
     def classify(self, feats):
         return {h: head(feats) for h, head in self.heads.items()}
@@ -405,7 +411,8 @@ def hemisphere_arch(cfg, side: str) -> tuple[str, bool]:
 def hemisphere_backbone(cfg, side: str) -> nn.Module:
     name, kwta = hemisphere_arch(cfg, side)
     kw = dict(k=cfg.kwta_k, k_batch=cfg.kwta_k_batch, kwta_eval=cfg.kwta_eval) if kwta else {}
-    return build_backbone(name, cfg.width, bn_momentum=cfg.bn_momentum, **kw)
+    return build_backbone(name, cfg.width, bn_momentum=cfg.bn_momentum,
+                          pyramid_floor=cfg.pyramid_floor, **kw)
 
 
 # Relative training cost per epoch, measured on CPU at width 1 (ResNet-9 = 1), see README.

@@ -19,6 +19,7 @@ PHASES = ("hemispheres", "bilateral", "baselines", "callosum")  # a notebook tra
 # defaults, so they neither appear in its record nor make two identical runs look different.
 OPTIONAL = ("condition", "side", "backbone", "augment", "head_augment", "member", "ensemble_size")
 KWTA_FIELDS = ("kwta_k", "kwta_k_batch", "kwta_eval")  # used under conditions C and D only
+PYRAMID_FIELDS = ("pyramid_floor",)                   # used under conditions B and D only
 VARIANT_FIELDS = ("condition", "side", "member", "ensemble_size", "callosum")  # what `--set` picks a run by
 
 
@@ -90,6 +91,8 @@ def stage_config(cfg: C.Config, stage: str) -> C.Config:
     cond = cfg.condition if "condition" in s.uses else d.condition
     if cond not in ("C", "D"):
         unused |= set(KWTA_FIELDS)
+    if cond not in ("B", "D"):
+        unused |= set(PYRAMID_FIELDS)
     if s.recipe == "hemisphere" or not s.build:  # hemispheres have the larger decay either way
         unused |= {"weight_decay_equal"}
     own_epochs = {k: v for k, v in cfg.stage_epochs.items() if k == stage}  # not others' budgets

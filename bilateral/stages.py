@@ -29,6 +29,14 @@ def bilateral_model(cfg, hier, hemispheres) -> models.Bilateral:
     return models.Bilateral(left, right, hier.n_fine, hier.n_coarse, dropout=cfg.dropout)
 
 
+def one_hemisphere_model(cfg, hier, hemispheres) -> models.Unilateral:
+    """The control of the bilateral model: its two heads on ONE frozen hemisphere's features,
+    so a gain of combining both is told apart from the gain of a new head on frozen features."""
+    (hemisphere,) = hemispheres
+    return models.Unilateral(models.freeze(hemisphere.backbone), hier.n_fine, hier.n_coarse,
+                             dropout=cfg.dropout)
+
+
 def unspecialised_model(cfg, hier) -> models.Bilateral:
     return models.Bilateral(models.hemisphere_backbone(cfg, "left"),
                             models.hemisphere_backbone(cfg, "right"),
@@ -77,6 +85,20 @@ register(Stage(
     fixed_cost=lambda c: 0.0 if c.head_augment else pair_cost(c) / 3,
     build=bilateral_model,
     upstream=lambda c: [("hemisphere", dict(side=s)) for s in C.SIDES],
+    heads_only=True))
+
+register(Stage(
+    "one_hemisphere", "bilateral", "heads on one hemisphere (control)",
+    "the bilateral model's two new heads on one frozen hemisphere of this seed and condition",
+    uses=("condition", "side", "backbone", "augment", "head_augment"),
+    run_name=lambda c: f"{c.backbone}-{c.condition}-{c.side}",
+    label=lambda c: f"{c.condition} heads on {c.side} only",
+    variants=lambda c: [dict(condition=k, side=s) for k in c.conditions for s in C.SIDES],
+    epoch_cost=lambda c: (models.hemisphere_cost(c, c.side) / 3 if c.head_augment
+                          else CACHED_HEADS_COST),
+    fixed_cost=lambda c: 0.0 if c.head_augment else models.hemisphere_cost(c, c.side) / 3,
+    build=one_hemisphere_model,
+    upstream=lambda c: [("hemisphere", dict(side=c.side))],
     heads_only=True))
 
 register(Stage(

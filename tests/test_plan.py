@@ -17,10 +17,10 @@ ROOT = Path(__file__).parents[1]
 
 # (preset, runs per seed, backbone, conditions, pool size, baselines)
 PRESETS = [
-    ("smoke", 22, "resnet9", "ABCD", 5, C.BASELINES),
-    ("fashion_mnist", 22, "resnet9", "ABCD", 5, C.BASELINES),
-    ("quick", 22, "resnet9", "ABCD", 5, C.BASELINES),
-    ("paper_resnet9", 27, "resnet9", "ABCD", 10, C.BASELINES),
+    ("smoke", 30, "resnet9", "ABCD", 5, C.BASELINES),
+    ("fashion_mnist", 30, "resnet9", "ABCD", 5, C.BASELINES),
+    ("quick", 30, "resnet9", "ABCD", 5, C.BASELINES),
+    ("paper_resnet9", 35, "resnet9", "ABCD", 10, C.BASELINES),
     ("paper_vgg11", 16, "vgg11", "A", 10, ("bilateral_unspecialised", "unilateral", "ensemble")),
 ]
 
@@ -40,6 +40,8 @@ def test_the_plan_of_each_preset(preset, per_seed, bb, conds, pool, baselines):
     assert len(set(keys)) == len(keys)
     want = ([f"hemisphere/{bb}-{c}-{s}" for c in conds for s in ("left", "right")]
             + [f"bilateral/{bb}-{c}" for c in conds]
+            + [f"one_hemisphere/{bb}-{c}-{s}" for c in conds for s in ("left", "right")
+               if "one_hemisphere" in baselines]
             + [f"bilateral_unspecialised/{bb}-A"] * ("bilateral_unspecialised" in baselines)
             + [f"unilateral/{bb}-m{m}" for m in range(pool)]
             + ["resnet18/resnet18"] * ("resnet18" in baselines)
@@ -97,7 +99,10 @@ def test_phases_and_the_notebook_wrappers():
     cfg = C.load(ROOT / "params" / "smoke.yaml")
     labels = [label for label, _, _ in pipeline.runs_of(cfg, "02_hemispheres")]
     assert labels == [f"{c} {s}" for c in "ABCD" for s in ("left", "right")]
-    assert [r.label for r in plan.phase_runs(cfg, "bilateral", 0)] == [f"{c} bilateral" for c in "ABCD"]
+    assert [r.label for r in plan.phase_runs(cfg, "bilateral", 0)] == (
+        [f"{c} bilateral" for c in "ABCD"] + [f"{c} heads on {s} only" for c in "ABCD" for s in ("left", "right")])
+    no_control = dataclasses.replace(cfg, baselines=["unilateral"])  # the control is opt-out
+    assert [r.label for r in plan.phase_runs(no_control, "bilateral", 0)] == [f"{c} bilateral" for c in "ABCD"]
     base = [r.label for r in plan.phase_runs(cfg, "04_baselines.ipynb", 2)]
     assert base == (["bilateral, no specialisation"] + [f"unilateral m{m}" for m in range(5)]
                     + ["ResNet-18", "ResNet-34", "ensemble k=2", "ensemble k=5"])
@@ -138,7 +143,7 @@ def test_a_registered_stage_joins_the_study():
         assert plan.Run("hemisphere", cfg, 0).cfg.label_smoothing is None  # reset for the others
         cfg = C.load(ROOT / "params" / "smoke.yaml")
         got = {r.key: r for r in plan.plan(cfg, [0])}
-        assert len(got) == 22 + 4
+        assert len(got) == 30 + 4
         probe_c = got["probe/resnet9-C/seed=0"]
         assert [u.key for u in probe_c.upstream()] == ["hemisphere/resnet9-C-left/seed=0"]
         assert probe_c.cost() == pytest.approx(0.5 * 2)
@@ -217,11 +222,11 @@ def test_a_retrained_hemisphere_makes_its_bilateral_run_stale(pair, capsys):
     assert line.split()[2] == "stale"
     assert (f"bilateral/resnet9-A/seed=0: upstream retrained or removed since it was built: "
             f"{left.key}") in p.stdout
-    assert "13 runs: 2 finished, 0 in progress, 1 stale, 10 missing" in p.stdout
+    assert "15 runs: 2 finished, 0 in progress, 1 stale, 12 missing" in p.stdout
     assert plan.pending(plan.plan(cfg, [0])) == [r for r in plan.plan(cfg, [0]) if r not in (left, right)]
     t = plan.totals(plan.plan(cfg, [0]))
     got = tuple(t[k] for k in ("runs", "finished", "stale", "missing", "todo", "epochs"))
-    assert got == (13, 2, 1, 10, 11, None)  # None: smoke.yaml gives resnet34 its own budget
+    assert got == (15, 2, 1, 12, 13, None)  # None: smoke.yaml gives resnet34 its own budget
     assert t["todo_cost"] == pytest.approx(t["cost"] - left.cost() - right.cost())
 
     bil.train(force=True)
@@ -262,11 +267,11 @@ def test_the_plan_cli_prints_every_run_and_the_totals(tmp_path):
     assert p.returncode == 0, p.stderr
     cfg = C.load(ROOT / "params" / "paper_resnet9.yaml", [f"out_dir={tmp_path}"])
     runs_ = plan.plan(cfg, [0, 1, 3])
-    assert len(runs_) == 81
+    assert len(runs_) == 105
     for r in runs_:
         assert r.key in p.stdout
     total = sum(r.cost() for r in runs_)
-    assert f"81 runs: 0 finished, 0 in progress, 0 stale, 81 missing" in p.stdout
+    assert f"105 runs: 0 finished, 0 in progress, 0 stale, 105 missing" in p.stdout
     assert f"{total:,.1f} in all" in p.stdout
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # trains (and writes) nothing
     bad = cli("plan", "params/smoke.yaml", "--seeds", "2-1")

@@ -34,6 +34,8 @@ def study(tmp_path_factory):
         for side in ("left", "right"):
             out[("hemisphere", cond, side)] = plan.run_stage("hemisphere", dataclasses.replace(c, side=side), 0)
         out[("bilateral", cond)] = plan.run_stage("bilateral", c, 0)
+    for side in ("left", "right"):
+        out[("one_hemisphere", side)] = plan.run_stage("one_hemisphere", dataclasses.replace(cfg, side=side), 0)
     out["bilateral_unspecialised"] = plan.run_stage("bilateral_unspecialised", cfg, 0)
     for m in range(cfg.pool_size):
         out[("unilateral", m)] = plan.run_stage("unilateral", dataclasses.replace(cfg, member=m), 0)
@@ -46,7 +48,7 @@ def test_every_stage_records_a_finished_run(study):
     cfg, out = study
     exp = Path(cfg.out_dir) / "t"
     dirs = sorted(str(p.parent.relative_to(exp)) for p in exp.rglob("metrics.json"))
-    assert len(dirs) == 8 + 4 + 1 + 3 + 3
+    assert len(dirs) == 8 + 4 + 2 + 1 + 3 + 3
     for d in dirs:
         files = {f.name for f in (exp / d).iterdir()}
         assert {"config.json", "metrics.json"} <= files and "checkpoint.pt" not in files
@@ -78,6 +80,39 @@ def test_bilateral_trains_only_its_heads_on_frozen_hemispheres(study):
     left = plan.load_run_model("hemisphere", dataclasses.replace(cfg, side="left"), 0, hier).backbone
     for k, v in left.state_dict().items():
         assert torch.equal(model.left.state_dict()[k], v), k
+
+
+def test_the_control_trains_both_heads_on_one_frozen_hemisphere(study):
+    cfg, out = study
+    hier = data.load_splits(cfg)[0].hierarchy
+    for side in ("left", "right"):
+        c = dataclasses.replace(cfg, side=side)
+        rec = runs.read_json(runs.run_dir(cfg, "one_hemisphere", f"resnet9-A-{side}", 0) / "config.json")
+        f = models.hemisphere_backbone(cfg, side).out_features  # one hemisphere: half the bilateral's
+        assert rec["trainable_params"] == f * 12 + 12 + f * 4 + 4 and rec["cached_features"] is True
+        assert out[("one_hemisphere", side)]["heads"] == ["fine", "coarse"]
+        model = plan.load_run_model("one_hemisphere", c, 0, hier)
+        hemi = plan.load_run_model("hemisphere", c, 0, hier).backbone
+        for k, v in hemi.state_dict().items():  # the very hemisphere the bilateral model holds
+            assert torch.equal(model.backbone.state_dict()[k], v), k
+    assert [r.name for r in plan.plan(cfg, [0]) if r.stage == "one_hemisphere"] == [
+        f"resnet9-{k}-{s}" for k in cfg.conditions for s in ("left", "right")]
+
+
+def test_pyramid_floor_keeps_channels_and_splits_only_pyramid_runs():
+    narrow = models.build_backbone("resnet9_pyramid", 0.125)
+    floored = models.build_backbone("resnet9_pyramid", 0.125, pyramid_floor=32)
+    assert (narrow.out_features, floored.out_features) == (8, 32)
+    assert models.build_backbone("resnet9", 0.125, pyramid_floor=32).out_features == 64  # not a pyramid
+    base = C.from_dict(dict(width=0.125, conditions=["A", "B"]))
+    wide = dataclasses.replace(base, pyramid_floor=32)
+    for cond, splits in (("A", False), ("B", True), ("C", False), ("D", True)):
+        for stage in ("hemisphere", "bilateral"):
+            a, b = (C.identity(plan.stage_config(dataclasses.replace(c, condition=cond), stage))
+                    for c in (base, wide))
+            assert (a != b) == splits, (cond, stage)
+    with pytest.raises(C.ConfigError, match="pyramid_floor"):
+        C.from_dict(dict(pyramid_floor=-1))
 
 
 def test_total_params_count_the_frozen_hemispheres_and_the_members(study):
