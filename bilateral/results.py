@@ -137,7 +137,7 @@ def _read(path: Path, problems: list | None = None) -> dict:
     return d
 
 
-def _seed_of(path: Path) -> int | None:
+def seed_of(path: Path) -> int | None:
     for part in reversed(path.parts):
         if part.startswith("seed="):
             try:
@@ -310,7 +310,7 @@ def _run_rows(stage, run, metrics, rec, resolved) -> list[dict]:
     base = dict(stage=stage, model=run.parent.name,
                 condition=resolved.get("condition", "") if "condition" in spec.uses else "",
                 backbone=resolved.get("backbone", "") if "backbone" in spec.uses else stage,
-                seed=_seed_of(run))
+                seed=seed_of(run))
     splits = ["test", "val", *sorted(k for k in metrics if k.startswith(KWTA_SPLIT))]
     for split in splits:
         for metric, value in (metrics.get(split) or {}).items():
@@ -329,7 +329,7 @@ def analysis_rows(exp: Path, problems: list | None = None) -> list[dict]:
         meta = _read(mfile.parent / "meta.json", problems)
         rel = [p for p in mfile.parent.relative_to(root).parts if not p.startswith("seed=")]
         condition = meta.get("condition") or next((p for p in rel if p in C.CONDITIONS), "")
-        seed = meta.get("seed", _seed_of(mfile.parent))
+        seed = meta.get("seed", seed_of(mfile.parent))
         base = dict(stage="analysis", model=str(meta.get("model") or meta.get("name") or "/".join(rel)
                                                  or "analysis"),
                     condition=condition, backbone=meta.get("backbone", ""),
@@ -508,6 +508,8 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
             row.update({f"{metric}_{k}": v for k, v in d.items()})
         rows.append(row)
     comp = pd.DataFrame(rows)
+    if comp.empty:  # one model: nothing to compare
+        return comp
     p_cols = [f"{m}_p" for m in HEADS]
     for m in HEADS:
         comp[f"{m}_p_holm"] = float("nan")
@@ -581,6 +583,7 @@ def markdown(exp: Path, df: pd.DataFrame, problems=()) -> str:
         describe(exp, df), summary_table(df), comparison_table(df), kwta_table(df),
         analysis_table(df) if len(an) else None, n_analysis=an.metric.nunique(),
         forest=(exp / results_md.FOREST).exists(), rising_z=RISING_Z)
+    text += "".join(f"{line}\n" for line in files_lines(exp))
     vals = per_seed(df)
     for section in SECTIONS:  # plug-ins' sections (callosum.markdown_section, ...)
         text += "".join(f"{line}\n" for line in section(vals))
@@ -607,6 +610,7 @@ def report(experiment_dir) -> dict:
     df.to_csv(buf, index=False)
     atomic_write_bytes(exp / "results.csv", buf.getvalue().encode())
     comp = comparison_table(df)
+    tables = write_tables(exp)
     forest = results_md.save_forest(exp, comp)
     if forest is None:
         (exp / results_md.FOREST).unlink(missing_ok=True)  # no stale figure from an earlier report
@@ -618,7 +622,93 @@ def report(experiment_dir) -> dict:
           + (f"; {len(problems)} unreadable record(s) listed there" if problems else ""))
     return dict(rows=df, summary=summary_table(df), comparison=comp, kwta=kwta_table(df),
                 csv=exp / "results.csv", md=exp / "results.md", forest=forest,
-                unreadable=problems)
+                tables=tables, unreadable=problems)
+
+
+# the tables the analyses write per condition and seed (bilateral.analysis, callosum_study)
+ANALYSIS_TABLES = ("scenarios.csv", "cam_localisation.csv", "similarity_medians.csv",
+                   "attribution.csv", "probes.csv", "traffic.csv")
+HISTORIES = "histories.csv"
+
+
+def history_table(exp: Path) -> pd.DataFrame:
+    """Every finished run's history.csv (a row per epoch: training loss, validation
+    accuracies) in one table, with stage, model, condition, backbone and seed columns."""
+    frames = []
+    for stage, spec in plan.STAGES.items():
+        for h in sorted((exp / stage).glob("*/seed=*/history.csv")):
+            run = h.parent
+            if not runs.finished(run):
+                continue
+            try:
+                t = pd.read_csv(h)
+            except (OSError, ValueError, pd.errors.EmptyDataError):
+                continue
+            res = _read(run / "config.json").get("resolved", {})
+            t.insert(0, "seed", seed_of(run))
+            t.insert(0, "backbone", res.get("backbone", "") if "backbone" in spec.uses else stage)
+            t.insert(0, "condition", res.get("condition", "") if "condition" in spec.uses else "")
+            t.insert(0, "model", run.parent.name)
+            t.insert(0, "stage", stage)
+            frames.append(t)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def analysis_tables(exp: Path) -> dict[str, pd.DataFrame]:
+    """{analysis_<table>.csv: every analysis folder's <table>.csv stacked, with the folder
+    (analysis/<condition>/seed=<k>), its condition and seed}: the tables the analyses'
+    sentences rest on, small enough to commit (no figures, no models)."""
+    out = {}
+    for name in ANALYSIS_TABLES:
+        frames = []
+        for f in sorted((exp / "analysis").glob(f"**/{name}")):
+            try:
+                t = pd.read_csv(f)
+            except (OSError, ValueError, pd.errors.EmptyDataError):
+                continue
+            meta = _read(f.parent / "meta.json")
+            rel = f.parent.relative_to(exp / "analysis")
+            cond = meta.get("condition") or next((p for p in rel.parts if p in C.CONDITIONS), "")
+            t.insert(0, "seed", meta.get("seed", seed_of(f.parent)))
+            t.insert(0, "condition", cond)
+            t.insert(0, "folder", str(rel))
+            frames.append(t)
+        if frames:
+            out[f"analysis_{name}"] = pd.concat(frames, ignore_index=True)
+    return out
+
+
+def write_tables(exp: Path) -> list[Path]:
+    """histories.csv and analysis_<table>.csv into the experiment folder (the earlier ones
+    removed first, so none is stale); the paths written."""
+    for old in [exp / HISTORIES, *exp.glob("analysis_*.csv")]:
+        old.unlink(missing_ok=True)
+    tables = analysis_tables(exp)
+    hist = history_table(exp)
+    if len(hist):
+        tables = {HISTORIES: hist, **tables}
+    for name, t in tables.items():
+        atomic_write_bytes(exp / name, t.to_csv(index=False).encode())
+    return [exp / name for name in tables]
+
+
+def files_lines(exp: Path) -> list[str]:
+    """results.md's list of the tables beside it."""
+    what = {HISTORIES: "every run's validation history, a row per epoch (stage, model, "
+                       "condition, backbone, seed, epoch, train_loss, val_*_acc)",
+            "analysis_scenarios.csv": "outcome scenarios per condition and seed",
+            "analysis_cam_localisation.csv": "Grad-CAM localisation (area at half peak) per heatmap kind",
+            "analysis_similarity_medians.csv": "feature similarity medians per scenario",
+            "analysis_attribution.csv": "head attribution (left / right share of the logit)",
+            "analysis_probes.csv": "specialisation probes (linear probes on frozen features)",
+            "analysis_traffic.csv": "callosal traffic per connection"}
+    have = [n for n in what if (exp / n).exists()]
+    if not have:
+        return []
+    return ["", "## Tables beside this report", "",
+            "Everything the sentences above rest on, as CSV in this folder (per run, condition "
+            "and seed; the analyses' `folder` column names analysis/<condition>/seed=<k>):", "",
+            *(f"- `{n}`: {what[n]}" for n in have)]
 
 
 def from_csv(csv_path, out_dir) -> dict:

@@ -137,3 +137,43 @@ def test_forest_groups_rows_prints_n_and_gives_far_rows_their_own_panel():
     titles = [ax.title.get_window_extent() for ax in fig.axes if ax.get_title()]
     assert not any(a.overlaps(b) for i, a in enumerate(titles) for b in titles[i + 1:])
     plt.close(fig)
+
+
+def test_publish_commits_histories_analysis_tables_environment_and_provenance(tmp_path):
+    from bilateral import data, publish
+    exp = tmp_path / "out" / "fm"
+    hist = [{"fine_acc": v, "coarse_acc": v + 0.1} for v in (0.5, 0.6, 0.7, 0.72)]
+    for s in (0, 1):
+        d = run(exp, "bilateral", "resnet9-A", s, {"fine_acc": 0.8, "coarse_acc": 0.9}, history=hist)
+        rec = json.loads((d / "config.json").read_text())
+        rec["resolved"]["dataset"] = "fashion_mnist"
+        rec.update(seed=s, git="abc1234def", **({"cpu": "Test CPU 9000", "cpu_count": 2} if s else {}))
+        (d / "config.json").write_text(json.dumps(rec))
+        a = exp / "analysis" / "A" / f"seed={s}"
+        a.mkdir(parents=True)
+        pd.DataFrame([{"side": "left", "level": "fine", "acc": 0.7 + s / 100}]).to_csv(a / "probes.csv", index=False)
+        (a / "metrics.json").write_text(json.dumps({"probe.left.fine": 0.7}))
+    results.report(exp)
+    dest = tmp_path / "results" / "fm"
+    written = publish.publish(exp, dest, command="python -m bilateral sweep params/fashion_mnist.yaml")
+    names = sorted(p.name for p in written)
+    assert names == sorted(["results.csv", "results.md", "histories.csv",  # one model: no forest
+                            "analysis_probes.csv", "PROVENANCE.md", "environment.txt"])
+    h = pd.read_csv(dest / "histories.csv")
+    assert list(h.columns[:6]) == ["stage", "model", "condition", "backbone", "seed", "epoch"]
+    assert len(h) == 8 and set(h.seed) == {0, 1}
+    probes = pd.read_csv(dest / "analysis_probes.csv")
+    assert probes[["condition", "seed"]].values.tolist() == [["A", 0], ["A", 1]]
+    md = (dest / "results.md").read_text()
+    assert "`histories.csv`" in md and "`analysis_probes.csv`" in md
+    env = (dest / "environment.txt").read_text()
+    assert "numpy==" in env and "pandas==" in env
+    prov = (dest / "PROVENANCE.md").read_text()
+    gz, idx = data.FMNIST_SHA256["t10k-images-idx3-ubyte.gz"]
+    assert gz in prov and idx in prov
+    assert ("python -m bilateral train bilateral --params params/fashion_mnist.yaml --seed <k> "
+            "--set condition=A") in prov
+    assert "revision that built this report: " in prov and "its tree: " in prov
+    table = prov.split("## Every run")[1]
+    assert "Test CPU 9000" in table and "not recorded" in table and "abc1234def" in table
+    assert "seed 0: " in prov and "environment.txt" in prov
