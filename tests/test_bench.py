@@ -35,7 +35,8 @@ def test_top_level(result):
     json.dumps(result)  # JSON-ready as is
 
 
-@pytest.mark.parametrize("section", ["throughput", "bilateral", "time_to_accuracy", "memory", "packing", "cpu"])
+@pytest.mark.parametrize("section", ["throughput", "bilateral", "time_to_accuracy", "memory", "packing", "cpu",
+                                     "precision"])
 def test_section_config(result, section):
     conf = result[section]["config"]
     for key in SECTION_CONFIG:
@@ -95,6 +96,22 @@ def test_packing(result):
         (w, n) for w, ns in result["sizes"]["pk_grid"] for n in ns]
     for r in p["rows"]:
         assert _num(r["separate_img_per_s"]) and _num(r["packed_img_per_s"]) and _num(r["ratio"])
+    a = p["auto"]  # what pack: auto decides by at the start of a sweep, on the preset's group
+    assert a["members"] == result["sizes"]["pka_members"] and a["group"].startswith("unilateral")
+    assert a["pack"] is (a["packed_img_per_s"] > a["separate_img_per_s"])
+    assert a["ratio"] == pytest.approx(a["packed_img_per_s"] / a["separate_img_per_s"])
+
+
+def test_precision(result):
+    from bilateral.bench import precision
+    p = result["precision"]
+    assert [r["model"] for r in p["rows"]] == [precision.MODELS[i][0] for i in result["sizes"]["pr_models"]]
+    for r in p["rows"]:
+        assert _num(r["fp32_img_per_s"]) and _num(r["bf16_img_per_s"])
+        assert r["ratio"] == pytest.approx(r["bf16_img_per_s"] / r["fp32_img_per_s"])
+        assert r["auto"] in ("fp32", "bf16")
+    text = report.table(result)
+    assert "8. float32 against bf16 autocast" in text and "pack: auto, as a sweep decides" in text
 
 
 def test_cpu(result):

@@ -16,6 +16,8 @@ recorded with every section). Sections, one module each or a few per module:
 7. cpu (packing.py)          torch.compile, channels_last and threads per worker on CPU; for the
    pyramid k-WTA hemisphere, k-WTA selecting with numpy against torch's kthvalue, and glibc
    keeping freed memory (train.keep_freed_memory) against not.
+8. precision (precision.py)  float32 against bf16 autocast per model of the study, and what
+   `precision: auto` picks here; section 6 also prints the measurement `pack: auto` decides by.
 
 Every training step is train.train_step, the step of every run. No timing is asserted
 anywhere; the figures are written to outputs/bench/bench-<device>.json.

@@ -33,7 +33,8 @@ def sizes(device: torch.device, quick: bool, toy: bool) -> dict:
                     cuda_steps=2, mem_width=0.0625, mem_steps=1, mem_conventional=True,
                     pk_grid=[(0.0625, [2])], pk_warmup=1, pk_steps=1, pk_train=None,
                     cpu_widths=[0.0625], cpu_warmup=1, cpu_steps=1, cpu_train=None, cpu_compile=False,
-                    cpu_members=2)
+                    cpu_members=2, pr_models=[0, 3], pr_batch=8, pr_steps=1,
+                    pka_width=0.03125, pka_batch=8, pka_members=2)
     # None: the whole split
     return dict(dataset="fashion_mnist", synthetic_size=None, batch=BATCH,
                 num_workers=min(8, os.cpu_count() or 2) if cuda else 2,
@@ -57,7 +58,12 @@ def sizes(device: torch.device, quick: bool, toy: bool) -> dict:
                 pk_train=None,
                 # CPU switches at the presets' widths (smoke 1/32, Fashion-MNIST 1/8)
                 cpu_widths=[0.125] if quick else [0.03125, 0.0625, 0.125], cpu_warmup=1,
-                cpu_steps=3 if quick else 8, cpu_train=300, cpu_compile=not quick, cpu_members=5)
+                cpu_steps=3 if quick else 8, cpu_train=300, cpu_compile=not quick, cpu_members=5,
+                # fp32 against bf16 (bench.precision.MODELS by index): on a CPU at batch 64 (bf16
+                # without bf16 instructions is emulated, up to 10x slower), on CUDA at 256
+                pr_models=list(range(7)), pr_batch=256 if cuda else 64, pr_steps=2 if quick else 4,
+                # pack: auto's measurement on the preset's group: 10 unilateral ResNet-9, width 1/8
+                pka_width=0.125, pka_batch=BATCH, pka_members=10)
 
 
 # ------------------------------------------------------------------------------ helpers

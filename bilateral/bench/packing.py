@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import models, packed, stages, train
+from . import precision
 from .common import Stepper, base_config, cycle, load_splits, loadavg, ratio, section_config, subset, timed
 from .conventional import project_loader
 
@@ -60,8 +61,9 @@ def bench_packing(device, sz, splits, log) -> dict:
                           how="images/s over all members; separate = the N models stepped in turn")
     rows = [packed_vs_separate(device, sz, train_split, w, n, log)
             for w, ns in sz["pk_grid"] for n in ns]
+    auto = precision.auto_packing(device, sz, log)
     conf["loadavg_end"] = loadavg()
-    return {"config": conf, "rows": rows}
+    return {"config": conf, "rows": rows, "auto": auto}
 
 
 # ------------------------------------------------------------------------------ CPU switches

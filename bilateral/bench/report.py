@@ -8,16 +8,17 @@ from pathlib import Path
 import torch
 
 from .. import runs, train
-from . import accuracy, memory, packing, sections
+from . import accuracy, memory, packing, precision, sections
 from .common import environment, load_splits, ratio, sizes
 
 
 # ------------------------------------------------------------------------------ the run
-SECTIONS = ("throughput", "bilateral", "time_to_accuracy", "cuda", "memory", "packing", "cpu")
+SECTIONS = ("throughput", "bilateral", "time_to_accuracy", "cuda", "memory", "packing", "cpu", "precision")
 RUNNERS = {"throughput": sections.bench_throughput, "bilateral": sections.bench_bilateral,
            "time_to_accuracy": accuracy.bench_time_to_accuracy, "cuda": sections.bench_cuda,
            "memory": lambda device, sz, splits, log: memory.bench_memory(device, sz, log),
-           "packing": packing.bench_packing, "cpu": packing.bench_cpu}
+           "packing": packing.bench_packing, "cpu": packing.bench_cpu,
+           "precision": precision.bench_precision}
 
 
 def run(device="cpu", quick=True, toy=False, log=print, only=None) -> dict:
@@ -158,6 +159,12 @@ def _packing(p):
             "|---:|---:|---:|---:|---:|---:|"]
     rows += [f"| {v['width']} | {v['members']} | {_f(v['separate_img_per_s'])} | {_f(v['packed_img_per_s'])} | "
              f"{_x(v['ratio'])} | {v['loadavg'][0]:.1f} |" for v in p["rows"]]
+    a = p.get("auto")
+    if a:
+        rows += ["", f"pack: auto, as a sweep decides at its start (runner.decide_packing, best of "
+                 f"interleaved steps): {a['members']} x {a['group']}, batch {a['batch']}: separate "
+                 f"{_f(a['separate_img_per_s'])} img/s, packed {_f(a['packed_img_per_s'])} img/s, "
+                 f"packed / separate {_x(a['ratio'])}: auto trains {'packed' if a['pack'] else 'separate'}"]
     return rows + [""]
 
 
@@ -188,8 +195,21 @@ def _kwta_cells(k):
             f"{_f(k['numpy_select'])} / {_f(k['keep_freed_off'])} ({_x(k['keep_freed_ratio'])})")
 
 
+def _precision(p):
+    c = p["config"]
+    units = "has" if c["bf16_units"] else "has no"
+    rows = [f"8. float32 against bf16 autocast, one training step of each model, batch {c['batch']}, "
+            f"best of {c['timed_steps']} interleaved steps; this CPU {units} bf16 instructions; "
+            f"auto: what `precision: auto` trains in here (bf16 needs {c['margin']:.2f}x)", "",
+            "| model | width | fp32 (img/s) | bf16 (img/s) | bf16 / fp32 | auto | load avg |",
+            "|---|---:|---:|---:|---:|---|---:|"]
+    rows += [f"| {v['model']} | {v['width']:g} | {_f(v['fp32_img_per_s'])} | {_f(v['bf16_img_per_s'])} | "
+             f"{_x(v['ratio'])} | {v['auto']} | {v['loadavg'][0]:.1f} |" for v in p["rows"]]
+    return rows + [""]
+
+
 RENDER = {"throughput": _throughput, "bilateral": _bilateral, "time_to_accuracy": _time_to_accuracy,
-          "cuda": _cuda, "memory": _memory, "packing": _packing, "cpu": _cpu}
+          "cuda": _cuda, "memory": _memory, "packing": _packing, "cpu": _cpu, "precision": _precision}
 
 
 def main(args) -> int:
