@@ -83,6 +83,12 @@ def main(argv=None):
                     help="points of validation accuracy within the best budget (default 0.3)")
     bu.add_argument("--jobs", type=int, default=1, help="local worker processes")
 
+    cu = sub.add_parser("curves", help="test accuracy of every model against its budget and its "
+                                       "compute, from a study trained with sweep --grid epochs=...; "
+                                       "trains nothing")
+    add_study_args(cu)
+    cu.add_argument("--budgets", nargs="+", type=int, required=True, metavar="EPOCHS")
+
     pl = sub.add_parser("plan", help="every run of the study: status, dependencies, cost; "
                                      "trains nothing")
     add_study_args(pl)
@@ -171,6 +177,8 @@ def dispatch(a):
     if a.cmd == "budget":
         return budget.run(a.params, a.budgets, a.seeds, jobs=a.jobs, overrides=a.overrides,
                           threshold=a.threshold)
+    if a.cmd == "curves":
+        return budget.draw(a.params, a.budgets, a.seeds, overrides=a.overrides)
     if a.cmd == "plan":
         seeds = plan.parse_seeds(a.seeds)
         cfg = C.load(a.params, a.overrides)

@@ -15,7 +15,10 @@ The protocol:
    best budget tried (`choose`); a stage whose best is its longest budget is flagged: the
    search did not reach a plateau for it.
 Writes outputs/<experiment>-budget/budgets.csv (the search table) and budgets.yaml (the
-chosen `stage_epochs`, to copy into the study's preset).
+chosen `stage_epochs`, to copy into the study's preset), and the learning curves of every model
+(`curves`: curves.csv and curves.png, test accuracy included, which the choice never reads).
+`python -m bilateral curves PARAMS --budgets ... --seeds ...` draws them for a study trained at
+several budgets (`sweep --grid epochs=...`), without training anything.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import pandas as pd
 import yaml
 
 from . import config as C
-from . import plan, runs, sweep, train
+from . import figures, plan, runs, stats, sweep, train
 
 THRESHOLD = 0.3  # percentage points of validation accuracy
 
@@ -63,6 +66,110 @@ def search_table(points, seeds) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+HEADS = ("fine_acc", "coarse_acc")
+
+
+def compute(run) -> float:
+    """What a model costs to make, in ResNet-9 epochs: its own training and that of every run
+    it is built on (a bilateral model's hemispheres, an ensemble's whole pool, from which its
+    members are chosen), each at its budget as if trained alone (a wsd branch costs less)."""
+    seen, todo, total = set(), [run], 0.0
+    while todo:
+        r = todo.pop()
+        if r.key not in seen:
+            seen.add(r.key)
+            total += r.cost()
+            todo += r.upstream()
+    return total
+
+
+def model_name(r) -> str:
+    """One curve per model: the unilateral pool's members are one model (their mean per seed)."""
+    return "unilateral (pool mean)" if r.stage == "unilateral" else r.label
+
+
+def curves(points, seeds) -> pd.DataFrame:
+    """One row per finished run (ensembles too), budget and head: the model, its compute
+    (`compute`), validation and test accuracy. For figures and the report, never the choice."""
+    rows = []
+    for cfg, point in points:
+        for r in plan.plan(cfg, seeds):
+            if r.status() != "finished":
+                continue
+            m = r.metrics()
+            for h in HEADS:
+                if h in m["test"]:
+                    rows.append(dict(model=model_name(r), stage=r.stage, run=r.name, seed=r.seed,
+                                     budget=int(point["epochs"]), compute=compute(r), head=h[:-4],
+                                     val=m["val"][h], test=m["test"][h]))
+    return pd.DataFrame(rows)
+
+
+def half_width(sd: float, n: int, level: float = 0.95) -> float:
+    """Half-width of the t interval of a mean of n values (0 for one value: no interval)."""
+    from scipy import stats as st  # deferred: scipy costs a second at every command's start
+
+    return float(st.t.ppf(0.5 + level / 2, n - 1) * sd / n ** 0.5) if n > 1 else 0.0
+
+
+def curve_summary(table: pd.DataFrame, x: str = "budget") -> pd.DataFrame:
+    """Per model, head and x: the mean test accuracy over seeds (unilateral members averaged
+    within a seed first), n seeds and the 95% t interval's half-width (0 with one seed)."""
+    per_seed = table.groupby(["model", "head", x, "seed"], sort=False).test.mean().reset_index()
+    rows = []
+    for (model, head, xv), g in per_seed.groupby(["model", "head", x], sort=False):
+        mean, sd, n = stats.mean_sd(g.test.tolist())
+        rows.append(dict(model=model, head=head, **{x: xv}, n=n, mean=mean, half=half_width(sd, n)))
+    return pd.DataFrame(rows)
+
+
+def plot_curves(table: pd.DataFrame, title: str = ""):
+    """Test accuracy (%) of every model against its training budget (left: the plateau view)
+    and against its compute in ResNet-9 epochs (right: the equal-compute view), one row per
+    head; points are means over seeds with 95% intervals; legend outside the axes."""
+    import matplotlib.pyplot as plt
+
+    heads = [h for h in ("fine", "coarse") if h in set(table["head"])]
+    fig, axes = plt.subplots(len(heads), 2, figsize=(13, 4.2 * len(heads)), squeeze=False)
+    models_ = list(dict.fromkeys(table.model))
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(models_)}
+    for row, head in enumerate(heads):
+        for col, x in enumerate(("budget", "compute")):
+            ax = axes[row][col]
+            s = curve_summary(table[table["head"] == head], x)
+            for model, g in s.groupby("model", sort=False):
+                g = g.sort_values(x)
+                ax.errorbar(g[x], 100 * g["mean"], yerr=100 * g["half"], marker="o", ms=4,
+                            capsize=3, lw=1.2, color=colors[model], label=model)
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")  # 4, 8, 16, not 2^2
+            ax.set_xlabel("training budget (epochs)" if x == "budget" else
+                          "compute to make the model (ResNet-9 epochs, upstream runs included)")
+            ax.set_ylabel(f"test accuracy, {head} (%)")
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{head}: {'every model at each budget' if x == 'budget' else 'at equal compute'}")
+    handles, labels = {}, []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    n = table.groupby("model").seed.nunique()
+    fig.legend([handles[m] for m in handles], [f"{m} (n={n[m]})" for m in handles],
+               loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=9, frameon=False)
+    fig.suptitle(title or "Test accuracy against training (mean over seeds, 95% interval)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def write_curves(out: Path, points, seeds, title: str = "", log=sweep.say) -> pd.DataFrame:
+    table = curves(points, seeds)
+    if table.empty:
+        log("no finished run to draw")
+        return table
+    runs.atomic_write_bytes(out / "curves.csv", table.to_csv(index=False).encode())
+    figures.save(plot_curves(table, title), out, "curves", log=log)
+    return table
+
+
 def run(params, budgets, seeds, jobs=1, overrides=None, threshold=THRESHOLD, executor="local",
         log=sweep.say) -> int:
     """The whole protocol; the exit code of its sweep."""
@@ -81,6 +188,8 @@ def run(params, budgets, seeds, jobs=1, overrides=None, threshold=THRESHOLD, exe
     out = runs.experiment_dir(base).with_name(f"{base.experiment}-budget")
     chosen = choose(table, threshold)
     write(out, table, chosen, budgets, seeds, threshold)
+    write_curves(out, points, plan.parse_seeds(seeds),
+                 f"Budget search, seeds {seeds}: test accuracy (not used for the choice)", log)
     log(f"\n{chosen.to_string(index=False)}\n\nbudgets chosen on validation: {out / 'budgets.yaml'}")
     return code
 
@@ -96,3 +205,16 @@ def write(out: Path, table, chosen, budgets, seeds, threshold):
                            "stage_epochs": {r.stage: int(r.budget) for r in chosen.itertuples()}},
                           sort_keys=False)
     runs.atomic_write_bytes(out / "budgets.yaml", ("\n".join(lines) + "\n" + body).encode())
+
+
+def draw(params, budgets, seeds, overrides=None, log=sweep.say) -> int:
+    """`python -m bilateral curves`: the curves of a study trained at several budgets
+    (`sweep --grid epochs=...`), from its finished runs; trains nothing."""
+    budgets = sorted({int(b) for b in budgets})
+    overrides = {**C.parse_overrides(overrides), "stage_epochs": {}}
+    grid = [f"epochs={','.join(map(str, budgets))}"]
+    points = sweep.expand_grid(params, sweep.absolute_dirs(params, overrides), grid)
+    base = C.load(params, overrides)
+    out = runs.experiment_dir(base).with_name(f"{base.experiment}-curves")
+    table = write_curves(out, points, plan.parse_seeds(seeds), log=log)
+    return 0 if not table.empty else 1

@@ -72,3 +72,23 @@ def test_a_branched_budget_equals_a_separate_run_and_the_search_writes_its_choic
     chosen = yaml.safe_load((out / "budgets.yaml").read_text())
     assert chosen["schedule"] == "wsd" and set(chosen["stage_epochs"]) == {"hemisphere", "bilateral"}
     assert set(chosen["stage_epochs"].values()) <= {2, 4}
+    # the curves: every finished model at each budget, its compute counting its upstream runs
+    cur = pd.read_csv(out / "curves.csv")
+    assert set(cur.budget) == {2, 4} and (out / "curves.png").stat().st_size > 10_000
+    bil = cur[(cur.stage == "bilateral") & (cur.budget == 4)]
+    hemi = cur[(cur.stage == "hemisphere") & (cur.budget == 4)]
+    assert set(bil["head"]) == {"fine", "coarse"} and set(hemi.run) == {"resnet9-A-left", "resnet9-A-right"}
+    assert bil.compute.iloc[0] == pytest.approx(hemi.drop_duplicates("run").compute.sum()
+                                                + plan.Run("bilateral", trunk, 0).cost())
+
+
+def test_curve_summary_averages_pool_members_within_a_seed_then_over_seeds():
+    rows = [dict(model="u", head="fine", budget=8, seed=s, test=v)
+            for s, vals in ((0, (0.80, 0.82)), (1, (0.84, 0.86)), (2, (0.90, 0.90))) for v in vals]
+    rows += [dict(model="one", head="fine", budget=8, seed=0, test=0.7)]
+    got = budget.curve_summary(pd.DataFrame(rows)).set_index("model")
+    seed_means = [0.81, 0.85, 0.90]
+    sd = pd.Series(seed_means).std()
+    assert got.loc["u", "n"] == 3 and got.loc["u", "mean"] == pytest.approx(sum(seed_means) / 3)
+    assert got.loc["u", "half"] == pytest.approx(4.302653 * sd / 3 ** 0.5, rel=1e-5)  # t(0.975, 2)
+    assert got.loc["one", "n"] == 1 and got.loc["one", "half"] == 0.0
