@@ -165,6 +165,18 @@ def git_revision() -> str | None:
         return None
 
 
+def git_dirty() -> bool | None:
+    """Whether the checkout that runs has uncommitted changes to tracked files (None: not a git
+    checkout): PROVENANCE.md says so, since a revision alone does not name such code."""
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                             capture_output=True, text=True, timeout=5)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def cpu_model() -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -186,7 +198,7 @@ def provenance(device) -> dict:
     if torch.device(device).type == "cuda":
         dev += f" ({torch.cuda.get_device_name(torch.device(device))})"
     return {"versions": versions, "python": platform.python_version(), "git": git_revision(),
-            "device": dev, "host": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count()}
+            "git_dirty": git_dirty(), "device": dev, "host": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count()}
 
 
 def prepare(path: Path, identity: dict, force: bool = False, rebuild: str | None = None) -> str:

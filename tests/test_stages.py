@@ -67,6 +67,9 @@ def test_config_records_provenance_and_the_resolved_parameters(study):
     rec = runs.read_json(runs.run_dir(cfg, "bilateral", "resnet9-A", 0) / "config.json")
     assert rec["config"]["condition"] == "A" and rec["resolved"]["out_dir"] == cfg.out_dir
     assert rec["versions"]["torch"] and rec["device"] == "cpu"
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                            capture_output=True, text=True).stdout
+    assert rec["git_dirty"] is bool(status.strip())  # PROVENANCE.md: was the code committed?
     assert rec["cached_features"] is True
 
 
