@@ -185,6 +185,27 @@ def build_unspecialised(cfg, hier) -> Callosal:
                  frozen=False)
 
 
+def matched_hidden(cfg, hier) -> int:
+    """Hidden units per head that give a bilateral model on frozen hemispheres as many trainable
+    parameters as the callosal model of cfg (its connections and heads; counted on the meta
+    device, nothing allocated): heads with h units hold h (2d + 2 + n_fine + n_coarse) +
+    n_fine + n_coarse parameters, d the features per hemisphere pair."""
+    with torch.device("meta"):
+        left, right = models.hemisphere_backbone(cfg, "left"), models.hemisphere_backbone(cfg, "right")
+        target = models.count_trainable(build(cfg, hier, left, right, frozen=True))
+    d, nf, nc = left.out_features + right.out_features, hier.n_fine, hier.n_coarse
+    return max(1, round((target - nf - nc) / (2 * d + 2 + nf + nc)))
+
+
+def matched_model(cfg, hier, hemispheres) -> models.Bilateral:
+    """The `bilateral_matched` control: the frozen hemispheres of this seed and condition, no
+    connections, heads with a hidden layer holding the callosal model's trainable capacity;
+    what a callosal model gains over it is due to its connections, not to more parameters."""
+    left, right = (models.freeze(h.backbone) for h in hemispheres)
+    return models.Bilateral(left, right, hier.n_fine, hier.n_coarse, dropout=cfg.dropout,
+                            hidden=matched_hidden(cfg, hier))
+
+
 def run_name(cfg) -> str:
     name = f"{cfg.backbone}-{cfg.condition}-{cfg.callosum}-{'+'.join(cfg.callosum_at)}"
     if cfg.callosum_train == "all":  # callosal_unspecialised resets it to the default
@@ -225,6 +246,24 @@ register(Stage(
                         for kind in c.callosum_kinds if "A" in c.conditions],
     epoch_cost=lambda c: models.hemisphere_cost(c, "left") + models.hemisphere_cost(c, "right"),
     build=lambda c, hier, ups: build_unspecialised(c, hier)))
+
+register(Stage(
+    "bilateral_matched", "callosum", "bilateral, heads matched to a callosal model",
+    "frozen hemispheres, no connections, heads with a hidden layer: as many trainable "
+    "parameters as the callosal model of its kind (the capacity control)",
+    uses=("condition", "backbone", "augment", "head_augment"),
+    owns=("callosum", "callosum_at"),
+    run_name=lambda c: f"{c.backbone}-{c.condition}-{c.callosum}-{'+'.join(c.callosum_at)}",
+    label=lambda c: f"{c.condition} bilateral matched to callosal {c.callosum}",
+    variants=lambda c: [dict(condition=k, callosum=kind)
+                        for kind in c.callosum_kinds for k in c.conditions],
+    epoch_cost=lambda c: 0.02 if not c.head_augment else (
+        models.hemisphere_cost(c, "left") + models.hemisphere_cost(c, "right")) / 3,
+    fixed_cost=lambda c: 0.0 if c.head_augment else (
+        models.hemisphere_cost(c, "left") + models.hemisphere_cost(c, "right")) / 3,
+    build=matched_model,
+    upstream=lambda c: [("hemisphere", dict(side=s)) for s in C.SIDES],
+    heads_only=True))
 
 
 # -------------------------------------------------------------------------- parameters

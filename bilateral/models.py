@@ -284,8 +284,15 @@ def set_kwta_eval(module: nn.Module, rule: str) -> str | None:
 
 # -------------------------------------------------------------------------------- models
 class Head(nn.Sequential):
-    def __init__(self, in_features: int, n_classes: int, dropout: float = 0.6):
-        super().__init__(nn.Dropout(dropout), nn.Linear(in_features, n_classes))
+    """Dropout then a linear classifier; hidden > 0 puts a ReLU layer of that many units
+    between (the capacity-matched control of the callosal models)."""
+
+    def __init__(self, in_features: int, n_classes: int, dropout: float = 0.6, hidden: int = 0):
+        if not hidden:
+            super().__init__(nn.Dropout(dropout), nn.Linear(in_features, n_classes))
+        else:
+            super().__init__(nn.Dropout(dropout), nn.Linear(in_features, hidden), nn.ReLU(),
+                             nn.Linear(hidden, n_classes))
 
 
 def _out_features(m):
@@ -321,11 +328,12 @@ class Unilateral(FreezeAware):
 class Bilateral(FreezeAware):
     """Two hemispheres whose features are concatenated [left | right] and fed to both heads."""
 
-    def __init__(self, left, right, n_fine, n_coarse, dropout=0.6):
+    def __init__(self, left, right, n_fine, n_coarse, dropout=0.6, hidden=0):
         super().__init__()
         self.left, self.right = left, right
         d = _out_features(left) + _out_features(right)
-        self.heads = nn.ModuleDict(dict(fine=Head(d, n_fine, dropout), coarse=Head(d, n_coarse, dropout)))
+        self.heads = nn.ModuleDict(dict(fine=Head(d, n_fine, dropout, hidden),
+                                        coarse=Head(d, n_coarse, dropout, hidden)))
 
     def sides(self, x):
         """The left and the right features (a callosal model exchanges maps on the way)."""

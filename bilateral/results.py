@@ -113,6 +113,14 @@ CALLOSAL_FAMILY = (
                "the callosal connections beat the frozen bilateral model they were added to"),
     Comparison("callosal_unspecialised/{backbone}-{condition}-*", "bilateral/{backbone}-{condition}",
                "a callosal model trained from scratch beats the specialised bilateral model"),
+    # the capacity control (stage bilateral_matched, added before any of its runs): the same
+    # frozen hemispheres with heads of as many trainable parameters as the callosal model of
+    # that kind; paired (same hemispheres). One comparison per kind, so each callosal model
+    # meets its own control.
+    *(Comparison(f"callosal/{{backbone}}-{{condition}}-{kind}-*",
+                 f"bilateral_matched/{{backbone}}-{{condition}}-{kind}-*",
+                 f"the {kind} connections beat heads of the same trainable capacity")
+      for kind in C.CALLOSUM_KINDS),
 )
 FAMILIES = {"main": FAMILY, "callosal": CALLOSAL_FAMILY}  # name -> comparisons, Holm within each
 

@@ -169,16 +169,28 @@ def welch(a: dict, b: dict, level=LEVEL) -> dict:
     return out
 
 
+def hemispheres_of(key: str) -> set[str]:
+    """The trained hemispheres a model is built on, as hemisphere run names: its own name for
+    a hemisphere or the heads on one (one_hemisphere), both sides for a model built on a
+    frozen pair (bilateral, bilateral_matched, callosal), none for one trained from scratch."""
+    stage, _, name = key.partition("/")
+    if stage in ("hemisphere", "one_hemisphere"):
+        return {name}
+    if stage in ("bilateral", "bilateral_matched", "callosal"):
+        pair = "-".join(name.split("-")[:2])  # resnet9-A[-add-layer1+layer3] -> resnet9-A
+        return {f"{pair}-left", f"{pair}-right"}
+    return set()
+
+
 def shares_runs(ref: str, key: str) -> bool:
-    """Do models `ref` and `key` share runs, seed by seed? Only a bilateral model and its own
-    hemispheres (bilateral/resnet9-A and hemisphere/resnet9-A-left, -right), the heads
-    trained on one of those hemispheres alone (one_hemisphere/resnet9-A-left, -right), and a
-    callosal model built on the same hemispheres (callosal/resnet9-A-add-layer1+layer3)."""
-    r, k = ref.split("/", 1), key.split("/", 1)
-    if len(r) != 2 or len(k) != 2 or r[0] != "bilateral":
+    """Do models `ref` and `key` share runs, seed by seed? Where they are built on a common
+    trained hemisphere of the same seed: a bilateral model and its own hemispheres
+    (bilateral/resnet9-A and hemisphere/resnet9-A-left), the heads trained on one of those
+    alone (one_hemisphere/resnet9-A-left), a callosal model built on the same pair and its
+    capacity-matched control (callosal/..., bilateral_matched/resnet9-A-add-layer1+layer3)."""
+    if ref == key:
         return False
-    return ((k[0] in ("hemisphere", "one_hemisphere") and k[1] in (f"{r[1]}-left", f"{r[1]}-right"))
-            or (k[0] == "callosal" and k[1].startswith(f"{r[1]}-")))
+    return bool(hemispheres_of(ref) & hemispheres_of(key))
 
 
 def difference(a: dict, b: dict, shared: bool, level=LEVEL) -> dict:

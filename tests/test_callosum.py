@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from bilateral import cam, callosum, callosum_study, config as C, data, models, plan, train
+from bilateral import cam, callosum, callosum_study, config as C, data, models, plan, runs, train
 
 W = 1 / 32
 SIDES = {"A": ("resnet9", "resnet9"), "B": ("resnet9_pyramid", "resnet9")}  # B: unequal widths
@@ -177,6 +177,17 @@ def test_callosal_stages_train_record_and_analyse(tmp_path):
     hemi = plan.load_run_model("hemisphere", dataclasses.replace(cfg, side="left"), 0, hier).backbone
     for k, v in hemi.state_dict().items():  # trained through, but not into, the hemispheres
         assert torch.equal(model.left.state_dict()[k], v), k
+    # the capacity control: no connections, as many trainable parameters (to a head unit)
+    mt = plan.run_stage("bilateral_matched", cfg, 0)
+    rec = lambda stage: runs.read_json(  # noqa: E731
+        runs.run_dir(cfg, stage, "resnet9-B-concat-layer1+layer3", 0) / "config.json")
+    per_unit = 2 * (hemi.out_features + model.right.out_features) + 2 + hier.n_fine + hier.n_coarse
+    assert abs(rec("bilateral_matched")["trainable_params"] - rec("callosal")["trainable_params"]) <= per_unit / 2
+    assert rec("bilateral_matched")["cached_features"] is True and mt["heads"] == ["fine", "coarse"]
+    matched = plan.load_run_model("bilateral_matched", cfg, 0, hier)
+    assert not hasattr(matched, "links") and len(matched.heads["fine"]) == 4  # dropout, linear, relu, linear
+    for k, v in hemi.state_dict().items():
+        assert torch.equal(matched.left.state_dict()[k], v), k
     u = plan.run_stage("callosal_unspecialised", dataclasses.replace(cfg, condition="A"), 0)
     assert u["test"]["fine_acc"] >= 0
     metrics = callosum_study.analyse(cfg, 0, cam_images=4, log=lambda *_: None)
@@ -190,6 +201,9 @@ def test_callosal_stages_train_record_and_analyse(tmp_path):
     ref = results.per_seed(results.collect(tmp_path / "t"))["bilateral/resnet9-B"]["fine_acc"][0]
     assert comp.fine_acc_diff.iloc[0] == pytest.approx(m["test"]["fine_acc"] - ref)
     assert comp.fine_acc_diff.isna().iloc[1]  # no bilateral run of condition A here
+    table = results.comparison_table(results.collect(tmp_path / "t"))
+    row = table[table.model.astype(str).str.startswith("bilateral_matched/")]
+    assert len(row) >= 1 and set(row.family) == {"callosal"}, table.to_string()
 
 
 @pytest.mark.parametrize("key, value, allowed", [
@@ -242,7 +256,8 @@ def test_the_plan_holds_the_callosal_runs_after_their_hemispheres_only_when_kind
     assert [r.key for r in ours] == [
         f"{s}/resnet9-{c}-{k}-layer1+layer3/seed=0"
         for s, pairs in (("callosal", [(c, k) for k in ("add", "gate") for c in "AB"]),
-                         ("callosal_unspecialised", [("A", "add"), ("A", "gate")]))
+                         ("callosal_unspecialised", [("A", "add"), ("A", "gate")]),
+                         ("bilateral_matched", [(c, k) for k in ("add", "gate") for c in "AB"]))
         for c, k in pairs]
     for r in ours[:4]:  # each callosal run waits for the two hemispheres of its condition
         ups = [u.key for u in r.upstream()]

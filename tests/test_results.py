@@ -58,6 +58,12 @@ def test_only_a_bilateral_model_and_its_own_hemispheres_are_paired():
                   "callosal/resnet9-B-add-layer1+layer3",
                   "callosal_unspecialised/resnet9-A-add-layer1+layer3"):
         assert not stats.shares_runs(ref, other)
+    # the capacity control shares its hemispheres with the callosal model of its condition
+    cal = "callosal/resnet9-A-add-layer1+layer3"
+    assert stats.shares_runs(cal, "bilateral_matched/resnet9-A-add-layer1+layer3")
+    assert stats.shares_runs("bilateral_matched/resnet9-B-gate-layer1", "one_hemisphere/resnet9-B-right")
+    assert not stats.shares_runs(cal, "bilateral_matched/resnet9-C-add-layer1+layer3")
+    assert not stats.shares_runs(cal, cal)
 
 
 # ------------------------------------------------------------------------- the convergence flag
