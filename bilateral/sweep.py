@@ -7,8 +7,10 @@ Read top to bottom:
    and which of those are retrained (stale, or built on a run being retrained: --force).
 2. `make_jobs`: the runs as jobs for an executor (execute/): one per run or packed group, each
    a call of `train_job`, with the jobs it waits for.
-3. `estimate`: how many trainings and how long on this device (Run.cost() x a measured second
-   per ResNet-9 epoch), printed before any work.
+3. `estimate`: how many trainings and how long on this device, printed before any work: per
+   run from the finished records of the same stage on this machine at this width and batch
+   (`calibration`), else Run.cost() x a measured second per ResNet-9 epoch; a wsd branch costs
+   only its decay epochs.
 4. `sweep`: the above, an executor (execute.EXECUTORS) running the jobs, a summary (a failed
    job's traceback, its dependants skipped), the exit code; `expand_grid` turns
    `--grid key=v1,v2` into one experiment per combination.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import os
 import shlex
 import shutil
 import sys
@@ -64,10 +67,13 @@ def to_train(runs: list, force: bool = False) -> tuple[list, set]:
 
 # ------------------------------------------------------------------------------ 2. jobs
 
-def train_job(group: tuple, forces: tuple) -> float:
+def train_job(group: tuple, forces: tuple, precisions: tuple = ()) -> float:
     """What one job of a sweep runs (in a worker process or a SLURM job): the runs of `group`
     (one run, or one packed group) through runner.train_runs; a run that another live process holds
-    is waited for, not refused. Returns the training's seconds."""
+    is waited for, not refused. `precisions`: the sweep's measured `precision: auto` decisions
+    (train.PRECISION_DECISIONS items), so that a worker trains in what the sweep decided rather
+    than measuring again. Returns the training's seconds."""
+    train.PRECISION_DECISIONS.update(dict(precisions))
     t0 = time.perf_counter()
     runner.train_runs(list(group), list(forces), log=say, wait=True)
     return time.perf_counter() - t0
@@ -81,7 +87,7 @@ def jobs_dir(cfg) -> Path:
     return runs.experiment_dir(cfg) / "jobs"
 
 
-def make_jobs(todo: list, retrain: set, executor: str = "local") -> tuple[list, dict, dict]:
+def make_jobs(todo: list, retrain: set, executor: str = "local", precisions: tuple = ()) -> tuple[list, dict, dict]:
     """(jobs, {job: the jobs it waits for}, {job: its runs}): one job per run, but where packing
     is on the runs that runner.packable_groups puts together (a run across seeds, a seed's
     pool) are one job that trains them as one packed model."""
@@ -90,8 +96,8 @@ def make_jobs(todo: list, retrain: set, executor: str = "local") -> tuple[list, 
         g = tuple(g)
         key = g[0].key if len(g) == 1 else f"{g[0].key}+{len(g) - 1}"
         folder = jobs_dir(g[0].cfg)
-        job = Job(key, functools.partial(train_job, g, tuple(r in retrain for r in g)),
-                  resume=functools.partial(train_job, g, (False,) * len(g)),
+        job = Job(key, functools.partial(train_job, g, tuple(r in retrain for r in g), precisions),
+                  resume=functools.partial(train_job, g, (False,) * len(g), precisions),
                   cost=sum(r.cost() for r in g), folder=str(folder),
                   log=str(folder / "local" / f"{key.replace('/', '_')}.log") if executor == "local" else "",
                   name=f"{g[0].cfg.experiment}:{g[0].stage}", array=g[0].cfg.experiment,
@@ -130,7 +136,8 @@ def seconds_per_epoch(cfg, device, steps: int = 2) -> float:
     x = torch.randn(bs, 3, 32, 32, device=device)
     batch = {"fine": torch.randint(0, 100, (bs,), device=device),
              "coarse": torch.randint(0, 20, (bs,), device=device)}
-    ctx, _ = train.autocast(device, cfg.amp)
+    prec = "fp32" if cfg.precision == "auto" and device.type == "cpu" else cfg.precision
+    ctx, _ = train.autocast(device, prec)
     times, threads = [], torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)  # as the runs will train
     for _ in range(steps + 1):  # the first step warms up
@@ -148,22 +155,108 @@ def seconds_per_epoch(cfg, device, steps: int = 2) -> float:
     return per_image * train_size(cfg)
 
 
+def trained_epochs(epochs: int, hyper: dict, branched: bool) -> int:
+    """Epochs a run trains itself: a wsd run branched from a longer one (branch_from) starts
+    at its decay (runner.branch), so it trains only its decay epochs."""
+    if branched and hyper.get("schedule") == "wsd":
+        return epochs - train.decay_start(epochs, hyper.get("decay_frac", 0.2))
+    return epochs
+
+
+def machine(device) -> str:
+    """This machine as run records name it: the CPU model and its cores, or the GPU."""
+    if device.type == "cuda":
+        return runs.provenance(device)["device"].partition(" ")[2] or "cuda"
+    return f"{runs.cpu_model()}, {os.cpu_count()} CPUs"
+
+
+def record_machine(rec: dict) -> str:
+    if rec.get("device", "").startswith("cuda"):
+        return rec["device"].partition(" ")[2] or "cuda"
+    return f"{rec.get('cpu')}, {rec.get('cpu_count')} CPUs"
+
+
+def cost_key(stage: str, name: str, cfg: dict) -> tuple:
+    """Runs that cost the same per image and epoch: one stage and run name (the members of a
+    pool as one), width, batch size and precision (a record without one: float32)."""
+    if stage == "unilateral":
+        name = cfg.get("backbone", name)
+    hyper = cfg.get("hyper") or {}
+    return stage, name, cfg.get("width"), hyper.get("batch_size"), cfg.get("precision", "fp32")
+
+
+def calibration(out_dir, device) -> dict:
+    """{cost_key: [seconds per epoch per training image]} of every finished run under out_dir
+    (every experiment) trained on this machine (machine(): the same CPU model and core count,
+    or GPU): its wall_s over the epochs it trained itself (trained_epochs) and its n_train.
+    An ensemble (no epochs): its seconds per run. Records of other machines are left out."""
+    here, out = machine(device), {}
+    for m in sorted(Path(out_dir).glob("*/*/*/seed=*/metrics.json")):
+        try:
+            rec = runs.read_json(m.with_name("config.json"))
+            met = runs.read_json(m)
+        except (OSError, ValueError):
+            continue
+        kind = str(rec.get("device", "")).split(" ")[0].split(":")[0]
+        if kind != device.type or record_machine(rec) != here or "wall_s" not in met:
+            continue
+        hyper, cfg = rec.get("hyper") or {}, rec.get("config") or {}
+        epochs = trained_epochs(met.get("epochs") or 0, hyper,
+                                bool((rec.get("resolved") or {}).get("branch_from")))
+        key = cost_key(rec.get("stage"), rec.get("name"), {**cfg, "hyper": hyper})
+        per = met["wall_s"] / (epochs * rec["n_train"]) if epochs and rec.get("n_train") else met["wall_s"]
+        out.setdefault(key, []).append(per)
+    return out
+
+
+def run_seconds(r, per_image_epoch: float) -> float:
+    """A run's seconds from its stage's calibrated seconds per epoch per image."""
+    epochs = trained_epochs(r.epochs(), dataclasses.asdict(train.hyper(r.cfg, r.stage)) if r.epochs() else {},
+                            bool(r.cfg.branch_from))
+    return per_image_epoch * epochs * train_size(r.cfg) if r.epochs() else per_image_epoch
+
+
 def estimate(todo: list, cfg, device=None, workers: int = 1) -> str:
     """What a sweep prints before any work: trainings, ResNet-9 epochs, and the time on this
-    device; a warning when a GPU-sized preset is about to train on a CPU."""
+    device, with its basis: per run, the median seconds per epoch per training image of the
+    finished records of its stage on this machine at its width, batch and precision
+    (`calibration`), else its cost in ResNet-9 epochs (width-1 ratios, models.BACKBONE_COST) x
+    a ResNet-9 epoch measured now; a wsd branch counts its decay epochs only. A warning when a
+    GPU-sized preset is about to train on a CPU."""
     if not todo:
         return "nothing to train: every run of the plan is finished"
     device = device or train.pick_device(cfg.device)
     cost = sum(r.cost() for r in todo)
-    first = {}  # one measurement per experiment (the points of a grid differ in width ...)
+    cal = {k: sorted(v)[len(v) // 2] for k, v in calibration(cfg.out_dir, device).items()}
+    seconds, from_records, measured = {}, 0, []
     for r in todo:
+        key = cost_key(r.stage, r.name, {**dataclasses.asdict(r.cfg), "precision": runner.precision(r, device),
+                                         "hyper": dataclasses.asdict(train.hyper(r.cfg, r.stage))})
+        if key in cal:
+            seconds[r], from_records = run_seconds(r, cal[key]), from_records + 1
+        else:
+            measured.append(r)
+    first = {}  # one measurement per experiment (the points of a grid differ in width ...)
+    for r in measured:
         first.setdefault(r.cfg.experiment, r.cfg)
-    sec = {e: seconds_per_epoch(c, device) for e, c in first.items()} if cost else {}
-    total = sum(r.cost() * sec.get(r.cfg.experiment, 0.0) for r in todo)
-    per = " to ".join(dict.fromkeys(f"{v:.1f}s" for v in sorted(sec.values()))) or "0s"
-    lines = [f"{len(todo)} trainings to run, {cost:,.1f} ResNet-9 epochs; on {device} one epoch "
-             f"takes about {per} (measured), so about {hms(total)} of training in all"
-             + (f", about {hms(total / workers)} on {workers} workers at best" if workers > 1 else "")]
+    sec = {e: seconds_per_epoch(c, device) for e, c in first.items()} \
+        if any(r.cost() for r in measured) else {}
+    for r in measured:
+        share = trained_epochs(r.epochs(), dataclasses.asdict(train.hyper(r.cfg, r.stage)), bool(r.cfg.branch_from)) \
+            / r.epochs() if r.epochs() else 1.0
+        seconds[r] = r.cost() * share * sec.get(r.cfg.experiment, 0.0)
+    total = sum(seconds.values())
+    basis = []
+    if from_records:
+        basis.append(f"{from_records} run(s) from the finished records of their stage on this machine "
+                     f"({machine(device)}) at the same width, batch and precision")
+    if measured:
+        per = " to ".join(dict.fromkeys(f"{v:.1f}s" for v in sorted(sec.values()))) or "0s"
+        basis.append(f"{len(measured)} from their cost in ResNet-9 epochs (width-1 ratios) x one "
+                     f"ResNet-9 epoch measured now on {device} ({per})")
+    lines = [f"{len(todo)} trainings to run, {cost:,.1f} ResNet-9 epochs; about {hms(total)} of "
+             f"training in all" + (f", about {hms(total / workers)} on {workers} workers at best" if workers > 1 else "")
+             + f" (basis: {'; '.join(basis)})"]
     if device.type == "cpu" and cfg.dataset == "cifar100" and cfg.width >= 0.5:
         lines.append(f"warning: this preset (CIFAR-100 at width {cfg.width:g}) is sized for a GPU "
                      f"and this device is a CPU; on a CPU use params/fashion_mnist.yaml")
@@ -232,6 +325,23 @@ def wsd_branches(points: list) -> list:
     return out
 
 
+def decide(todo: list, points: list, log=say) -> tuple[list, tuple]:
+    """What a sweep measures at its start, before any job: `precision: auto` per architecture
+    (runner.precision; on a CPU without bf16 instructions nothing is measured) and `pack: auto`
+    (runner.decide_packing, written to jobs/packing.json). Returns the runs with pack set to the
+    decision (so every worker packs as decided) and the precision decisions for the jobs."""
+    for r in todo:
+        runner.precision(r, log=log)
+    precisions = tuple(train.PRECISION_DECISIONS.items())
+    decision = runner.decide_packing(todo, log)
+    if decision is not None:
+        pack = "on" if decision["pack"] else "off"
+        todo = [runner.with_pack(r, pack) if r.cfg.pack == "auto" else r for r in todo]
+        for cfg, _ in points:
+            runs.write_json(jobs_dir(cfg) / "packing.json", decision)
+    return todo, precisions
+
+
 def summary(outcomes: list[RunOutcome]) -> str:
     w = max([len(o.run.key) for o in outcomes] + [3])
     lines = [f"{'run':<{w}}  {'status':<7}  {'time':>6}  log"]
@@ -291,9 +401,10 @@ def sweep(params, seeds=(0,), executor="local", jobs=1, slurm=None, overrides=No
     log(f"{len(points)} experiment(s) ({', '.join(c.experiment for c, _ in points)}), seeds "
         f"{', '.join(map(str, seeds))}: {len(runs_)} runs, {len(runs_) - len(todo)} finished")
     workers = jobs if executor == "local" else options.get("max_parallel", len(todo) or 1)
+    todo, precisions = decide(todo, points, log)
     log(estimate(todo, points[0][0], workers=workers))
     t0 = time.perf_counter()
-    job_list, deps, runs_of = make_jobs(todo, retrain, executor)
+    job_list, deps, runs_of = make_jobs(todo, retrain, executor, precisions)
     opts = {"workers": jobs} if executor == "local" else options
     outcomes = [RunOutcome(r, o.status, o.seconds, o.error, o.log, o.job_id)
                 for o in EXECUTORS[executor](job_list, deps, opts, log) for r in runs_of[o.job]]

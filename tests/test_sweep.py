@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bilateral import config as C
-from bilateral import plan, runs, sweep
+from bilateral import plan, runner, runs, sweep
 from bilateral.execute import jobs as execjobs
 from bilateral.execute import slurm
 
@@ -118,7 +118,7 @@ def test_local_sweep_trains_packed_groups_as_one_job(tmp_path):
 
 def corrupt_checkpoint(run):
     """An interrupted run whose checkpoint is garbage: resuming it fails."""
-    runs.write_json(run.path / "config.json", {"config": C.identity(run.cfg)})
+    runs.write_json(run.path / "config.json", {"config": runner.identity(run)})  # precision resolved
     (run.path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     assert run.status() == "in_progress"
 
