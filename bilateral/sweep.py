@@ -230,8 +230,9 @@ def estimate(todo: list, cfg, device=None, workers: int = 1) -> str:
     cal = {k: sorted(v)[len(v) // 2] for k, v in calibration(cfg.out_dir, device).items()}
     seconds, from_records, measured = {}, 0, []
     for r in todo:
+        hyper = dataclasses.asdict(train.hyper(r.cfg, r.stage)) if r.spec.build else {}  # ensembles: none
         key = cost_key(r.stage, r.name, {**dataclasses.asdict(r.cfg), "precision": runner.precision(r, device),
-                                         "hyper": dataclasses.asdict(train.hyper(r.cfg, r.stage))})
+                                         "hyper": hyper})
         if key in cal:
             seconds[r], from_records = run_seconds(r, cal[key]), from_records + 1
         else:

@@ -164,7 +164,8 @@ def _packing(p):
         rows += ["", f"pack: auto, as a sweep decides at its start (runner.decide_packing, best of "
                  f"interleaved steps): {a['members']} x {a['group']}, batch {a['batch']}: separate "
                  f"{_f(a['separate_img_per_s'])} img/s, packed {_f(a['packed_img_per_s'])} img/s, "
-                 f"packed / separate {_x(a['ratio'])}: auto trains {'packed' if a['pack'] else 'separate'}"]
+                 f"packed / separate {_x(a['ratio'])} (packing needs {a.get('margin', 1.1):.2f}x): auto trains "
+                 f"{'packed' if a['pack'] else 'separate'}"]
     return rows + [""]
 
 
