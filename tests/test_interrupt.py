@@ -63,29 +63,35 @@ def hemisphere(cfg):
     return plan.Run("hemisphere", dataclasses.replace(cfg, side="left"), 0)
 
 
-def kill_after(n, cfg) -> subprocess.CompletedProcess:
+def killer(n, cfg) -> subprocess.Popen:
+    """A process that trains cfg's left hemisphere and SIGKILLs itself after write n (0: never)."""
     values = {k: v for k, v in dataclasses.asdict(cfg).items() if k in TINY or k == "out_dir"}
     values["side"] = "left"
-    return subprocess.run([sys.executable, "-c", KILLER, str(n), json.dumps(values)], env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.Popen([sys.executable, "-c", KILLER, str(n), json.dumps(values)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+WRITES = 8  # config, (checkpoint, history) x 2 epochs, history again, model, metrics
 
 
 def test_a_run_killed_after_any_write_resumes_to_the_uninterrupted_result(tmp_path):
     """A and B: killed after each write (the last epoch's checkpoint and history, model.pt,
     metrics.json included), the rerun ends with the uninterrupted run's test accuracy, model.pt
-    bytes and whole history; no temporary file or checkpoint is left in the finished folder."""
+    bytes and whole history; no temporary file or checkpoint is left in the finished folder.
+    The killed processes run side by side (each its own folder, one thread each)."""
     ref_cfg = config(tmp_path / "ref")
-    done = kill_after(0, ref_cfg)  # n = 0: never killed
-    assert done.returncode == 0, done.stderr
-    writes = int(done.stdout.split("WRITES")[1])
-    assert writes == 8  # config, (checkpoint, history) x 2 epochs, history again, model, metrics
+    cfgs = {n: config(tmp_path / f"kill{n}") for n in range(1, WRITES + 1)}
+    procs = {0: killer(0, ref_cfg), **{n: killer(n, c) for n, c in cfgs.items()}}
+    done = {n: p.communicate(timeout=300) for n, p in procs.items()}  # (stdout, stderr)
+    rc, (out, err) = procs[0].returncode, done[0]
+    assert rc == 0, err
+    assert int(out.split("WRITES")[1]) == WRITES
     want = record(hemisphere(ref_cfg))
-    for n in range(1, writes + 1):
-        cfg = config(tmp_path / f"kill{n}")
-        p = kill_after(n, cfg)
-        assert p.returncode == -signal.SIGKILL, (n, p.stderr[-2000:])
+    for n, cfg in cfgs.items():
+        rc = procs[n].returncode
+        assert rc == -signal.SIGKILL, (n, done[n][1][-2000:])
         run = hemisphere(cfg)
-        if n < writes:
+        if n < WRITES:
             assert run.status() == "in_progress", n  # not finished before its seal
         plan.run_stage("hemisphere", dataclasses.replace(cfg, side="left"), 0, log=lambda m: None)
         assert run.status() == "finished", n

@@ -33,7 +33,7 @@ def sizes(device: torch.device, quick: bool, toy: bool) -> dict:
                     cuda_steps=2, mem_width=0.0625, mem_steps=1, mem_conventional=True,
                     pk_grid=[(0.0625, [2])], pk_warmup=1, pk_steps=1, pk_train=None,
                     cpu_widths=[0.0625], cpu_warmup=1, cpu_steps=1, cpu_train=None, cpu_compile=False,
-                    cpu_members=2, pr_models=[0, 3], pr_batch=8, pr_steps=1,
+                    cpu_members=2, side_by_side=True, pr_models=[0, 3], pr_batch=8, pr_steps=1,
                     pka_width=0.03125, pka_batch=8, pka_members=2)
     # None: the whole split
     return dict(dataset="fashion_mnist", synthetic_size=None, batch=BATCH,

@@ -106,15 +106,19 @@ def threads_child(spec) -> dict:
                       channels_last=spec.get("channels_last", False), kwta=spec.get("kwta", False))
 
 
-def _workers(sz, width, workers, threads, members, **switches) -> float:
-    """Total images/s of `workers` processes side by side with `threads` threads each."""
+def _launch(sz, width, workers, threads, members, **switches) -> list:
+    """`workers` fresh processes measuring side by side with `threads` threads each."""
     code = ("import json,sys; from bilateral.bench import packing; "
             "print('BENCH-THREADS ' + json.dumps(packing.threads_child(json.loads(sys.argv[1]))))")
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [x for x in [os.environ.get("PYTHONPATH")] if x]))
     spec = json.dumps({"sizes": sz, "width": width, "threads": threads, "members": members, **switches})
-    procs = [subprocess.Popen([sys.executable, "-c", code, spec], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(workers)]
+    return [subprocess.Popen([sys.executable, "-c", code, spec], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env) for _ in range(workers)]
+
+
+def _collect(procs) -> float:
+    """Total images/s of the processes `_launch` started."""
     total = 0.0
     for p in procs:
         out, err = p.communicate(timeout=1800)
@@ -125,22 +129,35 @@ def _workers(sz, width, workers, threads, members, **switches) -> float:
     return total
 
 
-def _kwta_switches(sz, width) -> dict:
-    """The pyramid k-WTA hemisphere, one thread, channels_last: numpy's selection against
-    torch's kthvalue (one process), and glibc keeping freed memory against not (two)."""
-    one = lambda **kw: _workers(sz, width, 1, 1, 1, kwta=True, channels_last=True, **kw)  # noqa: E731
-    out = {"numpy_select": one(keep_freed=True), "keep_freed_off": one(keep_freed=False),
-           "kthvalue_select": one(keep_freed=True, kthvalue=True)}
-    out["select_ratio"] = ratio(out["numpy_select"], out["kthvalue_select"])
-    out["keep_freed_ratio"] = ratio(out["numpy_select"], out["keep_freed_off"])
-    return out
+def _measure_apart(sz, width) -> dict:
+    """Each measurement in its own fresh process(es), one after another (a timing needs the
+    machine to itself); in toy mode (the test, no timing meaning) all at once, since each
+    process spends seconds importing torch. Returns the workers' figures (the same cores as
+    one worker with all threads, or one single-threaded worker per core) and the pyramid
+    k-WTA switches (numpy's selection against torch's kthvalue, glibc keeping freed memory
+    against not), each with one thread and channels_last."""
+    cores = os.cpu_count() or 1
+    kw = dict(kwta=True, channels_last=True)
+    plans = {f"1x{cores}": (1, cores, sz["cpu_members"], {}),
+             f"{cores}x1": (cores, 1, sz["cpu_members"], {}),
+             "numpy_select": (1, 1, 1, dict(kw, keep_freed=True)),
+             "keep_freed_off": (1, 1, 1, dict(kw, keep_freed=False)),
+             "kthvalue_select": (1, 1, 1, dict(kw, keep_freed=True, kthvalue=True))}
+    if sz.get("side_by_side"):
+        procs = {k: _launch(sz, width, w, t, m, **sw) for k, (w, t, m, sw) in plans.items()}
+        got = {k: _collect(p) for k, p in procs.items()}
+    else:
+        got = {k: _collect(_launch(sz, width, w, t, m, **sw)) for k, (w, t, m, sw) in plans.items()}
+    kwta = {k: got[k] for k in ("numpy_select", "keep_freed_off", "kthvalue_select")}
+    kwta["select_ratio"] = ratio(kwta["numpy_select"], kwta["kthvalue_select"])
+    kwta["keep_freed_ratio"] = ratio(kwta["numpy_select"], kwta["keep_freed_off"])
+    return {"workers": {k: got[k] for k in (f"1x{cores}", f"{cores}x1")}, "kwta": kwta}
 
 
 def bench_cpu(device, sz, splits, log) -> dict:
     if device.type != "cpu":
         return {"skipped": "skipped: cpu only"}
     train_split = subset(splits[0], sz["cpu_train"])
-    cores = os.cpu_count() or 1
     conf = section_config(device, batch=sz["batch"], widths=sz["cpu_widths"], timed_steps=sz["cpu_steps"],
                           dataset=train_split.name, model="unilateral ResNet-9, fast recipe, float32")
     out = {"config": conf, "widths": {}}
@@ -156,11 +173,8 @@ def bench_cpu(device, sz, splits, log) -> dict:
         for v in r.values():
             if "img_per_s" in v:
                 v["ratio_vs_eager"] = ratio(v["img_per_s"], base)
-        # the same cores as one worker with all threads, or one single-threaded worker per core
-        r["workers"] = {f"1x{cores}": _workers(sz, w, 1, cores, sz["cpu_members"]),
-                        f"{cores}x1": _workers(sz, w, cores, 1, sz["cpu_members"])}
+        r.update(_measure_apart(sz, w))
         r["workers_members"] = sz["cpu_members"]
-        r["kwta"] = _kwta_switches(sz, w)
         r["loadavg"] = loadavg()
         out["widths"][str(w)] = r
         log(f"  width {w}: " + ", ".join(f"{k} {v['img_per_s']:.0f}" for k, v in r.items()
