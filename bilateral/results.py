@@ -401,8 +401,10 @@ def decay_source(key: str) -> str:
     """The model whose training set the weight decay that matters for `key`: a bilateral
     model's capacity is in its hemispheres, an ensemble's in its unilateral members."""
     stage, _, name = key.partition("/")
-    if stage == "bilateral":
-        return f"hemisphere/{name}-left"
+    if stage in ("bilateral", "bilateral_matched", "callosal"):
+        return f"hemisphere/{'-'.join(name.split('-')[:2])}-left"
+    if stage == "one_hemisphere":
+        return f"hemisphere/{name}"
     if stage == "ensemble":
         return f"unilateral/{name.rsplit('-k', 1)[0]}"
     return key

@@ -330,9 +330,10 @@ def finish_model(run, model, forward, best, hp, hier, device, val_dl, test_dl) -
         if cfg.report_epoch == "last":
             model.load_state_dict(last_state)
     runs.save_torch(run.path / "model.pt", {k: v.cpu() for k, v in model.state_dict().items()})
-    # not the bilateral heads: they were trained on features made under one rule (and cached)
-    kwta = {} if stage == "bilateral" else kwta_test_metrics(model, ev, test_dl,
-                                                             out[f"test_{cfg.report_epoch}"])
+    # not heads on frozen hemispheres (bilateral, its controls): they were trained on features
+    # made under one rule (and cached, so another rule would not even reach them)
+    kwta = {} if run.spec.heads_only else kwta_test_metrics(model, ev, test_dl,
+                                                            out[f"test_{cfg.report_epoch}"])
     return {"test": out[f"test_{cfg.report_epoch}"], "test_last": out["test_last"],
             "test_best": out["test_best"], "val": out["val"][cfg.report_epoch], "val_all": out["val"],
             "best_epoch": best["epoch"], "epochs": hp.epochs, "report": cfg.report_epoch,

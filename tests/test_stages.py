@@ -36,6 +36,8 @@ def study(tmp_path_factory):
         out[("bilateral", cond)] = plan.run_stage("bilateral", c, 0)
     for side in ("left", "right"):
         out[("one_hemisphere", side)] = plan.run_stage("one_hemisphere", dataclasses.replace(cfg, side=side), 0)
+    out[("one_hemisphere", "C")] = plan.run_stage(
+        "one_hemisphere", dataclasses.replace(cfg, condition="C", side="left"), 0)
     out["bilateral_unspecialised"] = plan.run_stage("bilateral_unspecialised", cfg, 0)
     for m in range(cfg.pool_size):
         out[("unilateral", m)] = plan.run_stage("unilateral", dataclasses.replace(cfg, member=m), 0)
@@ -48,7 +50,7 @@ def test_every_stage_records_a_finished_run(study):
     cfg, out = study
     exp = Path(cfg.out_dir) / "t"
     dirs = sorted(str(p.parent.relative_to(exp)) for p in exp.rglob("metrics.json"))
-    assert len(dirs) == 8 + 4 + 2 + 1 + 3 + 3
+    assert len(dirs) == 8 + 4 + 3 + 1 + 3 + 3
     for d in dirs:
         files = {f.name for f in (exp / d).iterdir()}
         assert {"config.json", "metrics.json"} <= files and "checkpoint.pt" not in files
@@ -140,6 +142,7 @@ def test_kwta_runs_record_their_test_metrics_under_every_eval_rule(study):
         assert c["test_kwta_threshold"] == c["test"]  # the default rule is the reported one
         assert not any(k.startswith("test_kwta") for k in out[("hemisphere", "A", side)])
     assert not any(k.startswith("test_kwta") for k in out[("bilateral", "C")])
+    assert not any(k.startswith("test_kwta") for k in out[("one_hemisphere", "C")])  # heads on a cache
 
 
 def test_stage_budgets_and_equal_weight_decay(tmp_path):
