@@ -28,7 +28,7 @@ import pandas as pd
 import yaml
 
 from . import config as C
-from . import figures, plan, runs, stats, sweep, train
+from . import figures, plan, results, runs, stats, sweep, train
 
 THRESHOLD = 0.3  # percentage points of validation accuracy
 
@@ -167,6 +167,13 @@ def write_curves(out: Path, points, seeds, title: str = "", log=sweep.say) -> pd
         return table
     runs.atomic_write_bytes(out / "curves.csv", table.to_csv(index=False).encode())
     figures.save(plot_curves(table, title), out, "curves", log=log)
+    # every run's per-epoch history beside the curves (a branched run's holds its trunk's
+    # epochs before the branch, as its checkpoint did)
+    hist = [results.history_table(runs.experiment_dir(cfg)).assign(budget=int(point["epochs"]))
+            for cfg, point in points]
+    hist = pd.concat([h for h in hist if not h.empty], ignore_index=True) if any(
+        not h.empty for h in hist) else pd.DataFrame()
+    runs.atomic_write_bytes(out / results.HISTORIES, hist.to_csv(index=False).encode())
     return table
 
 

@@ -75,6 +75,8 @@ def test_a_branched_budget_equals_a_separate_run_and_the_search_writes_its_choic
     # the curves: every finished model at each budget, its compute counting its upstream runs
     cur = pd.read_csv(out / "curves.csv")
     assert set(cur.budget) == {2, 4} and (out / "curves.png").stat().st_size > 10_000
+    hist = pd.read_csv(out / "histories.csv")  # every run's epochs, the branched ones too
+    assert sorted(hist[(hist.stage == "hemisphere") & (hist.model == "resnet9-A-left")].budget) == [2, 2, 4, 4, 4, 4]
     bil = cur[(cur.stage == "bilateral") & (cur.budget == 4)]
     hemi = cur[(cur.stage == "hemisphere") & (cur.budget == 4)]
     assert set(bil["head"]) == {"fine", "coarse"} and set(hemi.run) == {"resnet9-A-left", "resnet9-A-right"}
