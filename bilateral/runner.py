@@ -225,9 +225,15 @@ def branch(run, hp, log) -> bool:
     """A wsd run at budget b starts from the same run at a longer budget (cfg.branch_from, an
     experiment folder) as it stood when b's decay starts: until then the two runs compute the
     same thing (train.lr_factor), so this saves those epochs and changes no number. Only a run
-    not started yet, whose source kept that epoch's checkpoint with the same config."""
+    not started yet, whose source kept that epoch's checkpoint with the same config, and not
+    a run built on other runs: its inputs differ between budgets (a bilateral model's
+    hemispheres at budget b are not the longer run's), so its longer run's checkpoint is not
+    its own state at any epoch. Such runs are cheap (heads on cached features, or none)."""
     cfg, path = run.cfg, run.path
     if not cfg.branch_from or hp.schedule != "wsd" or (path / "checkpoint.pt").exists():
+        return False
+    if run.upstream():
+        log(f"{tag(run)} built on runs of its own budget: trains from the start")
         return False
     start = train.decay_start(hp.epochs, hp.decay_frac)
     src = Path(cfg.branch_from) / run.stage / run.name / f"seed={run.seed}"

@@ -66,6 +66,16 @@ def test_a_branched_budget_equals_a_separate_run_and_the_search_writes_its_choic
     alone.train(log=lambda m: None)
     a, b = left.metrics(), alone.metrics()
     assert a["model_sha256"] == b["model_sha256"] and a["test"] == b["test"] and a["val"] == b["val"]
+    # a run built on others (the bilateral heads on the budget-2 hemispheres) does not branch
+    # from the longer run, whose heads saw the budget-4 hemispheres: it equals a separate run
+    for side in ("right",):
+        plan.Run("hemisphere", C.load(params, {"epochs": 2, "out_dir": str(tmp_path / "alone"),
+                                                "side": side}), 0).train(log=lambda m: None)
+    bil = lambda out: plan.Run("bilateral", C.load(params, {  # noqa: E731
+        "epochs": 2, "out_dir": str(tmp_path / out), **({"experiment": short.experiment} if out == "search" else {})}), 0)
+    bil("alone").train(log=lambda m: None)
+    a, b = bil("search").metrics(), bil("alone").metrics()
+    assert a["model_sha256"] == b["model_sha256"] and a["val"] == b["val"]
     out = tmp_path / "search" / "b-budget"
     table = pd.read_csv(out / "budgets.csv")
     assert set(table.budget) == {2, 4} and set(table.stage) == {"hemisphere", "bilateral"}
