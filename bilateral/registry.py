@@ -91,8 +91,8 @@ def stage_config(cfg: C.Config, stage: str) -> C.Config:
     cond = cfg.condition if "condition" in s.uses else d.condition
     if cond not in ("C", "D"):
         unused |= set(KWTA_FIELDS)
-    if cond not in ("B", "D"):
-        unused |= set(PYRAMID_FIELDS)
+    if cond not in ("B", "D") or ("side" in s.uses and cfg.side == "right"):
+        unused |= set(PYRAMID_FIELDS)  # the pyramid is B's and D's left hemisphere only
     if s.recipe == "hemisphere" or not s.build:  # hemispheres have the larger decay either way
         unused |= {"weight_decay_equal"}
     own_epochs = {k: v for k, v in cfg.stage_epochs.items() if k == stage}  # not others' budgets

@@ -116,6 +116,9 @@ def test_pyramid_floor_keeps_channels_and_splits_only_pyramid_runs():
             a, b = (C.identity(plan.stage_config(dataclasses.replace(c, condition=cond), stage))
                     for c in (base, wide))
             assert (a != b) == splits, (cond, stage)
+    right = [C.identity(plan.stage_config(dataclasses.replace(c, condition="B", side="right"), "hemisphere"))
+             for c in (base, wide)]
+    assert right[0] == right[1]  # B's right hemisphere is a plain ResNet-9
     with pytest.raises(C.ConfigError, match="pyramid_floor"):
         C.from_dict(dict(pyramid_floor=-1))
 
