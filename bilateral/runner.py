@@ -481,7 +481,8 @@ def decide_packing(todo, log=print, steps=PACK_STEPS, timer=time.perf_counter, c
                 "separate_img_per_s": rates["separate"], "packed_img_per_s": rates["packed"],
                 "ratio": rates["packed"] / rates["separate"], "batch": rates["batch"],
                 "margin": PACK_MARGIN}
-    PACK_DECISIONS[device.type] = decision
+    if cache:  # the bench measures (cache=False) without deciding for the process
+        PACK_DECISIONS[device.type] = decision
     log(f"pack auto: {len(group)} x {decision['group']} on {device.type}, batch {rates['batch']} "
         f"per member: separate {rates['separate']:,.0f} img/s, packed {rates['packed']:,.0f} img/s "
         f"({decision['ratio']:.2f}x; packing needs {PACK_MARGIN:.2f}x): "

@@ -170,8 +170,9 @@ def git_dirty() -> bool | None:
     checkout): PROVENANCE.md says so, since a revision alone does not name such code."""
     try:
         here = Path(__file__).resolve().parent
+        # a fresh clone's first status hashes every file (seconds on a busy machine)
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                             capture_output=True, text=True, timeout=5)
+                             capture_output=True, text=True, timeout=60)
         return bool(out.stdout.strip()) if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None

@@ -163,9 +163,16 @@ class Lab:
         """What a user sees first: the file browser's folder and what it lists."""
         from selenium.webdriver.common.by import By
         self.driver.get(f"{self.url}/?token={self.token}")
-        listed = self.wait("the file browser", lambda: [
-            e.text for e in self.driver.find_elements(By.CSS_SELECTOR, ".jp-DirListing-itemText")
-            if e.text], 60)
+        items = lambda: [e.text for e in self.driver.find_elements(  # noqa: E731
+            By.CSS_SELECTOR, ".jp-DirListing-itemText") if e.text]
+        # the listing fills in over several renders (once it held only 02_hemispheres.ipynb):
+        # wait until it holds every notebook of the folder, or say what it held
+        want = {p.name for p in (ROOT / "notebooks").glob("*.ipynb")}
+        try:
+            listed = self.wait("the file browser listing every notebook",
+                               lambda: (got := items()) if want <= set(got) else None, 60)
+        except TimeoutError:
+            listed = items()
         crumbs = self.driver.find_element(By.CSS_SELECTOR, ".jp-BreadCrumbs").text
         self.driver.save_screenshot(str(SHOTS / "landing.png"))
         return dict(url=self.driver.current_url.split("?")[0], folder=crumbs, listed=listed)

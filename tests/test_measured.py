@@ -60,8 +60,12 @@ def test_auto_packing_packs_only_where_packed_measured_faster(tmp_path, monkeypa
     # the process's decision: pack auto now packs (or not) every group
     assert [len(g) for g in runner.packable_groups(todo)] == ([2, 2, 4] if packs else [1] * 8)
     assert runner.decide_packing(todo, said.append, timer=None) is decision and len(said) == 1
-    # a sweep hands its runs the decision (pack on/off: what a worker process reads), records it
+    # the bench measures without deciding for its process (cache=False)
     monkeypatch.setattr(runner, "PACK_DECISIONS", {})
+    assert runner.decide_packing(todo, said.append, steps=1, timer=Clock(separate_s, packed_s, rounds=1),
+                                 cache=False)["pack"] is packs
+    assert runner.PACK_DECISIONS == {} and runner.packable_groups(todo) == [[r] for r in todo]
+    # a sweep hands its runs the decision (pack on/off: what a worker process reads), records it
     points = [(todo[0].cfg, {})]
     monkeypatch.setattr(runner, "measure_packing", lambda group, device, steps, timer: {
         "separate": 1 / separate_s, "packed": 1 / packed_s, "batch": 8})
