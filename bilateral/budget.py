@@ -96,11 +96,11 @@ def curves(points, seeds) -> pd.DataFrame:
         for r in plan.plan(cfg, seeds):
             if r.status() != "finished":
                 continue
-            m = r.metrics()
+            m, cost = r.metrics(), compute(r)
             for h in HEADS:
                 if h in m["test"]:
                     rows.append(dict(model=model_name(r), stage=r.stage, run=r.name, seed=r.seed,
-                                     budget=int(point["epochs"]), compute=compute(r), head=h[:-4],
+                                     budget=int(point["epochs"]), compute=cost, head=h[:-4],
                                      val=m["val"][h], test=m["test"][h]))
     return pd.DataFrame(rows)
 
@@ -169,10 +169,10 @@ def write_curves(out: Path, points, seeds, title: str = "", log=sweep.say) -> pd
     figures.save(plot_curves(table, title), out, "curves", log=log)
     # every run's per-epoch history beside the curves (a branched run's holds its trunk's
     # epochs before the branch, as its checkpoint did)
-    hist = [results.history_table(runs.experiment_dir(cfg)).assign(budget=int(point["epochs"]))
-            for cfg, point in points]
-    hist = pd.concat([h for h in hist if not h.empty], ignore_index=True) if any(
-        not h.empty for h in hist) else pd.DataFrame()
+    frames = [results.history_table(runs.experiment_dir(cfg)).assign(budget=int(point["epochs"]))
+              for cfg, point in points]
+    frames = [h for h in frames if not h.empty]
+    hist = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     runs.atomic_write_bytes(out / results.HISTORIES, hist.to_csv(index=False).encode())
     return table
 

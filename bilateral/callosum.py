@@ -38,6 +38,7 @@ import pandas as pd
 
 from . import config as C
 from . import models, results_md, stats
+from .stages import heads_epoch_cost, heads_fixed_cost, pair_cost
 from .registry import Stage, register, register_section
 
 KINDS, DEPTHS, TRAIN_MODES = C.CALLOSUM_KINDS, C.CALLOSUM_DEPTHS, C.CALLOSUM_TRAIN
@@ -216,7 +217,7 @@ def run_name(cfg) -> str:
 def _callosal_epoch_cost(cfg):
     # frozen hemispheres: their forward pass and the backward pass through them down to the
     # first link (no weight gradients), about two thirds of training them; else all of it
-    pair = models.hemisphere_cost(cfg, "left") + models.hemisphere_cost(cfg, "right")
+    pair = pair_cost(cfg)
     return pair * 2 / 3 if cfg.callosum_train == "connections" else pair
 
 
@@ -244,7 +245,7 @@ register(Stage(
     label=lambda c: f"callosal {c.callosum}, no specialisation",
     variants=lambda c: [dict(condition="A", callosum=kind)
                         for kind in c.callosum_kinds if "A" in c.conditions],
-    epoch_cost=lambda c: models.hemisphere_cost(c, "left") + models.hemisphere_cost(c, "right"),
+    epoch_cost=pair_cost,
     build=lambda c, hier, ups: build_unspecialised(c, hier)))
 
 register(Stage(
@@ -257,10 +258,8 @@ register(Stage(
     label=lambda c: f"{c.condition} bilateral matched to callosal {c.callosum}",
     variants=lambda c: [dict(condition=k, callosum=kind)
                         for kind in c.callosum_kinds for k in c.conditions],
-    epoch_cost=lambda c: 0.02 if not c.head_augment else (
-        models.hemisphere_cost(c, "left") + models.hemisphere_cost(c, "right")) / 3,
-    fixed_cost=lambda c: 0.0 if c.head_augment else (
-        models.hemisphere_cost(c, "left") + models.hemisphere_cost(c, "right")) / 3,
+    epoch_cost=heads_epoch_cost,
+    fixed_cost=heads_fixed_cost,
     build=matched_model,
     upstream=lambda c: [("hemisphere", dict(side=s)) for s in C.SIDES],
     heads_only=True))

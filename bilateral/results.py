@@ -30,7 +30,7 @@ import pandas as pd
 from . import config as C
 from . import plan, results_md, runs
 from .registry import SECTIONS
-from .stats import difference, holm, mean_sd, paired, shares_runs, untested
+from .stats import difference, hemispheres_of, holm, mean_sd, paired, shares_runs, untested
 from .runs import RecordError, atomic_write_bytes
 
 COLUMNS = ["stage", "model", "condition", "backbone", "seed", "split", "metric", "value"]
@@ -401,10 +401,9 @@ def decay_source(key: str) -> str:
     """The model whose training set the weight decay that matters for `key`: a bilateral
     model's capacity is in its hemispheres, an ensemble's in its unilateral members."""
     stage, _, name = key.partition("/")
-    if stage in ("bilateral", "bilateral_matched", "callosal"):
-        return f"hemisphere/{'-'.join(name.split('-')[:2])}-left"
-    if stage == "one_hemisphere":
-        return f"hemisphere/{name}"
+    hemispheres = hemispheres_of(key)  # a built-on model's: its left one (or its only one)
+    if hemispheres:
+        return f"hemisphere/{min(hemispheres)}"
     if stage == "ensemble":
         return f"unilateral/{name.rsplit('-k', 1)[0]}"
     return key

@@ -54,10 +54,15 @@ def pair_cost(cfg) -> float:
     return models.hemisphere_cost(cfg, "left") + models.hemisphere_cost(cfg, "right")
 
 
-def _bilateral_epoch_cost(cfg):
-    # with head augmentation the frozen hemispheres run forward (about a third of a training
-    # step) every epoch; without, once (fixed_cost) and the heads train on cached features
+def heads_epoch_cost(cfg):
+    """An epoch of new heads on a frozen pair of hemispheres (bilateral, its capacity control):
+    with head augmentation the hemispheres run forward (about a third of a training step) every
+    epoch; without, once (heads_fixed_cost) and the heads train on cached features."""
     return pair_cost(cfg) / 3 if cfg.head_augment else CACHED_HEADS_COST
+
+
+def heads_fixed_cost(cfg):
+    return 0.0 if cfg.head_augment else pair_cost(cfg) / 3
 
 
 # ----------------------------------------------------------------------------------- stages
@@ -81,8 +86,8 @@ register(Stage(
     run_name=lambda c: f"{c.backbone}-{c.condition}",
     label=lambda c: f"{c.condition} bilateral",
     variants=lambda c: [dict(condition=k) for k in c.conditions],
-    epoch_cost=_bilateral_epoch_cost,
-    fixed_cost=lambda c: 0.0 if c.head_augment else pair_cost(c) / 3,
+    epoch_cost=heads_epoch_cost,
+    fixed_cost=heads_fixed_cost,
     build=bilateral_model,
     upstream=lambda c: [("hemisphere", dict(side=s)) for s in C.SIDES],
     heads_only=True))

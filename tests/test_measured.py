@@ -11,25 +11,11 @@ import torch
 
 from bilateral import config as C
 from bilateral import plan, runner, runs, sweep, train
+from test_precision import Clock  # a scripted timer for train.race
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "params" / "smoke.yaml"
 CPU = torch.device("cpu")
-
-
-class Clock:
-    """Readings that make each way of train.race take the seconds given, round after round."""
-
-    def __init__(self, *seconds, rounds):
-        t, self.readings = 0.0, []
-        for _ in range(rounds):
-            for s in seconds:
-                self.readings += [t, t + s]
-                t += 10.0
-        self.readings = iter(self.readings)
-
-    def __call__(self):
-        return next(self.readings)
 
 
 def pool_plan(tmp_path, *more):
