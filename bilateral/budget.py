@@ -33,36 +33,58 @@ from . import figures, plan, results, runs, stats, sweep, train
 THRESHOLD = 0.3  # percentage points of validation accuracy
 
 
-def choose(table: pd.DataFrame, threshold: float = THRESHOLD) -> pd.DataFrame:
+def missing(table: pd.DataFrame, budgets) -> list[str]:
+    """The (run, seed, budget) cells of the search without a score: a run of the plan that did
+    not finish at a budget (search_table gives it a row with score NaN), or no row at all."""
+    have = table.dropna(subset=["score"])
+    done = set(zip(have.stage, have.run, have.seed, have.budget))
+    units = sorted(set(zip(table.stage, table.run, table.seed)), key=str)
+    return [f"{stage} {run} seed {seed} at {b} epochs" for stage, run, seed in units
+            for b in budgets if (stage, run, seed, b) not in done]
+
+
+def choose(table: pd.DataFrame, threshold: float = THRESHOLD, budgets=None) -> pd.DataFrame:
     """Per stage: the smallest budget whose mean validation score (over runs and seeds) is
-    within `threshold` points of the best budget's. table: one row per run (stage, budget,
-    seed, score in [0, 1]). Returns stage, budget, mean score at it, the best budget, its
-    mean, and `plateau` (False when only the longest budget tried comes within the threshold:
-    the model may still be learning there)."""
-    means = table.groupby(["stage", "budget"]).score.mean().reset_index()
+    within `threshold` points of the best budget's. table: one row per run and budget (stage,
+    run, seed, budget, score in [0, 1]); budgets: those the search asked for (default: those in
+    the table). Every run must have a score at every budget: a mean over another mix of runs
+    (the fine and the coarse hemisphere are 3 points apart) would move the choice, so an
+    incomplete search raises ValueError naming the missing cells. Returns stage, budget, mean
+    score at it, the best budget, its mean, and `plateau` (False when only the longest budget
+    asked for comes within the threshold: the model may still be learning there)."""
+    budgets = sorted({int(b) for b in (table.budget.unique() if budgets is None else budgets)})
+    gaps = missing(table, budgets)
+    if gaps:
+        raise ValueError(f"incomplete search, no budget chosen: {len(gaps)} missing "
+                         f"(run, seed, budget): " + "; ".join(gaps[:10]) + ("; ..." if len(gaps) > 10 else ""))
+    means = table[table.budget.isin(budgets)].groupby(["stage", "budget"]).score.mean().reset_index()
     rows = []
     for stage, g in means.groupby("stage", sort=False):
         g = g.sort_values("budget")
         best = g.loc[g.score.idxmax()]
-        ok = g[g.score >= best.score - threshold / 100]
+        # scores are counts over the validation images: a gap of exactly `threshold` must not
+        # be decided by float rounding
+        ok = g[g.score >= best.score - threshold / 100 - 1e-9]
         pick = ok.iloc[0]
         rows.append(dict(stage=stage, budget=int(pick.budget), score=float(pick.score),
                          best_budget=int(best.budget), best_score=float(best.score),
-                         plateau=bool(pick.budget < g.budget.max())))
+                         plateau=bool(pick.budget < max(budgets))))
     return pd.DataFrame(rows)
 
 
 def search_table(points, seeds) -> pd.DataFrame:
-    """One row per finished trained run of the search: stage, run, seed, budget, val score."""
+    """One row per trained run of the search's plan and budget: stage, run, seed, budget, status
+    and the validation score (NaN where the run did not finish: `choose` refuses to choose then)."""
     rows = []
     for cfg, point in points:
         for r in plan.plan(cfg, seeds):
-            if not r.spec.build or r.status() != "finished":
+            if not r.spec.build:
                 continue
-            m = r.metrics()
+            status = r.status()
+            m = r.metrics() if status == "finished" else None
             rows.append(dict(stage=r.stage, run=r.name, seed=r.seed, budget=int(point["epochs"]),
-                             score=train.score(m["val"], r.heads),
-                             **{f"val_{k}": v for k, v in m["val"].items()}))
+                             status=status, score=train.score(m["val"], r.heads) if m else float("nan"),
+                             **({f"val_{k}": v for k, v in m["val"].items()} if m else {})))
     return pd.DataFrame(rows)
 
 
@@ -189,20 +211,26 @@ def run(params, budgets, seeds, jobs=1, overrides=None, threshold=THRESHOLD, exe
     points = sweep.expand_grid(params, sweep.absolute_dirs(params, overrides), grid)
     table = search_table(points, plan.parse_seeds(seeds))
     if table.empty:
-        log("no finished run to choose budgets from")
+        log("no run to choose budgets from")
         return code or 1
     base = C.load(params, overrides)
     out = runs.experiment_dir(base).with_name(f"{base.experiment}-budget")
-    chosen = choose(table, threshold)
-    write(out, table, chosen, budgets, seeds, threshold)
+    runs.atomic_write_bytes(out / "budgets.csv", table.to_csv(index=False).encode())
     write_curves(out, points, plan.parse_seeds(seeds),
                  f"Budget search, seeds {seeds}: test accuracy (not used for the choice)", log)
+    try:
+        if code:
+            raise ValueError(f"the search's sweep failed (exit code {code}), no budget chosen")
+        chosen = choose(table, threshold, budgets)
+    except ValueError as e:  # a partial search chooses nothing (rerun: the sweep resumes)
+        log(f"{e}\nbudgets.yaml not written; rerun the same command to finish the search")
+        return code or 1
+    write_choice(out, chosen, budgets, seeds, threshold)
     log(f"\n{chosen.to_string(index=False)}\n\nbudgets chosen on validation: {out / 'budgets.yaml'}")
     return code
 
 
-def write(out: Path, table, chosen, budgets, seeds, threshold):
-    runs.atomic_write_bytes(out / "budgets.csv", table.to_csv(index=False).encode())
+def write_choice(out: Path, chosen, budgets, seeds, threshold):
     lines = [f"# chosen by `python -m bilateral budget` on validation accuracy only: budgets "
              f"{budgets}, search seeds {seeds}, the smallest budget within {threshold} points of "
              f"the best; copy into the study's preset before running its seeds"]

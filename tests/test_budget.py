@@ -31,7 +31,7 @@ def test_the_smallest_budget_within_the_threshold_of_the_best_is_chosen():
     8 and overfits after, c is still rising (only its longest budget is within the threshold)."""
     curve = {"a": [0.80, 0.85, 0.870, 0.872], "b": [0.60, 0.70, 0.69, 0.68],
              "c": [0.50, 0.60, 0.70, 0.80]}
-    rows = [dict(stage=s, budget=b, seed=seed, score=v + (0.001 if seed else -0.001))
+    rows = [dict(stage=s, run=s, budget=b, seed=seed, score=v + (0.001 if seed else -0.001))
             for s, vs in curve.items() for b, v in zip((4, 8, 16, 32), vs) for seed in (0, 1)]
     got = budget.choose(pd.DataFrame(rows), threshold=0.3).set_index("stage")
     assert got.budget.to_dict() == {"a": 16, "b": 8, "c": 32}
@@ -104,3 +104,27 @@ def test_curve_summary_averages_pool_members_within_a_seed_then_over_seeds():
     assert got.loc["u", "n"] == 3 and got.loc["u", "mean"] == pytest.approx(sum(seed_means) / 3)
     assert got.loc["u", "half"] == pytest.approx(4.302653 * sd / 3 ** 0.5, rel=1e-5)  # t(0.975, 2)
     assert got.loc["one", "n"] == 1 and got.loc["one", "half"] == 0.0
+
+
+def test_an_incomplete_search_chooses_nothing_and_plateau_is_against_the_longest_budget_asked():
+    """The review's cases: a run missing at one budget moves the mean (the fine and the coarse
+    hemisphere are 3 points apart), a NaN budget would be skipped, and a stage whose best is
+    its longest budget present but not the longest asked for would read as a plateau."""
+    rows = [dict(stage="hemisphere", run=run, seed=100, budget=b, score=v + (0.03 if run == "left" else 0))
+            for run in ("left", "right") for b, v in ((8, 0.85), (16, 0.88), (32, 0.90))]
+    full = pd.DataFrame(rows)
+    assert budget.choose(full).budget.tolist() == [32]
+    gone = full[~((full.run == "right") & (full.budget == 32))]
+    with pytest.raises(ValueError, match="right seed 100 at 32 epochs"):
+        budget.choose(gone)
+    nan = full.copy()
+    nan.loc[(nan.run == "left") & (nan.budget == 32), "score"] = float("nan")
+    with pytest.raises(ValueError, match="left seed 100 at 32 epochs"):
+        budget.choose(nan)
+    with pytest.raises(ValueError, match="at 64 epochs"):
+        budget.choose(full, budgets=[8, 16, 32, 64])
+    assert not budget.choose(full[full.budget < 32], budgets=[8, 16]).plateau.item()
+    # a gap of exactly the threshold is within it (scores are counts of validation images)
+    tie = pd.DataFrame([dict(stage="s", run="r", seed=0, budget=b, score=v / 2000)
+                        for b, v in ((8, 1794), (16, 1800))])
+    assert budget.choose(tie).budget.item() == 8
