@@ -95,8 +95,22 @@ def stage_config(cfg: C.Config, stage: str) -> C.Config:
         unused |= set(PYRAMID_FIELDS)  # the pyramid is B's and D's left hemisphere only
     if s.recipe == "hemisphere" or not s.build:  # hemispheres have the larger decay either way
         unused |= {"weight_decay_equal"}
-    own_epochs = {k: v for k, v in cfg.stage_epochs.items() if k == stage}  # not others' budgets
-    return dataclasses.replace(cfg, stage_epochs=own_epochs, **{k: getattr(d, k) for k in unused})
+    # a run's budget and its upstream runs' budgets (a bilateral model rebuilds its hemispheres
+    # from its own config), never an unrelated stage's: that would change its identity for nothing
+    chain = upstream_stages(cfg, stage)
+    epochs = {k: v for k, v in cfg.stage_epochs.items() if k in chain}
+    return dataclasses.replace(cfg, stage_epochs=epochs, **{k: getattr(d, k) for k in unused})
+
+
+def upstream_stages(cfg: C.Config, stage: str) -> set[str]:
+    """`stage` and every stage it is built on, transitively (ensemble: unilateral)."""
+    out, todo = set(), [stage]
+    while todo:
+        s = todo.pop()
+        if s not in out:
+            out.add(s)
+            todo += [u for u, _ in spec(s).upstream(cfg)]
+    return out
 
 
 def check_stage_epochs(cfg: C.Config):

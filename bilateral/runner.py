@@ -79,15 +79,18 @@ def precision_probe(run, device):
     training lays it out in memory, and one batch of random images."""
     key = precision_key(run, device)
     bs, cl = key[4], key[5]
-    torch.manual_seed(0)
-    hier = types.SimpleNamespace(n_fine=10, n_coarse=2)
-    model = run.spec.build(run.cfg, hier, []).to(device)
-    x = torch.randn(bs, 3, 32, 32, device=device)
+    # drawn on the CPU in a forked stream: the probe runs while a run is being prepared, after
+    # its seed, and must not move the random numbers its initialisation and loaders draw
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hier = types.SimpleNamespace(n_fine=10, n_coarse=2)
+        model = run.spec.build(run.cfg, hier, [])
+        x = torch.randn(bs, 3, 32, 32)
+        fine, coarse = torch.randint(0, 10, (bs,)), torch.randint(0, 2, (bs,))
+    model, x = model.to(device), x.to(device)
     if cl:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    batch = {"x": x, "fine": torch.randint(0, 10, (bs,), device=device),
-             "coarse": torch.randint(0, 2, (bs,), device=device)}
-    return model, batch, run.heads
+    return model, {"x": x, "fine": fine.to(device), "coarse": coarse.to(device)}, run.heads
 
 
 def loaders(cfg, device, batch_size, seed, augment):
@@ -241,14 +244,34 @@ def branch(run, hp, log) -> bool:
     if start < 1 or not kept.is_file() or not (src / "config.json").is_file():
         log(f"{tag(run)} no checkpoint of epoch {start} in {src}: trains from the start")
         return False
-    other = runs.read_json(src / "config.json").get("config", {})
+    src_rec = runs.read_json(src / "config.json")
+    other = src_rec.get("config", {})
     changes = [c for c in C.diff(other, identity(run)) if c.split(":")[0] not in BRANCH_MAY_DIFFER]
     if changes:
         log(f"{tag(run)} {src} is another run ({'; '.join(changes)}): trains from the start")
         return False
+    src_hyper = src_rec.get("hyper") or {}
+    src_start = train.decay_start(src_hyper.get("epochs", 0), src_hyper.get("decay_frac", hp.decay_frac))
+    if src_hyper.get("schedule") != "wsd" or src_start < start:
+        log(f"{tag(run)} {src} decays from epoch {src_start}, before this run's {start} "
+            f"(schedule {src_hyper.get('schedule')}, {src_hyper.get('epochs')} epochs): its epoch "
+            f"{start} is not this run's state; trains from the start")
+        return False
+    # the branch is recorded beside the run (a resume finds checkpoint.pt and must still know
+    # that the epochs before `start` were not trained here: sweep.calibration reads it)
+    runs.write_json(path / BRANCH_RECORD, {"source": str(kept), "epoch": start})
     runs.atomic_write_bytes(path / "checkpoint.pt", kept.read_bytes())
     log(f"{tag(run)} branches from {kept} (epoch {start} of {hp.epochs})")
     return True
+
+
+BRANCH_RECORD = "branch.json"
+
+
+def branched_at(path) -> int:
+    """The epoch a run's training started from (runner.branch), 0 when it trained from the start."""
+    f = Path(path) / BRANCH_RECORD
+    return int(runs.read_json(f)["epoch"]) if f.is_file() else 0
 
 
 def _fit_packed(group, built, device, hp, log):
@@ -311,6 +334,7 @@ def record(run, device, upstream: dict, extra: dict):
 def seal(run, metrics, wall_s, log) -> dict:
     """The end of every training: wall time, metrics.json with model.pt's sha256, a log line."""
     metrics["wall_s"] = wall_s
+    metrics["branched_at"] = branched_at(run.path)  # wall_s covers the epochs after it only
     runs.finish(run.path, metrics)
     log(f"{tag(run)} done in {metrics['wall_s']:.0f}s: " + ", ".join(
         f"test {k} {v:.2%}" for k, v in metrics["test"].items()))

@@ -201,8 +201,11 @@ def calibration(out_dir, device) -> dict:
         if kind != device.type or record_machine(rec) != here or "wall_s" not in met:
             continue
         hyper, cfg = rec.get("hyper") or {}, rec.get("config") or {}
-        epochs = trained_epochs(met.get("epochs") or 0, hyper,
-                                bool((rec.get("resolved") or {}).get("branch_from")))
+        if "branched_at" in met:  # recorded by the run: the epoch its training started from
+            epochs = (met.get("epochs") or 0) - met["branched_at"]
+        else:  # an older record: a wsd run given branch_from is assumed to have branched
+            epochs = trained_epochs(met.get("epochs") or 0, hyper,
+                                    bool((rec.get("resolved") or {}).get("branch_from")))
         key = cost_key(rec.get("stage"), rec.get("name"), {**cfg, "hyper": hyper})
         per = met["wall_s"] / (epochs * rec["n_train"]) if epochs and rec.get("n_train") else met["wall_s"]
         out.setdefault(key, []).append(per)

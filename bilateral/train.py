@@ -406,6 +406,10 @@ def fit(model, forward, train_loader, val_loader, *, heads, hp: Hyper, device, f
     ctx, _ = autocast(device, amp)
     scaler = grad_scaler(device, amp)
     start, histories, bests = _resume(model, opt, scaler, paths, device, log)
+    if start in keep_at:  # killed between the checkpoint of `start` and its kept copy
+        for p in paths:
+            if not kept_checkpoint(p, start).is_file():
+                runs.atomic_write_bytes(kept_checkpoint(p, start), Path(p).read_bytes())
     with cpu_threads(getattr(train_loader, "threads", None)):
         for epoch in range(start, hp.epochs):
             t0 = time.perf_counter()

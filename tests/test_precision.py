@@ -181,3 +181,14 @@ def test_autocast_keeps_today_amp_meaning_for_true():
     with pytest.raises(ValueError, match="fp16"):
         train.autocast("cpu", "fp16")
     assert not train.grad_scaler("cpu", "bf16").is_enabled()
+
+
+def test_the_precision_probe_draws_nothing_from_the_runs_random_stream(tmp_path):
+    """The probe is built while a run is prepared, after its seed: drawing from the global
+    stream there would change the run's initialisation on CPUs that probe (bf16 units)."""
+    run = plan.Run("hemisphere", C.load(SMOKE, [f"out_dir={tmp_path}", "side=left"]), 0)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    model, batch, heads = runner.precision_probe(run, "cpu")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert batch["x"].shape[1:] == (3, 32, 32) and heads == run.heads

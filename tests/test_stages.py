@@ -328,3 +328,24 @@ def test_keep_freed_memory_keeps_a_freed_tensor_in_the_process():
 def test_channels_last_where_it_pays(flag, device, width, expected):
     cfg = C.from_dict(dict(channels_last=flag, width=width))
     assert train.use_channels_last(cfg, device) is expected
+
+
+def test_a_study_with_a_budget_per_stage_trains_every_run_on_the_planned_upstream(tmp_path):
+    """Per-stage budgets (a preset's stage_epochs): a bilateral model, a control or an ensemble
+    rebuilds its upstream runs from its own config, so it must see their budgets too, or it
+    finds the planned hemispheres 'stale' (a different number of epochs) and stops."""
+    cfg = tiny(tmp_path, conditions=["A"], baselines=["one_hemisphere", "unilateral", "ensemble"],
+               pool_size=2, ensemble_sizes=[2], callosum_kinds=[],
+               stage_epochs={"hemisphere": 2, "bilateral": 1, "unilateral": 2, "one_hemisphere": 1})
+    runs_ = plan.plan(cfg, [0])
+    planned = {r.key: C.identity(r.cfg) for r in runs_}
+    for r in runs_:
+        for u in r.upstream():
+            assert C.identity(u.cfg) == planned[u.key], (r.key, u.key)
+    for r in runs_:
+        r.train(log=lambda m: None)
+    assert all(r.status() == "finished" for r in runs_)
+    epochs = {r.stage: r.epochs() for r in runs_}
+    assert epochs["hemisphere"] == 2 and epochs["unilateral"] == 2 and epochs["bilateral"] == 1
+    hemi = next(r for r in runs_ if r.stage == "hemisphere")
+    assert len(hemi.history()) == 2  # trained at its own budget, not cfg.epochs
