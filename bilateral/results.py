@@ -4,6 +4,8 @@
 (outputs/<experiment>/<stage>/<name>/seed=<k>/metrics.json, config.json, history.csv) and every
 analysis record (outputs/<experiment>/analysis/**/metrics.json), and writes
 - results.csv: one tidy row per (stage, model, condition, backbone, seed, split, metric);
+- study.json: the study's configurations as the runs recorded them (conditions, baselines,
+  ensemble sizes, callosal kinds and depths), from which the families below are declared;
 - results_forest.png: the bilateral model (condition A) minus every other model, fine and
   coarse, with 95% confidence intervals;
 - results.md: that figure, then per model the test accuracies (mean ± sample SD over seeds),
@@ -14,14 +16,17 @@ Intervals and p come from scipy.stats: paired (`ttest_rel`) only where the two m
 runs (the bilateral model and its own hemispheres, seed by seed); every other pair of models
 was trained from independent seeds, so Welch's test (`ttest_ind(equal_var=False)`). The claims
 results.md words are the comparisons of FAMILY, declared here before any result; a claim holds
-only when its Holm-adjusted p over that family is below ALPHA.
+only when its Holm-adjusted p over that family is below ALPHA. The family's m is every test it
+declares for the study's configuration (study.json), those that could not be made (no runs,
+fewer than 2 seeds, no spread) counted with p = 1.
 """
 from __future__ import annotations
 
-import fnmatch
 import io
+import itertools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +58,16 @@ ALPHA = 0.05                        # family-wise: a claim holds when its Holm p
 class Comparison:
     """One declared comparison: `model` minus `against`, on the heads of `heads` both have.
     "{backbone}" is the reference bilateral model's backbone; "{condition}" stands for every
-    condition the study ran (one comparison per condition whose models exist); `model` and
-    `against` may hold shell wildcards (one entry, several models). `claim`: what `model`
-    ahead would mean."""
+    condition the study declares (one comparison per condition whose models it plans);
+    `model` and `against` may hold `*` wildcards (one entry, several models). `same_suffix`:
+    pair only models whose wildcards matched the same text (a callosal model and the control
+    of its own kind and depth, never another depth's). `claim`: what `model` ahead would
+    mean."""
     model: str
     against: str
     claim: str
     heads: tuple = HEADS
+    same_suffix: bool = False
 
 
 _BIL = "bilateral/{backbone}-A"
@@ -115,11 +123,12 @@ CALLOSAL_FAMILY = (
                "a callosal model trained from scratch beats the specialised bilateral model"),
     # the capacity control (stage bilateral_matched, added before any of its runs): the same
     # frozen hemispheres with heads of as many trainable parameters as the callosal model of
-    # that kind; paired (same hemispheres). One comparison per kind, so each callosal model
-    # meets its own control.
+    # that kind; paired (same hemispheres). One comparison per kind, and within it per depth
+    # (same_suffix), so each callosal model meets its own control only.
     *(Comparison(f"callosal/{{backbone}}-{{condition}}-{kind}-*",
                  f"bilateral_matched/{{backbone}}-{{condition}}-{kind}-*",
-                 f"the {kind} connections beat heads of the same trainable capacity")
+                 f"the {kind} connections beat heads of the same trainable capacity",
+                 same_suffix=True)
       for kind in C.CALLOSUM_KINDS),
 )
 FAMILIES = {"main": FAMILY, "callosal": CALLOSAL_FAMILY}  # name -> comparisons, Holm within each
@@ -355,6 +364,83 @@ def collect(experiment_dir, problems: list | None = None) -> pd.DataFrame:
     return df
 
 
+# ------------------------------------------------------- the study's configuration, declared
+
+STUDY = "study.json"  # beside results.csv: the study's configurations (from_csv reads them)
+# What decides which models a study plans, as its runs' config.json hold it (`resolved`): the
+# lists of what it runs, which every record keeps ...
+SWEEP_KEYS = ("conditions", "baselines", "ensemble_sizes", "pool_size", "callosum_kinds")
+# ... and the fields the run names depend on that registry.stage_config resets to their
+# defaults in the records of stages that do not use them (a ResNet-18 record holds the
+# default backbone, a hemisphere's the default callosal depths)
+NAME_KEYS = ("backbone", "callosum_at", "callosum_train", "backbone_lr_scale")
+
+
+def _declaration(sweep: dict, names: dict) -> list[dict]:
+    """Every configuration of one sweep: each NAME_KEY at each value a record of a stage that
+    uses it holds (its default where no such record exists), those that validate."""
+    default = C.Config()
+    values = [names[k] or [getattr(default, k)] for k in NAME_KEYS]
+    out = []
+    for combo in itertools.product(*values):
+        d = {**sweep, **dict(zip(NAME_KEYS, combo))}
+        try:
+            C.from_dict(d)
+        except C.ConfigError:  # a record of a revision whose names this one does not know
+            continue
+        out.append(d)
+    return out
+
+
+def study_declarations(exp: Path) -> list[dict]:
+    """The configurations the runs under exp were planned from, as their config.json records
+    state them, reduced to SWEEP_KEYS and NAME_KEYS: one per sweep (records that agree on
+    SWEEP_KEYS). [] when no record states its `conditions` and `baselines` (forged records,
+    or ones from before they were recorded)."""
+    default, sweeps = C.Config(), {}
+    for f in sorted(exp.glob("*/*/seed=*/config.json")):
+        stage, res = f.parents[2].name, _read(f).get("resolved") or {}
+        if stage not in plan.STAGES or not {"conditions", "baselines"} <= set(res):
+            continue
+        sweep = json.dumps({k: res.get(k, getattr(default, k)) for k in SWEEP_KEYS}, sort_keys=True)
+        names = sweeps.setdefault(sweep, {k: [] for k in NAME_KEYS})
+        used = set(plan.spec(stage).uses) | set(plan.spec(stage).owns)
+        for k in NAME_KEYS:
+            if k in used and k in res and res[k] not in names[k]:
+                names[k].append(res[k])
+    return [d for sweep, names in sweeps.items() for d in _declaration(json.loads(sweep), names)]
+
+
+def declared_models(declarations) -> dict[str, tuple]:
+    """{model key: the heads of HEADS it is tested on} of every model the configurations plan
+    (plan.plan; the seed does not change which models)."""
+    out = {}
+    for d in declarations:
+        for r in plan.plan(C.from_dict(d), [0]):
+            out.setdefault(model_key(r.stage, r.name), tuple(f"{h}_acc" for h in r.heads
+                                                             if f"{h}_acc" in HEADS))
+    return out
+
+
+def read_study(path: Path) -> list[dict]:
+    """The configurations a study.json holds; [] when there is none."""
+    try:
+        return json.loads(Path(path).read_text())["configurations"]
+    except FileNotFoundError:
+        return []
+
+
+def write_study(exp: Path, declarations: list[dict]) -> None:
+    """study.json into exp (removed when no record declares a configuration, so none is stale)."""
+    if not declarations:
+        (exp / STUDY).unlink(missing_ok=True)
+        return
+    note = ("the configurations this study's runs recorded (config.json): results.md's Holm "
+            "families are built from the models they plan (bilateral.results.declared_models)")
+    atomic_write_bytes(exp / STUDY, json.dumps({"note": note, "configurations": declarations},
+                                               indent=1).encode())
+
+
 # ------------------------------------------------------------------------------- summaries
 
 def model_key(stage: str, model: str) -> str:
@@ -457,20 +543,28 @@ def _conditions(c: Comparison) -> tuple:
     return tuple(C.CONDITIONS) if "{condition}" in c.model + c.against else ("",)
 
 
+def wildcard_text(pattern: str, key: str) -> tuple | None:
+    """What each `*` of pattern matched in key (a tuple), or None when key does not match."""
+    m = re.fullmatch("(.*)".join(map(re.escape, pattern.split("*"))), key)
+    return m.groups() if m else None
+
+
 def family_pairs(ref: str, keys, family=FAMILY) -> tuple[list[tuple[str, str, Comparison]], list[str]]:
     """A family made concrete for this study: [(model, against, its Comparison)] for every
-    declared comparison whose models were both run (one per condition for "{condition}",
-    one per match of a wildcard), and ["model against pattern"] for the declared ones none of
-    whose models were run."""
+    declared comparison whose models are both among `keys` (the study's declared models, or
+    those with runs: one per condition for "{condition}", one per match of a wildcard, only
+    matches of the same text where same_suffix), and ["model against pattern"] for the
+    comparisons none of whose pairs are among them."""
     backbone = ref.split("/", 1)[1].rsplit("-", 1)[0]
-    keys, pairs, missing = set(keys), [], []
+    keys, pairs, missing = _order(set(keys)), [], []
     for c in family:
         found = []
         for cond in _conditions(c):
             fill = dict(backbone=backbone, condition=cond)
-            models = _order(k for k in keys if fnmatch.fnmatchcase(k, c.model.format(**fill)))
-            against = _order(k for k in keys if fnmatch.fnmatchcase(k, c.against.format(**fill)))
-            found += [(a, b, c) for a in models for b in against if a != b]
+            models = [(k, t) for k in keys if (t := wildcard_text(c.model.format(**fill), k)) is not None]
+            against = [(k, t) for k in keys if (t := wildcard_text(c.against.format(**fill), k)) is not None]
+            found += [(a, b, c) for a, ta in models for b, tb in against
+                      if a != b and (ta == tb or not c.same_suffix)]
         pairs += found
         if not found:
             fill = dict(backbone=backbone, condition="<condition>" if "{condition}" in
@@ -485,53 +579,78 @@ def row_label(reference: str, model: str, main: str) -> str:
     return model if reference == main or reference.startswith("bilateral/") else reference
 
 
-def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
+def data_heads(vals: dict) -> dict[str, tuple]:
+    """{model key: the heads of HEADS it has results for}."""
+    return {k: tuple(m for m in HEADS if v.get(m)) for k, v in vals.items()}
+
+
+def comparison_row(vals, heads, pair, ref) -> dict:
+    """One pair of models (reference minus model) on each head: the difference (stats.py) on
+    the heads that are tests of the pair, i.e. in the comparison's heads and in `heads` of
+    both models (declared: a missing run makes the test untestable, not absent); NaN on the
+    rest. <head>_test marks the tests."""
+    a_key, b_key, c, family = pair
+    row = dict(reference=a_key, model=b_key, label=row_label(a_key, b_key, ref), family=family,
+               in_family=family == "main", claim=c.claim if c else "")
+    shared = shares_runs(a_key, b_key) or shares_runs(b_key, a_key)
+    for metric in HEADS:
+        a, b = vals.get(a_key, {}).get(metric, {}), vals.get(b_key, {}).get(metric, {})
+        test = (metric in (c.heads if c else HEADS) and metric in heads.get(a_key, ())
+                and metric in heads.get(b_key, ()))
+        d = difference(a, b, shared) if test else untested(len(a), len(b))
+        row.update({f"{metric}_{k}": v for k, v in d.items()}, **{f"{metric}_test": test})
+    return row
+
+
+def holm_within_families(comp: pd.DataFrame) -> None:
+    """<head>_p_holm: Holm's adjusted p within each family over every test it declares; a
+    test that could not be made (p NaN) counts in m with p = 1 and keeps a NaN (stats.holm)."""
+    for m in HEADS:
+        comp[f"{m}_p_holm"] = float("nan")
+    for name in FAMILIES:
+        tests = [(i, m) for i in comp.index[comp.family == name] for m in HEADS
+                 if comp.at[i, f"{m}_test"]]
+        for (i, m), p in zip(tests, holm([comp.at[i, f"{m}_p"] for i, m in tests])):
+            comp.at[i, f"{m}_p_holm"] = p
+
+
+def comparison_table(df: pd.DataFrame, declared: dict | None = None) -> pd.DataFrame:
     """One row per pair of models (reference minus model): first the declared families
     (FAMILIES: the main one, then the callosal one), then the reference bilateral model
     against every model no family compares (exploratory). Per head: the difference with its
-    interval, n, df, t, p and, paired, the exact sign-flip p (stats.py); and within each
-    family, Holm's adjusted p of every test made (a declared head both models have, two
-    seeds or more): <head>_p_holm, NaN outside the families. `family`: "main", "callosal" or
-    "" (exploratory); `in_family`: in the main family. attrs["family_missing"]: the main
-    family's declared comparisons whose models were not run; attrs["missing"]: every
-    family's."""
+    interval, n, df, t, p and, paired, the exact sign-flip p (stats.py), and within each
+    family Holm's adjusted p (<head>_p_holm, NaN outside the families and for the tests that
+    could not be made).
+
+    declared: {model key: heads} of the models the study's configuration plans
+    (declared_models). The families are built from it, so m counts every declared test, those
+    without runs or with fewer than 2 seeds as p = 1. None (no configuration recorded): from
+    the models with runs, so a declared model never run is not counted.
+
+    `family`: "main", "callosal" or "" (exploratory); `in_family`: in the main family;
+    <head>_test: the head is one of the pair's tests. attrs: "declared" (whether the families
+    came from a configuration), "family_missing" (the main family's comparisons none of whose
+    models the study declares, or has runs of), "missing" (every family's), "alpha"."""
     vals = per_seed(df)
-    ref = reference_key(vals)
+    have = data_heads(vals)
+    heads = have if declared is None else declared
+    ref = reference_key(set(vals) | set(heads))
     if ref is None:
         return pd.DataFrame()
     pairs, missing = [], {}
     for name, fam in FAMILIES.items():
-        found, missing[name] = family_pairs(ref, vals, fam)
+        found, missing[name] = family_pairs(ref, heads, fam)
         pairs += [(a, b, c, name) for a, b, c in found]
     covered = {k for a, b, _, _ in pairs for k in (a, b)}
-    pairs += [(ref, key, None, "") for key in _order(vals) if key != ref and key not in covered]
-    rows = []
-    for a_key, b_key, c, name in pairs:
-        row = dict(reference=a_key, model=b_key, label=row_label(a_key, b_key, ref),
-                   family=name, in_family=name == "main", claim=c.claim if c else "")
-        heads = c.heads if c else HEADS
-        for metric in HEADS:
-            a, b = vals[a_key].get(metric, {}), vals[b_key].get(metric, {})
-            shared = shares_runs(a_key, b_key) or shares_runs(b_key, a_key)
-            d = difference(a, b, shared) if a and b and metric in heads else untested(len(a), len(b))
-            row.update({f"{metric}_{k}": v for k, v in d.items()})
-        rows.append(row)
+    rows = [comparison_row(vals, heads, p, ref) for p in pairs]
+    rows += [comparison_row(vals, have, (ref, key, None, ""), ref)
+             for key in _order(vals) if key != ref and key not in covered]
     comp = pd.DataFrame(rows)
     if comp.empty:  # one model: nothing to compare
         return comp
-    p_cols = [f"{m}_p" for m in HEADS]
-    for m in HEADS:
-        comp[f"{m}_p_holm"] = float("nan")
-    for name in FAMILIES:
-        fam = (comp.family == name).to_numpy()
-        if not fam.any():
-            continue
-        adjusted = holm(comp.loc[fam, p_cols].to_numpy(float).reshape(-1)).reshape(-1, len(HEADS))
-        for i, m in enumerate(HEADS):
-            comp.loc[fam, f"{m}_p_holm"] = adjusted[:, i]
-    comp.attrs["family_missing"] = missing["main"]
-    comp.attrs["missing"] = missing
-    comp.attrs["alpha"] = ALPHA
+    holm_within_families(comp)
+    comp.attrs.update(declared=declared is not None, family_missing=missing["main"],
+                      missing=missing, alpha=ALPHA)
     return comp
 
 
@@ -586,10 +705,11 @@ def unreadable_lines(problems) -> list[str]:
             *(f"- `{path}`: {why}" for path, why in problems), ""]
 
 
-def markdown(exp: Path, df: pd.DataFrame, problems=()) -> str:
+def markdown(exp: Path, df: pd.DataFrame, problems=(), declared: dict | None = None) -> str:
+    """results.md; declared: the study's declared models (comparison_table)."""
     an = df[df.stage == "analysis"]
     text = results_md.markdown(
-        describe(exp, df), summary_table(df), comparison_table(df), kwta_table(df),
+        describe(exp, df), summary_table(df), comparison_table(df, declared), kwta_table(df),
         analysis_table(df) if len(an) else None, n_analysis=an.metric.nunique(),
         forest=(exp / results_md.FOREST).exists(), rising_z=RISING_Z)
     text += "".join(f"{line}\n" for line in files_lines(exp))
@@ -618,12 +738,15 @@ def report(experiment_dir) -> dict:
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     atomic_write_bytes(exp / "results.csv", buf.getvalue().encode())
-    comp = comparison_table(df)
+    declarations = study_declarations(exp)
+    write_study(exp, declarations)
+    declared = declared_models(declarations) if declarations else None
+    comp = comparison_table(df, declared)
     tables = write_tables(exp)
     forest = results_md.save_forest(exp, comp)
     if forest is None:
         (exp / results_md.FOREST).unlink(missing_ok=True)  # no stale figure from an earlier report
-    atomic_write_bytes(exp / "results.md", markdown(exp, df, problems).encode())
+    atomic_write_bytes(exp / "results.md", markdown(exp, df, problems, declared).encode())
     for path, why in problems:
         print(f"could not read {path}: {why}; left out of the results")
     print(f"wrote {exp / 'results.csv'} ({len(df)} rows), {exp / 'results.md'}"
@@ -631,7 +754,7 @@ def report(experiment_dir) -> dict:
           + (f"; {len(problems)} unreadable record(s) listed there" if problems else ""))
     return dict(rows=df, summary=summary_table(df), comparison=comp, kwta=kwta_table(df),
                 csv=exp / "results.csv", md=exp / "results.md", forest=forest,
-                tables=tables, unreadable=problems)
+                tables=tables, unreadable=problems, declarations=declarations)
 
 
 # the tables the analyses write per condition and seed (bilateral.analysis, callosum_study)
@@ -720,19 +843,22 @@ def files_lines(exp: Path) -> list[str]:
             *(f"- `{n}`: {what[n]}" for n in have)]
 
 
-def from_csv(csv_path, out_dir) -> dict:
+def from_csv(csv_path, out_dir, study: list[dict] | None = None) -> dict:
     """results.md and the forest plot rebuilt from a results.csv alone (a published one, whose
     run folders are elsewhere), into out_dir: the runs whose test accuracy disagrees with
-    their own evaluations (disagreeing_runs) are left out and listed."""
+    their own evaluations (disagreeing_runs) are left out and listed. study: the study's
+    configurations (study_declarations' form); by default the study.json beside the csv."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = pd.read_csv(csv_path)
     df["seed"] = df["seed"].astype("Int64")
     problems = disagreeing_runs(df)
     df = without_runs(df, problems)
-    comp = comparison_table(df)
+    declarations = read_study(Path(csv_path).parent / STUDY) if study is None else study
+    declared = declared_models(declarations) if declarations else None
+    comp = comparison_table(df, declared)
     forest = results_md.save_forest(out, comp)
-    atomic_write_bytes(out / "results.md", markdown(out, df, problems).encode())
+    atomic_write_bytes(out / "results.md", markdown(out, df, problems, declared).encode())
     return dict(rows=df, comparison=comp, forest=forest, md=out / "results.md", unreadable=problems)
 
 

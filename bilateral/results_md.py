@@ -14,7 +14,7 @@ import pandas as pd
 
 from . import forest
 from .runs import atomic_write_bytes
-from .stats import seeds_for, sign_flip_floor
+from .stats import FEW_IN_COMMON, FEW_SEEDS, NO_RUNS, NO_SPREAD, seeds_for, sign_flip_floor
 
 FOREST = "results_forest.png"  # written next to results.md, shown at its top
 
@@ -41,12 +41,26 @@ def _ci(d: dict) -> str:
     if math.isnan(d["diff"]):
         return "—"
     if math.isnan(d["lo"]):
-        return f"{_signed(d['diff'])} [n/a (1 seed)]"
+        why = {NO_SPREAD: "no spread", FEW_IN_COMMON: "1 seed in common"}.get(d.get("why"), "1 seed")
+        return f"{_signed(d['diff'])} [n/a ({why})]"
     return f"{_signed(d['diff'])} [{_signed(d['lo'])}, {_signed(d['hi'])}] ({d['method']})"
 
 
 def row_ci(row, metric):
-    return _ci({k: row[f"{metric}_{k}"] for k in ("diff", "lo", "hi", "method")})
+    return _ci({k: row.get(f"{metric}_{k}", "") for k in ("diff", "lo", "hi", "method", "why")})
+
+
+def untestable(r, metric) -> str:
+    """Why a comparison has no test, naming the models and each one's seeds."""
+    why, a, b = r.get(f"{metric}_why", ""), r["reference"], r["model"]
+    n, n_a, n_b = (int(r[f"{metric}_{k}"]) for k in ("n", "n_a", "n_b"))
+    if why == NO_RUNS:
+        return "no runs of " + " or ".join(k for k, c in ((a, n_a), (b, n_b)) if not c)
+    if why == FEW_IN_COMMON:
+        return f"fewer than 2 seeds in common: {n}; {a} has {n_a}, {b} has {n_b}"
+    if why == FEW_SEEDS:
+        return f"fewer than 2 seeds: {a} has {n_a}, {b} has {n_b}"
+    return why or "no test"
 
 
 def _count(x):
@@ -158,7 +172,7 @@ def verdict(r, metric, alpha) -> str:
     when Holm's adjusted p is below alpha."""
     p, d = r[f"{metric}_p_holm"], r[f"{metric}_diff"]
     if pd.isna(r[f"{metric}_p"]):
-        return "not tested (one seed)"
+        return f"not testable ({untestable(r, metric)})"
     if not r.get("family", "main" if r["in_family"] else ""):
         return "exploratory"
     if p < alpha:
@@ -175,7 +189,24 @@ def _test_rows(comp, alpha) -> list[list[str]]:
              _df(r[f"{metric}_df"]), _p(r[f"{metric}_p"]), _p(r[f"{metric}_p_holm"]),
              _p(r[f"{metric}_p_sign_flip"]), verdict(r, metric, alpha)]
             for _, r in comp.iterrows() for metric in ("fine_acc", "coarse_acc")
-            if not pd.isna(r[f"{metric}_diff"])]
+            if not pd.isna(r[f"{metric}_diff"]) or _is_test(r, metric)]
+
+
+def _is_test(r, metric) -> bool:
+    """Is this head one of the pair's tests (counted in its family's m, testable or not)?"""
+    return bool(r.get(f"{metric}_test", not pd.isna(r[f"{metric}_p"])))
+
+
+def family_tests(comp: pd.DataFrame) -> list:
+    """[(row, head)] of every test of a family: its m, including those not testable."""
+    return [(r, h) for _, r in comp.iterrows() for h in ("fine_acc", "coarse_acc") if _is_test(r, h)]
+
+
+def untestable_lines(tests) -> list[str]:
+    """The declared tests that could not be made, each with why (counted with p = 1)."""
+    lines = [f"- {_label(r)}, {h.replace('_acc', '')}: {untestable(r, h)}"
+             for r, h in tests if pd.isna(r[f"{h}_p"])]
+    return ["", f"Not testable ({len(lines)}), each counted in m with p = 1:", *lines] if lines else []
 
 
 def _result(r, metric) -> str:
@@ -217,7 +248,8 @@ def comparison_section(comp: pd.DataFrame, summ: pd.DataFrame) -> list[str]:
     family = comp["family"] if "family" in comp else comp.in_family.map({True: "main", False: ""})
     fam, rest = comp[comp.in_family], comp[family == ""]
     callosal = comp[family == "callosal"]
-    m = int(sum(fam[f"{h}_p_holm"].notna().sum() for h in ("fine_acc", "coarse_acc")))
+    tests = family_tests(fam)
+    m = len(tests)
     lines = pools + [
         "", f"## {ref} against every other model", "",
         f"Difference of mean test accuracy ({ref} minus the model), percentage points, with a "
@@ -229,29 +261,25 @@ def comparison_section(comp: pd.DataFrame, summ: pd.DataFrame) -> list[str]:
         "trained from independent seeds: `ttest_ind(equal_var=False)`, n = seeds of each model, "
         "Welch–Satterthwaite df. **Holm p**: Holm's step-down correction over the "
         f"{m} tests of the family declared in `bilateral/results.py` (`FAMILY`, written down "
-        f"before the results; every head both models have). A claim **holds** only when its "
-        f"Holm p < {alpha:g}: \"ahead\" means {ref} is ahead, \"behind\" that the model is; "
+        f"before the results; every head both models have) {family_scope(comp)} A claim "
+        f"**holds** only when its Holm p < {alpha:g}: \"ahead\" means {ref} is ahead, "
+        "\"behind\" that the model is; "
         "\"does not hold\" means the data cannot tell at this family-wise level (not that the "
         "difference is zero). One seed gives no "
         "interval and no test.", "", *seeds_note(comp, m, alpha), ""]
     lines += table(["model", "head", "n", "Δ [95% CI]", "df", "p", "Holm p", "sign-flip p",
                     "verdict"], _test_rows(fam, alpha))
-    tests = [(r, h) for _, r in fam.iterrows() for h in ("fine_acc", "coarse_acc")
-             if not pd.isna(r[f"{h}_p_holm"])]
     held = [f"- holds: {r['claim']}: {_result(r, h)}" if r[f"{h}_diff"] > 0 else
             f"- holds the other way (the model is ahead), contrary to \"{r['claim']}\": "
             f"{_result(r, h)}" for r, h in tests if r[f"{h}_p_holm"] < alpha]
     lost = [f"- {_result(r, h)}" for r, h in tests if r[f"{h}_p"] < alpha <= r[f"{h}_p_holm"]]
     lines += ["", f"Of the {m} tests of the family, {len(held)} "
               f"{'holds' if len(held) == 1 else 'hold'} after Holm's correction"
-              + (":" if held else "."), *held]
+              + (":" if held else "."), *held, *untestable_lines(tests)]
     if lost:
         lines += ["", f"p < {alpha:g} before the correction but not after: neither direction "
                   "is claimed.", *lost]
-    missing = comp.attrs.get("family_missing") or []
-    if missing:
-        lines += ["", "Declared in the family but not run here (no test): "
-                  + "; ".join(missing) + "."]
+    lines += missing_lines(comp)
     lines += callosal_lines(callosal, alpha)
     if len(rest):
         lines += ["", "Outside the families (exploratory: shown, no correction, never claimed):",
@@ -260,35 +288,63 @@ def comparison_section(comp: pd.DataFrame, summ: pd.DataFrame) -> list[str]:
     return lines + decay_note(summ, ref)
 
 
+def family_scope(comp: pd.DataFrame) -> str:
+    """Where a family's m comes from: the study's configuration, or (none recorded) the
+    models with runs."""
+    if comp.attrs.get("declared"):
+        return ("for this study's configuration (`study.json`: its conditions, baselines, "
+                "ensemble sizes and callosal runs, as its run records state them). A declared "
+                "test that could not be made (no runs, fewer than 2 seeds, no spread) is **not "
+                "testable** and counts in m with p = 1, so a missing run never lowers the "
+                "others' Holm p.")
+    return ("among the models with runs here: no record states the study's configuration, so "
+            "a declared model that was never run is not counted and m may be too small; a test "
+            "among them that could not be made (fewer than 2 seeds, no spread) is **not "
+            "testable** and counts in m with p = 1.")
+
+
+def missing_lines(comp: pd.DataFrame) -> list[str]:
+    """The main family's comparisons outside this study: not counted in m."""
+    missing = comp.attrs.get("family_missing") or []
+    if not missing:
+        return []
+    if comp.attrs.get("declared"):
+        return ["", "In `FAMILY` but not part of this study's configuration (no runs declared, "
+                "not counted in m): " + "; ".join(missing) + "."]
+    return ["", "In `FAMILY` but not run here (not counted in m, as no record says whether the "
+            "study declared them): " + "; ".join(missing) + "."]
+
+
 def callosal_lines(comp: pd.DataFrame, alpha: float) -> list[str]:
     """The callosal family: each callosal model minus the bilateral model of its condition,
     with n, interval, df, p, sign-flip p and Holm's p over these tests alone."""
     if not len(comp):
         return []
-    m = int(sum(comp[f"{h}_p_holm"].notna().sum() for h in ("fine_acc", "coarse_acc")))
+    tests = family_tests(comp)
+    m = len(tests)
     ns = sorted({int(r[f"{h}_n_a"]) for _, r in comp.iterrows() for h in ("fine_acc", "coarse_acc")
                  if not pd.isna(r[f"{h}_diff"])})
-    tests = [(r, h) for _, r in comp.iterrows() for h in ("fine_acc", "coarse_acc")
-             if not pd.isna(r[f"{h}_p_holm"])]
     held = [f"- holds: {r['claim']}: {_result(r, h)}" if r[f"{h}_diff"] > 0 else
             f"- holds the other way, contrary to \"{r['claim']}\": {_result(r, h)}"
             for r, h in tests if r[f"{h}_p_holm"] < alpha]
     return ["", "### The callosal family", "",
             "Each callosal model **minus** the bilateral model of its condition (the sign is "
-            "the callosal model's gain), declared in `bilateral/results.py` (`CALLOSAL_FAMILY`). "
-            f"Holm's correction runs over these {m} tests alone: the callosal models ask "
+            "the callosal model's gain), and minus the capacity control of its own kind and "
+            "depth (`bilateral_matched`), declared in `bilateral/results.py` (`CALLOSAL_FAMILY`). "
+            f"Holm's correction runs over these {m} tests alone, declared {family_scope(comp)} The "
+            "callosal models ask "
             "another question (do connections between the hemispheres add to the frozen "
             "bilateral model?), were added after the main family's results, on fewer seeds "
             "and at another revision; folded into the main family they would change its m, so "
             "how many callosal variants were tried would decide the main claims. Callosal "
-            f"models were run on {', '.join(map(str, ns))} seed(s): with 2 seeds a paired "
+            f"models were run on {', '.join(map(str, ns)) or 'no'} seed(s): with 2 seeds a paired "
             "interval has 1 degree of freedom and excludes zero whenever the two seeds agree, "
             "and the sign-flip p cannot go below 0.5.", "",
             *table(["callosal model", "head", "n", "Δ [95% CI]", "df", "p", "Holm p",
                     "sign-flip p", "verdict"], _test_rows(comp, alpha)),
             "", f"Of the {m} tests of the callosal family, {len(held)} "
             f"{'holds' if len(held) == 1 else 'hold'} after Holm's correction"
-            + (":" if held else "."), *held]
+            + (":" if held else "."), *held, *untestable_lines(tests)]
 
 
 def kwta_section(kw: pd.DataFrame) -> list[str]:
@@ -342,8 +398,10 @@ def grid_markdown(df: pd.DataFrame, keys: list[str]) -> str:
 
 def forest_plot(comp: pd.DataFrame):
     """The comparisons as a forest plot (forest.forest_plot: grouped rows, n per row, far rows
-    in their own panel)."""
-    return forest.forest_plot(comp)
+    in their own panel); a declared comparison without runs has no point to draw."""
+    drawn = comp[comp[[f"{h}_diff" for h in forest.HEADS]].notna().any(axis=1)]
+    drawn.attrs = comp.attrs
+    return forest.forest_plot(drawn)
 
 
 def save_forest(exp: Path, comp: pd.DataFrame) -> Path | None:

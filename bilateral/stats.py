@@ -13,7 +13,6 @@ positive as negative under the null, and its p is exact, but it cannot go below 
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
@@ -24,6 +23,9 @@ SIGN_FLIP_EXACT_MAX = 20     # up to 2^20 sign patterns are enumerated (8 MB of 
 SIGN_FLIP_DRAWS = 2 ** 20    # beyond: a Monte Carlo estimate from this many random patterns
 SIGN_FLIP_SEED = 0           # ... drawn from this seed, so a report rebuilds the same p
 _TIE = 1e-9                  # relative tolerance: a pattern whose |sum| equals the observed counts
+# Accuracies are recorded as float32 (about 7 significant digits): two values closer than this
+# are the same count of images, and differences that close have no spread to test.
+FLAT_ATOL = 1e-6
 
 
 def mean_sd(values) -> tuple[float, float, int]:
@@ -32,7 +34,7 @@ def mean_sd(values) -> tuple[float, float, int]:
 
 
 def _flat_values(v) -> bool:
-    return bool(np.allclose(v, v[0], rtol=0, atol=1e-12))
+    return bool(np.allclose(v, v[0], rtol=0, atol=FLAT_ATOL))
 
 
 # ------------------------------------------------------------------------ multiple tests
@@ -42,18 +44,21 @@ def holm(pvalues) -> np.ndarray:
 
     Sort the m p-values ascending, p(1) <= ... <= p(m); the adjusted p(i) is
     max over j <= i of min(1, (m - j + 1) p(j)): monotone in the raw p and capped at 1.
-    A claim holds at family-wise level alpha when its adjusted p < alpha. NaN (a comparison
-    that could not be tested, e.g. one seed) stays NaN and does not count in m.
+    A claim holds at family-wise level alpha when its adjusted p < alpha. m is the whole
+    declared family: NaN (a declared comparison that could not be tested: missing runs, one
+    seed, no spread) counts in m as p = 1, so leaving a test out can never lower the others'
+    adjusted p; its own adjusted p stays NaN (not testable, nothing to claim).
     """
     p = np.asarray(pvalues, dtype=float).reshape(-1)
     if np.any((p < 0) | (p > 1)):
         raise ValueError(f"p-values must lie in [0, 1], got {p[(p < 0) | (p > 1)].tolist()}")
-    out = np.full(p.shape, np.nan)
-    tested = np.flatnonzero(~np.isnan(p))
-    m = len(tested)
-    if m:
-        order = tested[np.argsort(p[tested], kind="stable")]
-        out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    untested = np.isnan(p)
+    full = np.where(untested, 1.0, p)
+    m = len(full)
+    order = np.argsort(full, kind="stable")
+    out = np.empty(m)
+    out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * full[order]))
+    out[untested] = np.nan
     return out
 
 
@@ -103,39 +108,44 @@ def sign_flip_p(differences) -> float:
 
 # ------------------------------------------------------------------- one difference
 
-def _blank(method: str, n: int, n_a: int, n_b: int) -> dict:
+# why a difference has no test (the `why` of difference(); "" when it was tested)
+NO_RUNS, FEW_SEEDS, FEW_IN_COMMON, NO_SPREAD = ("no runs", "fewer than 2 seeds",
+                                            "fewer than 2 seeds in common", "no spread")
+
+
+def _blank(method: str, n: int, n_a: int, n_b: int, why: str = "") -> dict:
     nan = float("nan")
     return dict(diff=nan, lo=nan, hi=nan, method=method, n=n, n_a=n_a, n_b=n_b, df=nan,
-                t=nan, p=nan, p_sign_flip=nan)
+                t=nan, p=nan, p_sign_flip=nan, why=why)
 
 
 def untested(n_a: int = 0, n_b: int = 0) -> dict:
-    """The keys of difference() for a head one of the models does not have: all NaN, no
-    method."""
+    """The keys of difference() for a head that is no test of the pair (one of the models
+    does not have it): all NaN, no method, no reason."""
     return _blank("", 0, n_a, n_b)
 
 
 def _degenerate(out: dict) -> dict:
-    """No spread at all: a zero-width interval; t is infinite (p = 0, scipy's limit) unless
-    the difference is zero too (p = 1)."""
-    zero = abs(out["diff"]) <= 1e-12
-    return dict(out, lo=out["diff"], hi=out["diff"], t=0.0 if zero else math.copysign(math.inf, out["diff"]),
-                p=1.0 if zero else 0.0)
+    """No spread at all (every value, or every paired difference, the same to float32
+    accuracy): the t statistic divides by a zero standard error, so there is no interval, df,
+    t or p (NaN: "not testable (no spread)"), never scipy's limit p = 0, which would claim
+    certainty from a handful of identical counts. The sign-flip p, where paired, stays."""
+    return dict(out, df=float("nan"), why=NO_SPREAD)
 
 
 def paired(a: dict, b: dict, level=LEVEL) -> dict:
     """Mean of the per-seed differences a - b over the seeds both have, with scipy's ttest_rel:
     its t-interval, df = n - 1, t and two-sided p; and the exact sign-flip p of the same
-    differences. n (= n_a = n_b) is the number of pairs. For models that share runs (a
-    bilateral model and its hemispheres)."""
+    differences. n is the number of pairs (seeds in common), n_a and n_b each model's own
+    seeds. For models that share runs (a bilateral model and its hemispheres)."""
     seeds = sorted(set(a) & set(b))
     x, y = np.array([a[s] for s in seeds], float), np.array([b[s] for s in seeds], float)
-    out = _blank("paired", len(seeds), len(seeds), len(seeds))
+    out = _blank("paired", len(seeds), len(a), len(b))
     if not seeds:
-        return out
+        return dict(out, why=NO_RUNS if not (a and b) else FEW_IN_COMMON)
     out.update(diff=float(np.mean(x - y)), p_sign_flip=sign_flip_p(x - y))
     if len(seeds) < 2:
-        return out
+        return dict(out, why=FEW_IN_COMMON if len(a) > 1 and len(b) > 1 else FEW_SEEDS)
     out["df"] = float(len(seeds) - 1)
     if _flat_values(x - y):  # no spread: scipy would warn and divide by zero
         return _degenerate(out)
@@ -153,10 +163,10 @@ def welch(a: dict, b: dict, level=LEVEL) -> dict:
     x, y = np.array(list(a.values()), float), np.array(list(b.values()), float)
     out = _blank("Welch", len(x) + len(y), len(x), len(y))
     if not (len(x) and len(y)):
-        return out
+        return dict(out, why=NO_RUNS)
     out["diff"] = float(x.mean() - y.mean())
     if len(x) < 2 or len(y) < 2:
-        return out
+        return dict(out, why=FEW_SEEDS)
     if _flat_values(x) and _flat_values(y):
         return _degenerate(out)
     with warnings.catch_warnings():  # one flat sample is fine: the other carries the SE
@@ -195,5 +205,6 @@ def shares_runs(ref: str, key: str) -> bool:
 
 def difference(a: dict, b: dict, shared: bool, level=LEVEL) -> dict:
     """paired(a, b) where the models share runs, else welch(a, b): the same keys either way
-    (diff, lo, hi, method, n, n_a, n_b, df, t, p, p_sign_flip)."""
+    (diff, lo, hi, method, n, n_a, n_b, df, t, p, p_sign_flip, and `why` there is no p:
+    NO_RUNS, FEW_SEEDS, FEW_IN_COMMON, NO_SPREAD, or "")."""
     return paired(a, b, level) if shared else welch(a, b, level)

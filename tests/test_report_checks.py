@@ -84,7 +84,7 @@ BIL_F, BIL_C = [0.80, 0.81, 0.79, 0.805, 0.80], [0.90, 0.91, 0.905, 0.90, 0.895]
 
 def test_one_hemisphere_controls_are_paired_with_their_bilateral_model_per_head():
     one_left_f = [b - 0.01 + e for b, e in zip(BIL_F, [0.002, -0.003, 0.001, 0.0, 0.002])]
-    one_right_c = [b - 0.004 for b in BIL_C]
+    one_right_c = [b - 0.004 + e for b, e in zip(BIL_C, [0.001, -0.001, 0.0, 0.002, -0.002])]
     df = pd.DataFrame(
         rows("bilateral", "resnet9-A", "fine_acc", BIL_F) + rows("bilateral", "resnet9-A", "coarse_acc", BIL_C)
         + rows("one_hemisphere", "resnet9-A-left", "fine_acc", one_left_f)
@@ -103,11 +103,13 @@ def test_one_hemisphere_controls_are_paired_with_their_bilateral_model_per_head(
     assert (left.fine_acc_diff, left.fine_acc_p) == pytest.approx((want["diff"], want["p"]))
     assert right.coarse_acc_diff == pytest.approx(0.004)
     fam = comp[comp.in_family]
+    tests = fam[["fine_acc_test", "coarse_acc_test"]].to_numpy(bool).ravel()
     p = fam[["fine_acc_p", "coarse_acc_p"]].to_numpy(float).ravel()
-    assert fam[["fine_acc_p_holm", "coarse_acc_p_holm"]].to_numpy(float).ravel() == pytest.approx(
-        stats.holm(p), nan_ok=True)
-    assert (~pd.isna(p)).sum() == 3  # the two controls and ResNet-18's fine head
-    # without such runs there are no rows, and the declared control is listed as not run
+    assert fam[["fine_acc_p_holm", "coarse_acc_p_holm"]].to_numpy(float).ravel()[tests] == pytest.approx(
+        stats.holm(p[tests]))
+    assert tests.sum() == 3  # the two controls and ResNet-18's fine head
+    # without such runs (and no configuration recorded) there are no rows, and the control is
+    # listed as not run
     none = results.comparison_table(df[df.stage != "one_hemisphere"])
     assert not none.model.str.startswith("one_hemisphere").any()
     assert any("one_hemisphere/resnet9-<condition>-left" in m for m in none.attrs["family_missing"])
@@ -177,3 +179,73 @@ def test_publish_commits_histories_analysis_tables_environment_and_provenance(tm
     table = prov.split("## Every run")[1]
     assert "Test CPU 9000" in table and "not recorded" in table and "abc1234def" in table
     assert "seed 0: " in prov and "environment.txt" in prov
+
+
+# ---------------------------------------------- the family declared by the runs' records
+
+def record(exp, stage, name, seed, test, **resolved):
+    """A finished run whose config.json states the study's configuration, as the runner
+    writes it (resolved: the run's whole config, conditions and baselines included)."""
+    d = exp / stage / name / f"seed={seed}"
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({"test": test, "val": test, "epochs": 4, "wall_s": 1.0}))
+    res = {"conditions": ["A"], "baselines": ["resnet18", "resnet34"], "backbone": "resnet9",
+           "condition": "A", **resolved}
+    (d / "config.json").write_text(json.dumps({"resolved": res}))
+
+
+def test_report_builds_the_family_from_the_recorded_configuration(tmp_path):
+    exp = tmp_path / "exp"
+    for s, e in enumerate([0.004, -0.006, 0.003]):
+        record(exp, "bilateral", "resnet9-A", s, {"fine_acc": 0.80 + e, "coarse_acc": 0.90 - e})
+        record(exp, "hemisphere", "resnet9-A-left", s, {"fine_acc": 0.78 + 2 * e}, side="left")
+        record(exp, "hemisphere", "resnet9-A-right", s, {"coarse_acc": 0.89 + e}, side="right")
+        record(exp, "resnet18", "resnet18", s, {"fine_acc": 0.70 + e, "coarse_acc": 0.85 + 3 * e})
+    rep = results.report(exp)  # resnet34 declared, never run
+    assert results.read_study(exp / results.STUDY) == rep["declarations"]
+    assert [(d["conditions"], d["baselines"]) for d in rep["declarations"]] == [
+        (["A"], ["resnet18", "resnet34"])]
+    comp = rep["comparison"].set_index("model")
+    fam = comp[comp.in_family]
+    assert fam[["fine_acc_test", "coarse_acc_test"]].to_numpy().sum() == 6  # resnet34's two included
+    assert comp.loc["resnet34", ["fine_acc_p", "coarse_acc_p"]].isna().all()
+    made = fam.fine_acc_p.dropna().tolist() + fam.coarse_acc_p.dropna().tolist()
+    holm = fam.fine_acc_p_holm.dropna().tolist() + fam.coarse_acc_p_holm.dropna().tolist()
+    assert holm == pytest.approx(stats.holm(made + [float("nan")] * 2)[:4])
+    md = (exp / "results.md").read_text()
+    assert "Of the 6 tests of the family" in md and "no runs of resnet34" in md
+    # the same report from results.csv alone reads the study.json beside it
+    again = results.from_csv(exp / "results.csv", tmp_path / "published")
+    assert again["comparison"].fine_acc_p_holm.tolist() == pytest.approx(
+        rep["comparison"].fine_acc_p_holm.tolist(), nan_ok=True)
+    (exp / results.STUDY).unlink()  # without it: the models with runs only, m = 4
+    alone = results.from_csv(exp / "results.csv", tmp_path / "alone")["comparison"]
+    assert "resnet34" not in set(alone.model)
+    assert "no record states the study's configuration" in (tmp_path / "alone" / "results.md").read_text()
+
+
+def test_a_declaration_takes_each_name_field_from_the_records_that_use_it(tmp_path):
+    # a ResNet-18 record holds the default backbone (stage_config resets what its stage does
+    # not use), a hemisphere record the default callosal depths: neither may declare models
+    vgg = tmp_path / "vgg"
+    record(vgg, "hemisphere", "vgg11-A-left", 0, {"fine_acc": 0.7}, backbone="vgg11", side="left")
+    record(vgg, "resnet18", "resnet18", 0, {"fine_acc": 0.7}, backbone="resnet9")
+    (decl,) = results.study_declarations(vgg)
+    assert decl["backbone"] == "vgg11"
+    keys = set(results.declared_models([decl]))
+    assert "hemisphere/vgg11-A-left" in keys and not any("resnet9" in k for k in keys)
+    cal = tmp_path / "cal"
+    at = dict(callosum_kinds=["add"], baselines=[])
+    record(cal, "hemisphere", "resnet9-A-left", 0, {"fine_acc": 0.7}, side="left",
+           callosum_at=["layer1", "layer3"], **at)
+    record(cal, "callosal", "resnet9-A-add-layer2", 0, {"fine_acc": 0.7}, callosum="add",
+           callosum_at=["layer2"], **at)
+    (decl,) = results.study_declarations(cal)
+    assert decl["callosum_at"] == ["layer2"]
+    keys = set(results.declared_models([decl]))
+    assert {"callosal/resnet9-A-add-layer2", "bilateral_matched/resnet9-A-add-layer2"} <= keys
+    assert not any("layer1" in k for k in keys)
+    # records that state no configuration (forged, or older) declare nothing
+    old = tmp_path / "old"
+    run(old, "bilateral", "resnet9-A", 0, {"fine_acc": 0.8, "coarse_acc": 0.9})
+    assert results.study_declarations(old) == []

@@ -40,12 +40,12 @@ def test_welch_interval_matches_the_textbook():
 def test_paired_uses_the_common_seeds_and_degenerate_cases_give_no_false_interval():
     a, b = {0: 0.7, 1: 0.8, 2: 0.75, 7: 0.1}, {0: 0.6, 1: 0.7, 2: 0.7, 9: 0.9}
     d = stats.paired(a, b)
-    assert d["n_a"] == 3 and d["diff"] == pytest.approx((0.1 + 0.1 + 0.05) / 3)
+    assert (d["n"], d["n_a"], d["n_b"]) == (3, 4, 4) and d["diff"] == pytest.approx((0.1 + 0.1 + 0.05) / 3)
     assert d["lo"] < d["diff"] < d["hi"]
     one = stats.welch({0: 0.7}, {1: 0.6, 2: 0.5})
     assert one["diff"] == pytest.approx(0.15) and math.isnan(one["lo"])
-    same = stats.paired({0: 0.7, 1: 0.8}, {0: 0.6, 1: 0.7})  # identical differences
-    assert (same["lo"], same["hi"]) == pytest.approx((0.1, 0.1))
+    same = stats.paired({0: 0.7, 1: 0.8}, {0: 0.6, 1: 0.7})  # identical differences: no spread
+    assert math.isnan(same["lo"]) and math.isnan(same["hi"]) and same["diff"] == pytest.approx(0.1)
 
 
 def test_only_a_bilateral_model_and_its_own_hemispheres_are_paired():
@@ -64,6 +64,22 @@ def test_only_a_bilateral_model_and_its_own_hemispheres_are_paired():
     assert stats.shares_runs("bilateral_matched/resnet9-B-gate-layer1", "one_hemisphere/resnet9-B-right")
     assert not stats.shares_runs(cal, "bilateral_matched/resnet9-C-add-layer1+layer3")
     assert not stats.shares_runs(cal, cal)
+
+
+def test_a_callosal_model_meets_the_control_of_its_own_depth_only():
+    keys = ["bilateral/resnet9-A", "callosal/resnet9-A-add-layer1+layer3", "callosal/resnet9-A-add-layer2",
+            "bilateral_matched/resnet9-A-add-layer1+layer3", "bilateral_matched/resnet9-A-add-layer2",
+            "bilateral_matched/resnet9-A-gate-layer2"]
+    pairs, _ = results.family_pairs("bilateral/resnet9-A", keys, results.CALLOSAL_FAMILY)
+    matched = sorted((a, b) for a, b, _ in pairs if b.startswith("bilateral_matched/"))
+    assert matched == [
+        ("callosal/resnet9-A-add-layer1+layer3", "bilateral_matched/resnet9-A-add-layer1+layer3"),
+        ("callosal/resnet9-A-add-layer2", "bilateral_matched/resnet9-A-add-layer2")]
+    # against the bilateral model every depth is a comparison of its own
+    assert sorted(a for a, b, _ in pairs if b == "bilateral/resnet9-A") == [
+        "callosal/resnet9-A-add-layer1+layer3", "callosal/resnet9-A-add-layer2"]
+    assert results.wildcard_text("callosal/resnet9-A-add-*", "callosal/resnet9-A-add-layer2") == ("layer2",)
+    assert results.wildcard_text("callosal/resnet9-A-add-*", "callosal/resnet9-A-gate-layer2") is None
 
 
 # ------------------------------------------------------------------------- the convergence flag
@@ -215,8 +231,8 @@ def test_comparisons_are_labelled_by_what_they_share(study):
         (ref["diff"], ref["lo"], ref["hi"]))
     assert comp.loc["resnet34", "fine_acc_method"] == "Welch"
     assert math.isnan(comp.loc["resnet18", "fine_acc_lo"])
-    assert math.isnan(comp.loc["resnet18", "fine_acc_p"])  # one seed: no test ...
-    assert math.isnan(comp.loc["resnet18", "fine_acc_p_holm"])  # ... and not one of Holm's m
+    assert math.isnan(comp.loc["resnet18", "fine_acc_p"])  # one seed: not testable ...
+    assert math.isnan(comp.loc["resnet18", "fine_acc_p_holm"])  # ... no Holm p, but in m
     assert math.isnan(comp.loc["hemisphere/resnet9-A-left", "coarse_acc_diff"])
     # p and df are scipy's, the sign-flip p only where the runs are paired
     assert (left.fine_acc_df, left.fine_acc_n) == (2, 3)
@@ -224,16 +240,21 @@ def test_comparisons_are_labelled_by_what_they_share(study):
     assert left.fine_acc_p_sign_flip == 0.25  # 3 differences of one sign: 2 of 8 patterns
     assert (uni.fine_acc_p, uni.fine_acc_df) == pytest.approx((ref["p"], ref["df"]))
     assert math.isnan(uni.fine_acc_p_sign_flip)
-    # Holm over every test of the declared family: the fine head of hemispheres A and C, both
-    # heads of the unilateral net, ResNet-34 (2 seeds) and the ensemble; ResNet-18 (1 seed)
-    # is no test and does not count
+    # Holm over every test of the family (no record states a configuration: the declared
+    # comparisons among the models run): the fine head of hemispheres A and C, both heads of
+    # the unilateral net, ResNet-34 (2 seeds) and the ensemble, and ResNet-18's two heads,
+    # which one seed leaves untestable: they count in m as p = 1
     fam = comp[comp.in_family]
     assert set(fam.index) == {"hemisphere/resnet9-A-left", "hemisphere/resnet9-C-left",
                               "unilateral/resnet9", "resnet18", "resnet34", "ensemble/resnet9-k2"}
-    p = fam[["fine_acc_p", "coarse_acc_p"]].to_numpy(float).ravel()
-    assert (~pd.isna(p)).sum() == 8
-    assert fam[["fine_acc_p_holm", "coarse_acc_p_holm"]].to_numpy(float).ravel() == pytest.approx(
-        stats.holm(p), nan_ok=True)
+    tests = fam[["fine_acc_test", "coarse_acc_test"]].to_numpy(bool).ravel()
+    p = fam[["fine_acc_p", "coarse_acc_p"]].to_numpy(float).ravel()[tests]
+    assert len(p) == 10 and (~pd.isna(p)).sum() == 8
+    holm_p = fam[["fine_acc_p_holm", "coarse_acc_p_holm"]].to_numpy(float).ravel()
+    assert holm_p[tests] == pytest.approx(stats.holm(p), nan_ok=True)
+    assert pd.isna(holm_p[~tests]).all()
+    first = int(pd.Series(p).idxmin())  # Holm's first step is Bonferroni over all m = 10
+    assert holm_p[tests][first] == pytest.approx(min(1.0, 10 * p[first]))
 
 
 def test_kwta_table_pairs_the_rules_of_the_same_runs(study):

@@ -31,12 +31,20 @@ def same(a: dict, b: dict) -> bool:
 def test_holm_matches_the_textbook_example():
     # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> monotone 0.06
     assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1 = 0.03, 0.06, 0.04 -> monotone 0.06
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
-def test_holm_is_monotone_capped_and_skips_untested():
+def test_holm_counts_an_untestable_declared_test_in_m():
+    # the same three tests and a fourth declared one that could not be made (NaN): m = 4, the
+    # NaN as p = 1: sorted 0.01, 0.03, 0.04, 1 times 4, 3, 2, 1 = 0.04, 0.09, 0.08 -> 0.09
+    out = stats.holm([0.01, 0.04, 0.03, float("nan")])
+    assert out[:3] == pytest.approx([0.04, 0.09, 0.09]) and math.isnan(out[3])
+    assert stats.holm([0.01, float("nan")])[0] == pytest.approx(0.02)  # not 0.01: m = 2
+
+
+def test_holm_is_monotone_and_capped():
     assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # 2 x 0.5 = 1, capped
-    out = stats.holm([0.01, float("nan"), 0.04])  # NaN: no test, m = 2
-    assert out[0] == pytest.approx(0.02) and math.isnan(out[1]) and out[2] == pytest.approx(0.04)
     assert len(stats.holm([])) == 0
     p = np.random.default_rng(0).uniform(0, 0.2, 30)
     adj = stats.holm(p)
@@ -116,14 +124,46 @@ def test_welch_p_and_df_are_scipys_and_rs():
 def test_degenerate_and_untestable_differences():
     one = stats.welch({0: 0.7}, {1: 0.6, 2: 0.5})
     assert one["diff"] == pytest.approx(0.15) and math.isnan(one["p"]) and math.isnan(one["df"])
-    flat = stats.paired({0: 0.7, 1: 0.8}, {0: 0.6, 1: 0.7})  # identical differences
-    assert (flat["lo"], flat["hi"], flat["p"], flat["df"]) == pytest.approx((0.1, 0.1, 0.0, 1))
-    same = stats.paired({0: 0.7, 1: 0.8}, {0: 0.7, 1: 0.8})
-    assert same["p"] == 1.0 and same["p_sign_flip"] == 1.0
+    assert one["why"] == stats.FEW_SEEDS
     single = stats.paired({0: 0.7}, {0: 0.6})
-    assert math.isnan(single["p"]) and single["p_sign_flip"] == 1.0
+    assert math.isnan(single["p"]) and single["p_sign_flip"] == 1.0 and single["why"] == stats.FEW_SEEDS
     none = stats.untested(3, 0)
     assert none["method"] == "" and math.isnan(none["diff"]) and set(none) == set(single)
+    gone = stats.welch({0: 0.7, 1: 0.8}, {})
+    assert gone["why"] == stats.NO_RUNS and (gone["n_a"], gone["n_b"]) == (2, 0)
+    tested = stats.welch({0: 0.7, 1: 0.8}, {2: 0.6, 3: 0.65})
+    assert tested["why"] == "" and 0 < tested["p"] < 1
+
+
+def test_few_seeds_in_common_keeps_each_models_own_n():
+    d = stats.paired({0: 0.7, 1: 0.8, 2: 0.75}, {2: 0.6, 3: 0.7, 4: 0.7})  # seed 2 alone is shared
+    assert (d["n"], d["n_a"], d["n_b"]) == (1, 3, 3) and d["why"] == stats.FEW_IN_COMMON
+    assert d["diff"] == pytest.approx(0.15) and math.isnan(d["p"])
+    none = stats.paired({0: 0.7, 1: 0.8}, {3: 0.7, 4: 0.7})
+    assert (none["n"], none["n_a"], none["n_b"], none["why"]) == (0, 2, 2, stats.FEW_IN_COMMON)
+
+
+def test_no_spread_is_not_testable_never_p_0():
+    # every paired difference the same: the standard error is 0, so there is no t and no p
+    # (scipy's limit would be p = 0, certainty from two seeds)
+    flat = stats.paired({0: 0.7, 1: 0.8}, {0: 0.6, 1: 0.7})
+    assert all(math.isnan(flat[k]) for k in ("p", "lo", "hi", "t", "df"))
+    assert flat["why"] == stats.NO_SPREAD and flat["diff"] == pytest.approx(0.1)
+    assert flat["p_sign_flip"] == 0.5  # the sign-flip test needs no spread: 2 of 4 patterns
+    same = stats.paired({0: 0.7, 1: 0.8}, {0: 0.7, 1: 0.8})
+    assert math.isnan(same["p"]) and same["why"] == stats.NO_SPREAD and same["p_sign_flip"] == 1.0
+    # accuracies recorded as float32: 100 test images more on every seed (0.01) differ in the
+    # 8th digit, which a float64 tolerance would take for spread (p near 0); it is none
+    x = [float(np.float32(v)) for v in (0.7123, 0.8456, 0.7789)]
+    y = [float(np.float32(round(v - 0.01, 4))) for v in (0.7123, 0.8456, 0.7789)]
+    d = np.subtract(x, y)
+    assert 1e-9 < np.ptp(d) < 1e-6  # the case: spread only in float32's last digits
+    f32 = stats.paired(as_seeds(x), as_seeds(y))
+    assert math.isnan(f32["p"]) and f32["why"] == stats.NO_SPREAD
+    # two models each scoring the same on every seed, to float32 accuracy: no spread either
+    same_a, same_b = [0.7123, 0.7123 + 6e-8, 0.7123 - 6e-8], [0.7, 0.7 - 6e-8, 0.7]
+    both_flat = stats.welch(as_seeds(same_a), as_seeds(same_b, 10))
+    assert math.isnan(both_flat["p"]) and both_flat["why"] == stats.NO_SPREAD
 
 
 # ------------------------------------------------- results.md words claims by the Holm p
@@ -150,7 +190,8 @@ def constructed():
         + rows("resnet34", "resnet34", "fine_acc", [b + e for b, e in zip(BIL, noise[::-1])])
         + rows("ensemble", "resnet9-k2", "fine_acc", [b + e for b, e in zip(BIL, noise[1:] + noise[:1])])
         + rows("ensemble", "resnet9-k5", "fine_acc", [b - e for b, e in zip(BIL, noise)])
-        + rows("callosal", "resnet9-A-add-layer1+layer3", "fine_acc", [b - 0.02 for b in BIL]),
+        + rows("callosal", "resnet9-A-add-layer1+layer3", "fine_acc",
+               [b - 0.02 + e for b, e in zip(BIL, [0.001, -0.001, 0.002, 0.0, -0.002])]),
         columns=results.COLUMNS)
     comp = results.comparison_table(df)
     return comp, "\n".join(results_md.comparison_section(comp, results.summary_table(df)))
@@ -169,6 +210,7 @@ def test_the_family_is_corrected_with_holm(constructed):
     assert out.reference.startswith("callosal/") and out.model == "bilateral/resnet9-A"
     assert out.label == out.reference and not out.in_family
     assert out.fine_acc_diff == pytest.approx(-0.02) and out.fine_acc_method == "paired"
+    assert out.fine_acc_p < 1e-3
     assert out.fine_acc_p_holm == pytest.approx(out.fine_acc_p)
     assert out.fine_acc_p_sign_flip == 0.0625  # paired with its bilateral model, 5 seeds
     assert "resnet9-A against bilateral/resnet9-B" in "; ".join(comp.attrs["family_missing"])
@@ -192,5 +234,73 @@ def test_results_md_claims_only_what_survives_holm(constructed):
     assert "Of the 5 tests of the family, 1 holds after Holm's correction" in md
     assert "2/2^5 = 0.0625" in md  # what 5 paired seeds can show
     callosal = next(l for l in md.splitlines() if l.startswith("| callosal/"))
-    assert "**holds the other way**" in callosal  # -2 points on every seed: t-test p tiny
+    assert "**holds the other way**" in callosal  # -2 +- 0.2 points on every seed: p tiny
     assert "### The callosal family" in md and "Of the 1 tests of the callosal family, 1 hold" in md
+
+
+# ------------------------------------- the family is the declared one, runs or no runs
+
+def textbook_holm(p, m):
+    """Holm's adjusted p of the tests made (p) in a family of m declared tests, the m - len(p)
+    others untestable (p = 1): sorted ascending, max over j <= i of min(1, (m - j + 1) p(j))."""
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def declared_study():
+    """Condition A, ResNet-18 and ResNet-34 declared; every model run but ResNet-34."""
+    noise = [0.004, -0.006, 0.003, -0.002, 0.001]
+    coarse = [b + 0.09 for b in BIL]
+    df = pd.DataFrame(
+        rows("bilateral", "resnet9-A", "fine_acc", BIL) + rows("bilateral", "resnet9-A", "coarse_acc", coarse)
+        + rows("hemisphere", "resnet9-A-left", "fine_acc", [b - 0.01 + e for b, e in zip(BIL, noise)])
+        + rows("hemisphere", "resnet9-A-right", "coarse_acc",
+               [b - 0.004 + e for b, e in zip(coarse, noise[::-1])])
+        + rows("resnet18", "resnet18", "fine_acc", [b - 0.02 + e for b, e in zip(BIL, noise[1:] + noise[:1])])
+        + rows("resnet18", "resnet18", "coarse_acc", [b + 0.01 + e for b, e in zip(coarse, noise)]),
+        columns=results.COLUMNS)
+    return df, results.declared_models([dict(conditions=["A"], baselines=["resnet18", "resnet34"])])
+
+
+def test_holm_runs_over_the_declared_family_with_a_missing_comparison_as_p_1():
+    df, declared = declared_study()
+    assert {"resnet18", "resnet34", "hemisphere/resnet9-A-left"} <= set(declared)
+    comp = results.comparison_table(df, declared)
+    fam = comp[comp.in_family].set_index("model")
+    made = [(k, h) for k in fam.index for h in ("fine_acc", "coarse_acc") if fam.loc[k, f"{h}_test"]
+            and not math.isnan(fam.loc[k, f"{h}_p"])]
+    assert len(made) == 4  # A-left fine, A-right coarse, ResNet-18 both heads
+    assert fam.loc["resnet34", ["fine_acc_test", "coarse_acc_test"]].all()  # declared ...
+    assert fam.loc["resnet34", ["fine_acc_p", "fine_acc_p_holm"]].isna().all()  # ... not testable
+    raw = [fam.loc[k, f"{h}_p"] for k, h in made]
+    want = textbook_holm(raw, m=6)  # the two ResNet-34 tests count, as p = 1
+    assert [fam.loc[k, f"{h}_p_holm"] for k, h in made] == pytest.approx(want)
+    # what it guards against: Holm over the 4 tests with runs gives smaller p
+    short = results.comparison_table(df).set_index("model")
+    assert [short.loc[k, f"{h}_p_holm"] for k, h in made] == pytest.approx(textbook_holm(raw, m=4))
+    assert min(w - s for w, s in zip(want, textbook_holm(raw, m=4))) > 0
+    md = "\n".join(results_md.comparison_section(comp, results.summary_table(df)))
+    assert "Of the 6 tests of the family" in md and "Not testable (2), each counted in m with p = 1" in md
+    assert "- resnet34, fine: no runs of resnet34" in md
+    row = next(l for l in md.splitlines() if l.startswith("| resnet34 ") and "| fine " in l)
+    assert "not testable (no runs of resnet34)" in row
+    assert "one_hemisphere" in md.split("not part of this study's configuration")[1]
+
+
+def test_fewer_than_2_seeds_in_common_names_each_models_own_seeds():
+    cal = [b - 0.01 for b in BIL]
+    df = pd.DataFrame(
+        rows("bilateral", "resnet9-A", "fine_acc", BIL)
+        + [dict(r, seed=s) for r, s in  # seeds 0 and 7: one in common with the bilateral model
+           zip(rows("callosal", "resnet9-A-add-layer1+layer3", "fine_acc", cal[:2]), (0, 7))],
+        columns=results.COLUMNS)
+    comp = results.comparison_table(df)
+    md = "\n".join(results_md.comparison_section(comp, results.summary_table(df)))
+    row = next(l for l in md.splitlines() if l.startswith("| callosal/"))
+    assert ("not testable (fewer than 2 seeds in common: 1; callosal/resnet9-A-add-layer1+layer3 "
+            "has 2, bilateral/resnet9-A has 5)") in row
+    assert "[n/a (1 seed in common)]" in row
