@@ -106,8 +106,12 @@ def compute(run) -> float:
 
 
 def model_name(r) -> str:
-    """One curve per model: the unilateral pool's members are one model (their mean per seed)."""
-    return "unilateral (pool mean)" if r.stage == "unilateral" else r.label
+    """One curve per model, named by its run (stage/name, as results.md names it): a label
+    such as "A callosal add" leaves out the depth, which would merge the callosal models of
+    every depth into one curve. The unilateral pool's members are one model (their mean per
+    seed)."""
+    key = results.model_key(r.stage, r.name)
+    return f"{key} (pool mean)" if r.stage == "unilateral" else key
 
 
 def curves(points, seeds) -> pd.DataFrame:

@@ -128,3 +128,18 @@ def test_an_incomplete_search_chooses_nothing_and_plateau_is_against_the_longest
     tie = pd.DataFrame([dict(stage="s", run="r", seed=0, budget=b, score=v / 2000)
                         for b, v in ((8, 1794), (16, 1800))])
     assert budget.choose(tie).budget.item() == 8
+
+
+def test_curves_name_each_model_by_its_run_not_its_label():
+    cfg = C.from_dict({"conditions": ["A"], "callosum_kinds": ["add"]})
+    at = lambda depths: plan.Run("callosal", C.from_dict({"callosum_at": depths}), 0)  # noqa: E731
+    shallow, deep = at(["layer1"]), at(["layer2", "layer3"])
+    assert shallow.label == deep.label  # "A callosal add": a curve per label merges the depths
+    assert budget.model_name(shallow) != budget.model_name(deep)
+    assert budget.model_name(deep) == "callosal/resnet9-A-add-layer2+layer3"
+    side = dict(condition="A", side="left")
+    hemi = plan.Run("hemisphere", C.from_dict(side), 0)
+    one = plan.Run("one_hemisphere", C.from_dict(side), 0)
+    assert hemi.name == one.name and budget.model_name(hemi) != budget.model_name(one)
+    members = {budget.model_name(r) for r in plan.plan(cfg, [0]) if r.stage == "unilateral"}
+    assert members == {"unilateral/resnet9 (pool mean)"}  # the pool is one model
