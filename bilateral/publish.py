@@ -24,7 +24,7 @@ from .registry import VARIANT_FIELDS
 from .runs import cpu_model, read_json
 
 FILES = ("results.csv", "results.md", results_md.FOREST, "results.png", results.HISTORIES,
-         *(f"analysis_{n}" for n in results.ANALYSIS_TABLES))
+         results.STUDY, *(f"analysis_{n}" for n in results.ANALYSIS_TABLES))
 ENVIRONMENT = "environment.txt"  # every installed distribution, name==version (a pip freeze)
 
 

@@ -286,11 +286,8 @@ def test_a_full_disk_names_the_path_and_the_free_space(small_disk):
     assert str(target) in hint and "MiB free" in hint
 
 
-def test_an_impossible_slurm_request_is_one_line_before_any_work(tmp_path):
+def test_an_impossible_slurm_request_is_one_line_before_any_work(slurm_cluster, tmp_path):
     """G: the cluster's refusal (sbatch --test-only) in one line, before the estimate runs."""
-    if not (subprocess.run(["which", "sbatch"], capture_output=True).returncode == 0 and
-            subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0):
-        pytest.skip("no SLURM cluster answering here (scripts/slurm-up.sh starts one as root)")
     p = cli("sweep", "params/smoke.yaml", "--executor", "slurm", "--partition", "nope",
             "--set", f"out_dir={tmp_path}")
     one_line(p, "cluster refuses", "partition")

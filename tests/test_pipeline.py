@@ -218,7 +218,7 @@ def test_publish_copies_the_report_with_its_provenance(smoke, tmp_path):
     exp, pub = out / "smoke", tmp_path / "results" / "smoke"
     r = cli("report", str(exp), "--publish", str(pub), "--command", "make run PARAMS=params/smoke.yaml")
     assert r.returncode == 0, r.stderr
-    for name in ("results.csv", "results.md"):
+    for name in ("results.csv", "results.md", "study.json"):  # study.json: the declared family
         assert (pub / name).read_bytes() == (exp / name).read_bytes()
     prov = (pub / "PROVENANCE.md").read_text()
     assert "`make run PARAMS=params/smoke.yaml`" in prov

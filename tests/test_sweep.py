@@ -161,18 +161,6 @@ def test_stale_runs_need_force(tmp_path):
 
 # ------------------------------------------------------------------------------- SLURM
 
-@pytest.fixture(scope="module")
-def slurm_cluster():
-    """The one-node cluster of scripts/slurm-up.sh (started here when it is not up yet)."""
-    try:
-        p = subprocess.run([str(ROOT / "scripts" / "slurm-up.sh")], capture_output=True,
-                           text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"SLURM could not be started: {e}")
-    if p.returncode != 0:
-        pytest.skip(f"SLURM could not be started: {(p.stderr or p.stdout).strip()}")
-
-
 def job_times(job_id) -> tuple[str, str]:
     out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     return re.search(r"StartTime=(\S+)", out)[1], re.search(r"EndTime=(\S+)", out)[1]
