@@ -45,7 +45,10 @@ def row_text(r, metric) -> str:
     d, lo, hi = (100 * float(r[f"{metric}_{k}"]) for k in ("diff", "lo", "hi"))
     if math.isnan(d):
         return ""
-    ci = "[1 seed]" if math.isnan(lo) else f"[{lo:+.1f}, {hi:+.1f}]"
+    n = r.get(f"{metric}_n")
+    # no interval: one seed, or (n >= 2) differences without spread, where no test can be made
+    ci = (f"[{lo:+.1f}, {hi:+.1f}]" if not math.isnan(lo)
+          else "[no spread]" if n is not None and not pd.isna(n) and n >= 2 else "[1 seed]")
     holm = r.get(f"{metric}_p_holm")
     p = "" if holm is None or pd.isna(holm) else f" {holm:.2g}" if holm >= 0.001 else " <.001"
     return f"{d:+.1f} {ci} {_n(r, metric)}{p}"

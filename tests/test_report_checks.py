@@ -126,6 +126,12 @@ def test_forest_groups_rows_prints_n_and_gives_far_rows_their_own_panel():
     assert "hemisphere/resnet9-A-left" not in far_rows
     left = next(r for k, r in near if k == "row" and r.label == "hemisphere/resnet9-A-left")
     assert forest.row_text(left, "fine_acc").startswith("+1.7 [+0.8, +2.6] n=5 ")
+    # no interval: one seed, or differences that do not vary over seeds (no test possible)
+    flat = left.copy()
+    flat["fine_acc_lo"] = flat["fine_acc_hi"] = flat["fine_acc_p_holm"] = float("nan")
+    assert forest.row_text(flat, "fine_acc") == "+1.7 [no spread] n=5"
+    flat["fine_acc_n"] = 1
+    assert forest.row_text(flat, "fine_acc") == "+1.7 [1 seed] n=1"
     fig = forest.forest_plot(comp)
     fig.canvas.draw()
     panels = [ax for ax in fig.axes if ax.axison]
