@@ -396,16 +396,24 @@ def grid_markdown(df: pd.DataFrame, keys: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def drawable(comp: pd.DataFrame) -> pd.DataFrame:
+    """The comparisons with a point to draw: a declared comparison without runs has none."""
+    cols = [f"{h}_diff" for h in forest.HEADS if f"{h}_diff" in comp]
+    drawn = comp[comp[cols].notna().any(axis=1)] if cols else comp.iloc[:0]
+    drawn.attrs = comp.attrs
+    return drawn
+
+
 def forest_plot(comp: pd.DataFrame):
     """The comparisons as a forest plot (forest.forest_plot: grouped rows, n per row, far rows
-    in their own panel); a declared comparison without runs has no point to draw."""
-    drawn = comp[comp[[f"{h}_diff" for h in forest.HEADS]].notna().any(axis=1)]
-    drawn.attrs = comp.attrs
-    return forest.forest_plot(drawn)
+    in their own panel)."""
+    return forest.forest_plot(drawable(comp))
 
 
 def save_forest(exp: Path, comp: pd.DataFrame) -> Path | None:
-    if not len(comp):
+    """results_forest.png; none (and no stale one) when no comparison has a point to draw."""
+    if not len(drawable(comp)):
+        (exp / FOREST).unlink(missing_ok=True)
         return None
     import matplotlib.pyplot as plt
     fig = forest_plot(comp)

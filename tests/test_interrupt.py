@@ -311,7 +311,7 @@ def test_publish_is_whole_and_confined(tmp_path):
     p = cli("report", exp, "--publish", dest)
     assert p.returncode == 0, p.stderr
     assert sorted(f.name for f in dest.iterdir()) == ["PROVENANCE.md", "environment.txt", "histories.csv",
-                                                       "results.csv", "results.md"]
+                                                       "results.csv", "results.md", "study.json"]
     assert "2 finished runs" in (dest / "PROVENANCE.md").read_text()
     before = {f.name: f.read_bytes() for f in dest.iterdir()}
     (exp / "hemisphere" / "resnet9-A-left" / "seed=0" / "config.json").write_text("{not json")
