@@ -149,14 +149,69 @@ def curve_summary(table: pd.DataFrame, x: str = "budget") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def reference_model(table: pd.DataFrame) -> str | None:
+    """The model the gaps are measured from: condition A's bilateral model, else the first
+    bilateral model, else none."""
+    bil = list(dict.fromkeys(table.loc[table.stage == "bilateral", "model"]))
+    return next((m for m in bil if m.endswith("-A")), bil[0] if bil else None)
+
+
+def gap_summary(table: pd.DataFrame, ref: str) -> pd.DataFrame:
+    """Per model, head and budget: its test accuracy minus the reference model's, seed by seed
+    (the same seed and budget; unilateral members averaged within a seed first), the mean over
+    seeds, n and the 95% t interval's half-width. Does the gap close, hold or widen?"""
+    per_seed = table.groupby(["model", "head", "budget", "seed"], sort=False).test.mean()
+    base = per_seed.xs(ref, level="model")
+    rows = []
+    for (model, head, b), g in per_seed.groupby(level=["model", "head", "budget"], sort=False):
+        if model == ref:
+            continue
+        d = [v - base[(head, b, seed)] for (_, _, _, seed), v in g.items() if (head, b, seed) in base]
+        if d:
+            mean, sd, n = stats.mean_sd(d)
+            rows.append(dict(model=model, head=head, budget=b, n=n, mean=mean, half=half_width(sd, n)))
+    return pd.DataFrame(rows)
+
+
+# a gap panel spans the models within this many points of the reference; one further away
+# (a control on the coarse hemisphere alone, 20 points behind in fine) is drawn at the edge
+# and named in the legend, so 1-2 point gaps stay visible
+GAP_SPAN = 6.0
+
+
+def plot_gaps(ax, gaps: pd.DataFrame, colors: dict, ref: str) -> list[str]:
+    """The gap panel; returns the models drawn off scale."""
+    off = []
+    for model, g in gaps.groupby("model", sort=False):
+        g = g.sort_values("budget")
+        y, yerr = 100 * g["mean"], 100 * g["half"]
+        if (y.abs() > GAP_SPAN).any():
+            off.append(model)
+            y = y.clip(-GAP_SPAN, GAP_SPAN)
+            yerr = 0 * yerr
+        ax.errorbar(g["budget"], y, yerr=yerr, marker="o", ms=4, capsize=3, lw=1.2,
+                    color=colors[model], label=model, ls=":" if model in off else "-")
+    ax.axhline(0, color="0.3", lw=1)
+    ax.set_ylim(-GAP_SPAN - 0.5, GAP_SPAN + 0.5)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
+    ax.set_xlabel("training budget (epochs)")
+    ax.set_ylabel(f"points above {ref}")
+    ax.grid(alpha=0.3)
+    return off
+
+
 def plot_curves(table: pd.DataFrame, title: str = ""):
     """Test accuracy (%) of every model against its training budget (left: the plateau view)
-    and against its compute in ResNet-9 epochs (right: the equal-compute view), one row per
-    head; points are means over seeds with 95% intervals; legend outside the axes."""
+    and against its compute in ResNet-9 epochs (middle: the equal-compute view), and each
+    model's gap to the bilateral model at each budget (right, seed by seed), one row per head;
+    points are means over seeds with 95% intervals; legend outside the axes."""
     import matplotlib.pyplot as plt
 
     heads = [h for h in ("fine", "coarse") if h in set(table["head"])]
-    fig, axes = plt.subplots(len(heads), 2, figsize=(13, 4.2 * len(heads)), squeeze=False)
+    ref = reference_model(table)
+    ncol = 3 if ref else 2
+    fig, axes = plt.subplots(len(heads), ncol, figsize=(6.2 * ncol, 4.2 * len(heads)), squeeze=False)
     models_ = list(dict.fromkeys(table.model))
     colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(models_)}
     for row, head in enumerate(heads):
@@ -174,6 +229,13 @@ def plot_curves(table: pd.DataFrame, title: str = ""):
             ax.set_ylabel(f"test accuracy, {head} (%)")
             ax.grid(alpha=0.3)
             ax.set_title(f"{head}: {'every model at each budget' if x == 'budget' else 'at equal compute'}")
+        if ref:
+            gaps = gap_summary(table[table["head"] == head], ref)
+            off = set(plot_gaps(axes[row][2], gaps, colors, ref)) if len(gaps) else set()
+            axes[row][2].set_title(f"{head}: gap to the bilateral model, seed by seed")
+            if off:
+                axes[row][2].text(0.02, 0.07, "dotted, at the edge: off scale\n" + "\n".join(sorted(off)),
+                                  transform=axes[row][2].transAxes, fontsize=8, va="bottom")
     handles, labels = {}, []
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):

@@ -143,3 +143,25 @@ def test_curves_name_each_model_by_its_run_not_its_label():
     assert hemi.name == one.name and budget.model_name(hemi) != budget.model_name(one)
     members = {budget.model_name(r) for r in plan.plan(cfg, [0]) if r.stage == "unilateral"}
     assert members == {"unilateral/resnet9 (pool mean)"}  # the pool is one model
+
+
+def test_the_gap_to_the_bilateral_model_is_taken_seed_by_seed():
+    """Gaps pair the seeds (the same seed's bilateral model): a seed effect common to both
+    models cancels, so the interval is that of the differences, not of two spreads."""
+    rows = []
+    for seed, shift in ((0, 0.00), (1, 0.05), (2, -0.04)):  # a large seed effect on both
+        rows += [dict(model="bilateral/resnet9-A", stage="bilateral", head="fine", budget=8,
+                      seed=seed, test=0.90 + shift),
+                 dict(model="unilateral/resnet9 (pool mean)", stage="unilateral", head="fine",
+                      budget=8, seed=seed, test=0.88 + shift),
+                 dict(model="unilateral/resnet9 (pool mean)", stage="unilateral", head="fine",
+                      budget=8, seed=seed, test=0.86 + shift + 0.001 * seed)]
+    t = pd.DataFrame(rows)
+    assert budget.reference_model(t) == "bilateral/resnet9-A"
+    got = budget.gap_summary(t, "bilateral/resnet9-A").iloc[0]
+    diffs = [0.87 - 0.90 + 0.0005 * s for s in range(3)]  # pool mean per seed minus bilateral
+    assert got["n"] == 3 and got["mean"] == pytest.approx(sum(diffs) / 3)
+    assert got["half"] == pytest.approx(4.302653 * pd.Series(diffs).std() / 3 ** 0.5, rel=1e-5)
+    assert got["half"] < 0.005  # the seed effect (9 points) is not in the interval
+    fig = budget.plot_curves(t.assign(compute=8.0))
+    assert len(fig.axes) == 3  # one head: against budget, against compute, the gap
