@@ -214,7 +214,8 @@ def _fit_one(run, b, device, hp, log):
         fine_to_coarse=b["hier"].fine_to_coarse, ckpt_path=path / "checkpoint.pt", amp=prec,
         progress=cfg.progress, log=lambda m: log(f"{tag(run)} {m}"),
         on_epoch=lambda h: runs.write_csv(path / "history.csv", h),
-        keep_at=tuple(k for k in cfg.keep_at if k < hp.epochs))
+        # a run built on other runs never serves as a trunk (branch): nothing to keep for it
+        keep_at=() if run.upstream() else tuple(k for k in cfg.keep_at if k < hp.epochs))
     # again after fit: a run resumed after its last epoch trains nothing, and the kill may have
     # come between the last checkpoint (which holds the whole history) and history.csv
     runs.write_csv(path / "history.csv", history)

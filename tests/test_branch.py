@@ -54,3 +54,15 @@ def test_a_resume_restores_the_kept_checkpoint_a_kill_lost(tmp_path):
     assert again.read_bytes() == kept.read_bytes()
     assert killed.metrics()["model_sha256"] == whole.metrics()["model_sha256"]
     assert runner.branched_at(killed.path) == 0
+
+
+def test_only_a_run_that_can_be_a_trunk_keeps_checkpoints(tmp_path):
+    """keep_at serves shorter budgets' branches; a run built on other runs never branches
+    (its inputs differ between budgets), so it keeps nothing."""
+    for side in ("left", "right"):
+        hemisphere(tmp_path, "k", epochs=3, keep_at=[1], side=side).train(log=lambda m: None)
+    bil = plan.Run("bilateral", C.from_dict({**TINY, "out_dir": str(tmp_path / "k"), "epochs": 3,
+                                             "keep_at": [1]}), 0)
+    bil.train(log=lambda m: None)
+    assert train.kept_checkpoint(hemisphere(tmp_path, "k", epochs=3).path / "checkpoint.pt", 1).is_file()
+    assert not list(bil.path.glob("checkpoint-e*.pt"))
