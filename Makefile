@@ -22,8 +22,10 @@ run: $(VENV)/.installed
 	$(PY) -m bilateral run $(PARAMS) --seeds $(SEEDS) --jobs $(JOBS) --download
 
 # the lab environment too: tests/test_lab.py drives JupyterLab in a headless Chromium
+# Two workers, each test file on one of them (module fixtures are shared within a file); the
+# SLURM tests share one session fixture, so a worker starts the cluster only when it is down.
 test: $(VENV)/.lab
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(VENV)/.installed
 	$(PY) -m bilateral bench --quick
