@@ -411,9 +411,11 @@ def study_declarations(exp: Path) -> list[dict]:
     return [d for sweep, names in sweeps.items() for d in _declaration(json.loads(sweep), names)]
 
 
-def declared_models(declarations) -> dict[str, tuple]:
+def declared_models(declarations) -> dict[str, tuple] | None:
     """{model key: the heads of HEADS it is tested on} of every model the configurations plan
-    (plan.plan; the seed does not change which models)."""
+    (plan.plan; the seed does not change which models); None without a configuration."""
+    if not declarations:
+        return None
     out = {}
     for d in declarations:
         for r in plan.plan(C.from_dict(d), [0]):
@@ -740,12 +742,10 @@ def report(experiment_dir) -> dict:
     atomic_write_bytes(exp / "results.csv", buf.getvalue().encode())
     declarations = study_declarations(exp)
     write_study(exp, declarations)
-    declared = declared_models(declarations) if declarations else None
+    declared = declared_models(declarations)
     comp = comparison_table(df, declared)
     tables = write_tables(exp)
-    forest = results_md.save_forest(exp, comp)
-    if forest is None:
-        (exp / results_md.FOREST).unlink(missing_ok=True)  # no stale figure from an earlier report
+    forest = results_md.save_forest(exp, comp)  # removes a stale figure when it draws none
     atomic_write_bytes(exp / "results.md", markdown(exp, df, problems, declared).encode())
     for path, why in problems:
         print(f"could not read {path}: {why}; left out of the results")
@@ -855,7 +855,7 @@ def from_csv(csv_path, out_dir, study: list[dict] | None = None) -> dict:
     problems = disagreeing_runs(df)
     df = without_runs(df, problems)
     declarations = read_study(Path(csv_path).parent / STUDY) if study is None else study
-    declared = declared_models(declarations) if declarations else None
+    declared = declared_models(declarations)
     comp = comparison_table(df, declared)
     forest = results_md.save_forest(out, comp)
     atomic_write_bytes(out / "results.md", markdown(out, df, problems, declared).encode())

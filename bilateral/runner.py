@@ -223,6 +223,13 @@ def _fit_one(run, b, device, hp, log):
 
 
 BRANCH_MAY_DIFFER = {"experiment", "epochs", "stage_epochs"}
+BRANCH_RECORD = "branch.json"  # beside a branched run: where and at which epoch it started
+
+
+def branched_at(path) -> int:
+    """The epoch a run's training started from (branch), 0 when it trained from the start."""
+    f = Path(path) / BRANCH_RECORD
+    return int(runs.read_json(f)["epoch"]) if f.is_file() else 0
 
 
 def branch(run, hp, log) -> bool:
@@ -264,15 +271,6 @@ def branch(run, hp, log) -> bool:
     runs.atomic_write_bytes(path / "checkpoint.pt", kept.read_bytes())
     log(f"{tag(run)} branches from {kept} (epoch {start} of {hp.epochs})")
     return True
-
-
-BRANCH_RECORD = "branch.json"
-
-
-def branched_at(path) -> int:
-    """The epoch a run's training started from (runner.branch), 0 when it trained from the start."""
-    f = Path(path) / BRANCH_RECORD
-    return int(runs.read_json(f)["epoch"]) if f.is_file() else 0
 
 
 def _fit_packed(group, built, device, hp, log):

@@ -409,7 +409,7 @@ def fit(model, forward, train_loader, val_loader, *, heads, hp: Hyper, device, f
     if start in keep_at:  # killed between the checkpoint of `start` and its kept copy
         for p in paths:
             if not kept_checkpoint(p, start).is_file():
-                runs.atomic_write_bytes(kept_checkpoint(p, start), Path(p).read_bytes())
+                keep_copy(p, start)
     with cpu_threads(getattr(train_loader, "threads", None)):
         for epoch in range(start, hp.epochs):
             t0 = time.perf_counter()
@@ -432,7 +432,7 @@ def fit(model, forward, train_loader, val_loader, *, heads, hp: Hyper, device, f
             _save(model, opt, scaler, paths, epoch + 1, histories, bests)
             if epoch + 1 in keep_at:
                 for p in paths:
-                    runs.atomic_write_bytes(kept_checkpoint(p, epoch + 1), Path(p).read_bytes())
+                    keep_copy(p, epoch + 1)
             if on_epoch:
                 on_epoch(histories if members else histories[0])
     return (histories, bests) if members else (histories[0], bests[0])
@@ -470,6 +470,11 @@ def cpu_threads(n):
 def kept_checkpoint(ckpt_path, epoch: int) -> Path:
     """Where fit keeps the checkpoint of `epoch` (keep_at)."""
     return Path(ckpt_path).with_name(f"checkpoint-e{epoch}.pt")
+
+
+def keep_copy(ckpt_path, epoch: int):
+    """Keep the checkpoint just saved (that of `epoch`) as kept_checkpoint(ckpt_path, epoch)."""
+    runs.atomic_write_bytes(kept_checkpoint(ckpt_path, epoch), Path(ckpt_path).read_bytes())
 
 
 def _member_state(model, i):
